@@ -1,0 +1,188 @@
+"""Every megatron-core / PyTorch version difference paci-megatron depends on, and nothing else.
+
+Supported: megatron-core 0.14 .. 0.19 (0.16.1 in CI), PyTorch releases that have
+``torch._C._autograd._unsafe_set_version_counter``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "MEGATRON_CORE_VERSION",
+    "backward_step",
+    "forward_step",
+    "make_p2p_communicator",
+    "get_tensor_shapes",
+    "get_model_config",
+    "get_model_type",
+    "set_version_counters",
+    "inner_optimizers",
+    "stage_grad_stats_group",
+    "allreduce_stage_local_grads",
+]
+
+try:
+    from megatron.core import package_info as _pkg
+
+    MEGATRON_CORE_VERSION = tuple(int(x) for x in _pkg.__version__.split(".")[:2])
+except Exception:  # pragma: no cover - megatron-core is a hard dependency
+    MEGATRON_CORE_VERSION = (0, 0)
+
+
+def set_version_counters(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    """Set the autograd version counter of each tensor (undo in-place bumps).
+
+    PyTorch 2.13 takes a tuple of tensors and a tuple of versions; older releases one
+    tensor and one int (PACI.md, "Autograd and in-place updates on stock PyTorch").
+
+    Raises:
+        RuntimeError: the running PyTorch has no ``_unsafe_set_version_counter``; PACI's
+            fp32 in-place updates then need the bf16 path (``--bf16``) or a newer PyTorch.
+    """
+    fn = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if fn is None:
+        raise RuntimeError(
+            f"PyTorch {torch.__version__} has no torch._C._autograd._unsafe_set_version_counter: "
+            "PACI cannot update fp32 parameters in place under in-flight graphs. "
+            "Use --bf16 (Megatron's mixed-precision optimizer) or PyTorch >= 2.1."
+        )
+    if not tensors:
+        return
+    try:
+        fn(tuple(tensors), tuple(int(v) for v in versions))
+    except TypeError:
+        for t, v in zip(tensors, versions):
+            fn(t, int(v))
+
+
+def _call_with_supported(fn: Callable, kwargs: Dict[str, Any]) -> Any:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def forward_step(**kwargs: Any):
+    """megatron-core's ``schedules.forward_step`` with the keywords this version accepts.
+
+    Keywords not known to the installed version (``cp_group_size``, ``is_last_stage``,
+    ``vp_stage``, ...) are dropped. Returns ``(output_tensor, num_tokens)``.
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    return _call_with_supported(schedules.forward_step, kwargs)
+
+
+def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, config):
+    """megatron-core's ``schedules.backward_step`` across its signature changes.
+
+    0.14 takes an extra pipeline size argument, 0.15/0.16 ``(input_tensor, output_tensor,
+    output_tensor_grad, model_type, config)``, 0.17+ drops ``model_type``.
+    Returns the gradient w.r.t. ``input_tensor`` (None on the first stage).
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    names = list(inspect.signature(schedules.backward_step).parameters)
+    values = {
+        "input_tensor": input_tensor,
+        "output_tensor": output_tensor,
+        "output_tensor_grad": output_tensor_grad,
+        "model_type": model_type,
+        "config": config,
+    }
+    if "pipeline_model_parallel_size" in names:
+        from megatron.core import parallel_state
+
+        values["pipeline_model_parallel_size"] = (
+            parallel_state.get_pipeline_model_parallel_world_size()
+        )
+    return schedules.backward_step(*[values[n] for n in names if n in values])
+
+
+def get_tensor_shapes(*, seq_length, micro_batch_size, decoder_seq_length, config):
+    """Shapes of the activations that cross stages (megatron-core's ``get_tensor_shapes``).
+
+    Returns a list of ``(seq_length / cp / (tp if sequence parallel), micro_batch_size,
+    hidden_size)`` tuples.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import schedules
+
+    return _call_with_supported(
+        schedules.get_tensor_shapes,
+        {
+            "seq_length": seq_length,
+            "micro_batch_size": micro_batch_size,
+            "decoder_seq_length": decoder_seq_length,
+            "config": config,
+            "tp_group": ps.get_tensor_model_parallel_group(),
+            "cp_group": ps.get_context_parallel_group(),
+        },
+    )
+
+
+def get_model_config(model):
+    """megatron-core's ``get_model_config`` (the TransformerConfig of a wrapped model)."""
+    from megatron.core.utils import get_model_config as _get
+
+    return _get(model)
+
+
+def get_model_type(model):
+    """megatron-core's ``get_model_type``."""
+    from megatron.core.utils import get_model_type as _get
+
+    return _get(model)
+
+
+def make_p2p_communicator(pp_group, config):
+    """Megatron's ``P2PCommunicator(pp_group, config)``."""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    return P2PCommunicator(pp_group=pp_group, config=config)
+
+
+def inner_optimizers(optimizer) -> List[Any]:
+    """The optimizers inside a ``ChainedOptimizer`` (or ``[optimizer]`` for a single one)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def stage_grad_stats_group(distributed_optimizer: bool):
+    """Process group over which a stage reduces grad norm, zero count and found-inf.
+
+    Megatron reduces over TP x PP (or the whole distributed-optimizer instance); PACI over
+    the stage only: its TP group, or its TP x DP x CP group when grads are sharded
+    (MEGATRON_NOTES.md, "Collectives that cross pipeline stages").
+    """
+    from megatron.core import parallel_state as ps
+
+    if distributed_optimizer:
+        return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return ps.get_tensor_model_parallel_group()
+
+
+def allreduce_stage_local_grads(model: Sequence[torch.nn.Module], config) -> None:
+    """Stage-local part of ``finalize_model_grads`` besides DDP's own grad sync.
+
+    All-reduces, over the stage's TP group, the grads of parameters that are replicated
+    across TP ranks (layer norms with sequence parallelism, modules that average their
+    grads over TP). A no-op with TP = 1. Nothing crosses stages.
+    """
+    import importlib
+
+    # The package re-exports the function under the module's name: import the module.
+    fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
+    fn = getattr(fmg, "_allreduce_non_tensor_model_parallel_grads", None) or getattr(
+        fmg, "_allreduce_layernorm_grads", None
+    )
+    if fn is None:  # pragma: no cover - depends on the installed version
+        raise RuntimeError(
+            "this megatron-core has no stage-local layer-norm grad all-reduce; "
+            "use --tensor-model-parallel-size 1 with PACI"
+        )
+    _call_with_supported(fn, {"model": list(model), "config": config})

@@ -1,0 +1,194 @@
+"""Per-stage optimizer wrapper: the stage's own update after ``a`` backward micro-batches.
+
+:class:`PACIOptimizer` wraps what megatron-core's ``get_megatron_optimizer`` returns. The
+PACI schedule calls :meth:`PACIOptimizer.local_update` after every ``a``-th backward of
+the stage; it then, with no collective that spans pipeline stages (PACI.md, "The
+schedule", step 3):
+
+1. finishes the data-parallel grad reduction of the stage's own parameters
+   (``DistributedDataParallel.finish_grad_sync``: DP all-reduce, or reduce-scatter with
+   the distributed optimizer) and the TP all-reduce of TP-replicated grads;
+2. sets the learning rate and weight decay of update ``k`` from Megatron's
+   ``OptimizerParamScheduler`` at the sample count where the window started, which is
+   what synchronous Megatron uses for iteration ``k`` when ``a = m``
+   (``train_step``: ``optimizer.step()`` runs before ``opt_param_scheduler.step``);
+3. steps the inner optimizer with grad norm, clipping and found-inf reduced over the
+   stage's TP group (TP x DP x CP with the distributed optimizer) only;
+4. zeroes the stage's grad buffers.
+
+The training loop's own ``optimizer.step()``, ``optimizer.zero_grad()`` and
+``model_chunk.zero_grad_buffer()`` neither step again nor wipe a partly accumulated window.
+
+In-place updates and in-flight autograd graphs: parameters that in-flight graphs saved
+are updated in place, which bumps their autograd version counter and would make the
+next backward fail with "modified by an inplace operation". The wrapper records every
+parameter's version before the step and restores it afterwards (stock PyTorch's
+``_unsafe_set_version_counter``, see :mod:`paci_megatron.compat`), so in-flight backwards
+run on the CURRENT (updated) weights, as PACI specifies; no copies are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import compat
+
+__all__ = ["PACIOptimizer"]
+
+
+class PACIOptimizer:
+    """Stage-local optimizer for PACI around a megatron-core optimizer.
+
+    Args:
+        optimizer: the optimizer ``get_megatron_optimizer(config, model)`` returned
+            (a ``ChainedOptimizer`` or a single ``MegatronOptimizer``).
+        model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
+        opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` (optional); when
+            given, update ``k`` uses its learning rate / weight decay at
+            ``(k - 1) * samples_per_update`` consumed samples.
+        distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
+            (its grad stats are then reduced over the stage's TP x DP x CP group).
+
+    Attributes:
+        version: updates applied by this stage (``v_s``).
+        samples_per_microbatch: micro batch size x DP size, in samples; set by the
+            schedule on its first call (needed for learning rates per update).
+        last_grad_norm: the stage-local grad norm of the last update (None before).
+        last_num_zeros: zeros in the grads of the last update (None unless logged).
+        last_update_successful: False if the last update found inf/NaN and was skipped.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        model: Sequence[torch.nn.Module],
+        opt_param_scheduler=None,
+        distributed_optimizer: Optional[bool] = None,
+    ):
+        self.optimizer = optimizer
+        self.model = list(model)
+        self.opt_param_scheduler = opt_param_scheduler
+        self.version = 0
+        self.samples_per_microbatch: Optional[int] = None
+        self.accumulation: Optional[int] = None
+        self.last_grad_norm: Optional[float] = None
+        self.last_num_zeros: Optional[float] = None
+        self.last_update_successful = True
+        self.last_lr: Optional[float] = None
+        self.update_log: List[Tuple[int, Optional[float], Optional[float]]] = []
+        if distributed_optimizer is None:
+            distributed_optimizer = any(
+                type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)
+            )
+        self.distributed_optimizer = distributed_optimizer
+        group = compat.stage_grad_stats_group(distributed_optimizer)
+        for inner in compat.inner_optimizers(optimizer):
+            inner.grad_stats_parallel_group = group
+        self._zero_grad_buffers: List[Callable[[], None]] = []
+        for chunk in self.model:
+            original = chunk.zero_grad_buffer
+            self._zero_grad_buffers.append(original)
+            chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(original)
+        self._pending = 0
+
+    # -- called by the schedule ---------------------------------------------------------
+    def note_backward(self) -> None:
+        """Count one backward micro-batch into the current accumulation window."""
+        self._pending += 1
+
+    @property
+    def pending(self) -> int:
+        """Backward micro-batches accumulated since the last update."""
+        return self._pending
+
+    def local_update(self, update_index: int) -> bool:
+        """Apply this stage's update number ``update_index`` (1-based). See module doc.
+
+        Returns:
+            True if the step was applied, False if the inner optimizer skipped it
+            (inf/NaN found in the stage's grads).
+
+        Raises:
+            RuntimeError: ``update_index`` is not ``version + 1`` (the schedule and the
+                optimizer disagree about the stage's version).
+        """
+        if update_index != self.version + 1:
+            raise RuntimeError(
+                f"update {update_index} requested but the stage has applied {self.version} "
+                "updates: the schedule and the optimizer are out of step"
+            )
+        config = compat.get_model_config(self.model[0])
+        for chunk in self.model:
+            chunk.finish_grad_sync()
+        compat.allreduce_stage_local_grads(self.model, config)
+        self._set_schedule_values(update_index)
+        params = [p for chunk in self.model for p in chunk.parameters()]
+        versions = [p._version for p in params]
+        try:
+            ok, grad_norm, num_zeros = self.optimizer.step()
+        finally:
+            compat.set_version_counters(params, versions)
+        self._zero()
+        self.version = update_index
+        self._pending = 0
+        self.last_update_successful = bool(ok)
+        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        self.last_num_zeros = None if num_zeros is None else float(num_zeros)
+        self.update_log.append((update_index, self.last_lr, self.last_grad_norm))
+        return bool(ok)
+
+    def _zero(self) -> None:
+        for zero in self._zero_grad_buffers:
+            zero()
+        self.optimizer.zero_grad()
+
+    def _set_schedule_values(self, update_index: int) -> None:
+        sched = self.opt_param_scheduler
+        if sched is None:
+            groups = self.optimizer.param_groups
+            self.last_lr = groups[0]["lr"] if groups else None
+            return
+        if self.samples_per_microbatch is None or self.accumulation is None:
+            raise RuntimeError("the PACI schedule must run before a local update")
+        saved = sched.num_steps
+        sched.num_steps = (update_index - 1) * self.accumulation * self.samples_per_microbatch
+        try:
+            for group in self.optimizer.param_groups:
+                group["lr"] = sched.get_lr(group)
+                group["weight_decay"] = sched.get_wd(group) * group.get("wd_mult", 1.0)
+        finally:
+            sched.num_steps = saved
+        groups = self.optimizer.param_groups
+        self.last_lr = groups[0]["lr"] if groups else None
+
+    def _guarded_zero_grad_buffer(self, original: Callable[[], None]) -> Callable[[], None]:
+        def zero_grad_buffer() -> None:
+            # A training loop zeroes grad buffers at every iteration start; under PACI a
+            # window spans iterations, so keep a partly accumulated window.
+            if self._pending == 0:
+                original()
+
+        return zero_grad_buffer
+
+    # -- called by a Megatron training loop ----------------------------------------------
+    def step(self) -> Tuple[bool, Optional[float], Optional[float]]:
+        """What Megatron's ``train_step`` calls after ``forward_backward_func``.
+
+        Does not step: the stage's updates happen inside the schedule. Returns
+        ``(update_successful, grad_norm, num_zeros_in_grad)`` of the stage's last update.
+        """
+        return self.last_update_successful, self.last_grad_norm, self.last_num_zeros
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No-op while a window is partly accumulated; the update zeroes grads itself."""
+        if self._pending == 0:
+            self.optimizer.zero_grad(set_to_none)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (param_groups, state_dict, sharded_state_dict, get_loss_scale,
+        # scale_loss, reload_model_params, ...) is the inner optimizer's.
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)

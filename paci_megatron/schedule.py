@@ -1,0 +1,406 @@
+"""The PACI schedule: a drop-in ``forward_backward_func`` for megatron-core.
+
+:class:`PACISchedule` is called exactly like the function Megatron's
+``get_forward_backward_func()`` returns (same keywords, same return value: the list of
+per-micro-batch loss dicts on the last stage, ``[]`` elsewhere), but it never flushes:
+the in-flight micro-batches of one call stay in flight into the next, and the stage's
+optimizer update runs inside the schedule after every ``a`` backwards
+(:class:`~paci_megatron.optimizer.PACIOptimizer`). The order of a stage's actions
+comes from the pure planner (:mod:`paci_megatron.plan`); this module executes it with
+megatron-core's ``forward_step`` / ``backward_step`` and its ``P2PCommunicator``, in the
+same pairing of sends and receives as Megatron's own 1F1B
+(``forward_backward_pipelining_without_interleaving``).
+
+Point-to-point operations never straddle two calls: the gradient send that follows a
+call's last backward is issued at the start of the next call (or of :meth:`drain`),
+paired with the receive of that call's first activation, exactly where Megatron's
+steady state would issue it. The training loop may therefore run collectives between
+calls. The loop must call the schedule on every rank of the pipeline for every
+iteration, as it does with Megatron's schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
+
+import torch
+
+from . import compat
+from .config import PACIConfig, PACIConfigError, validate_setup
+from .optimizer import PACIOptimizer
+from .plan import Action, Kind, StageState, plan_call, plan_drain, plan_forward_only
+from .telemetry import DriftTelemetry
+
+__all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
+
+
+class PACICommunicationError(RuntimeError):
+    """A point-to-point operation of the pipeline failed or timed out.
+
+    The message names the stage, the peer stage, the micro-batch and the action.
+    """
+
+
+class _InFlight:
+    """A forwarded, not yet backwarded micro-batch: its input and output tensors."""
+
+    __slots__ = ("index", "input_tensor", "output_tensor", "version")
+
+    def __init__(self, index, input_tensor, output_tensor, version):
+        self.index = index
+        self.input_tensor = input_tensor
+        self.output_tensor = output_tensor
+        self.version = version
+
+
+class PACISchedule:
+    """Asynchronous 1F1B without flush, with per-stage local updates (PACI).
+
+    Args:
+        optimizer: the stage's :class:`PACIOptimizer`.
+        paci_config: :class:`PACIConfig` (accumulation factor, drift checks).
+        share_embeddings_and_output_weights: whether the model ties its input embedding
+            and output layer (refused with P > 1).
+
+    Attributes:
+        state: the planner's :class:`~paci_megatron.plan.StageState` of this stage.
+        telemetry: the stage's :class:`~paci_megatron.telemetry.DriftTelemetry`.
+        trace: every executed :class:`~paci_megatron.plan.Action`, in order, when
+            ``record_trace`` is True (tests and pictures).
+        peak_in_flight: most micro-batches this stage has held in flight at once.
+    """
+
+    def __init__(
+        self,
+        optimizer: PACIOptimizer,
+        paci_config: Optional[PACIConfig] = None,
+        share_embeddings_and_output_weights: bool = False,
+        record_trace: bool = False,
+    ):
+        self.optimizer = optimizer
+        self.paci_config = paci_config or PACIConfig()
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.state = StageState()
+        self.accumulation: Optional[int] = None
+        self.telemetry: Optional[DriftTelemetry] = None
+        self.record_trace = record_trace
+        self.trace: List[Action] = []
+        self.peak_in_flight = 0
+        self._in_flight: Deque[_InFlight] = deque()
+        self._pending_grad_send = None  # input grad of the last backward, not yet sent
+        self._pending_grad_index: Optional[int] = None
+        self._received_grad = None  # output grad received with the last forward's send
+        self._no_sync_ctx = None
+        self._ctx: Optional[Dict[str, Any]] = None
+        self._validated_for: Optional[int] = None
+
+    # ------------------------------------------------------------------ public API
+    def __call__(
+        self,
+        *,
+        forward_step_func: Callable,
+        data_iterator: Union[Iterator, List[Iterator]],
+        model: Union[torch.nn.Module, List[torch.nn.Module]],
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: Optional[int] = None,
+        forward_only: bool = False,
+        collect_non_loss_data: bool = False,
+        first_val_step: Optional[bool] = None,
+        adjust_tensor_shapes_fn: Optional[Callable] = None,
+        p2p_communicator=None,
+        pg_collection=None,
+        force_all_reduce: Optional[bool] = False,
+    ) -> List[Any]:
+        """Run ``num_microbatches`` micro-batches through this stage (Megatron's signature).
+
+        Training (``forward_only=False``): forwards ``m`` new micro-batches and runs the
+        backwards 1F1B pairs with them; an update follows every ``a``-th backward.
+        Evaluation (``forward_only=True``): drains first if anything is in flight, then
+        forwards ``m`` micro-batches with no backward.
+
+        Args: as megatron-core's ``forward_backward_pipelining_without_interleaving``.
+            ``seq_length`` and ``micro_batch_size`` give the activation shape
+            ``[seq_length, micro_batch_size, hidden_size]`` sent between stages.
+
+        Returns:
+            On the last stage, the list of the loss function's second outputs (one per
+            micro-batch of this call, in order: Megatron's format); ``[]`` elsewhere.
+
+        Raises:
+            PACIConfigError: the configuration breaks a PACI rule (before any work).
+            PACICommunicationError: a send or receive failed or timed out.
+            DriftBoundError: a measured drift exceeded ``ceil((P-1-s)/a)``.
+        """
+        ctx = self._context(
+            model=model,
+            data_iterator=data_iterator,
+            forward_step_func=forward_step_func,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            decoder_seq_length=decoder_seq_length,
+            adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
+            p2p_communicator=p2p_communicator,
+            num_microbatches=num_microbatches,
+            forward_only=forward_only,
+        )
+        store: List[Any] = []
+        if forward_only:
+            if self._in_flight or self._pending_grad_send is not None:
+                self.drain()
+            for action in plan_forward_only(ctx["stage"], num_microbatches):
+                self._forward(action, ctx, store, num_microbatches, train=False,
+                              collect_non_loss_data=collect_non_loss_data,
+                              first_val_step=first_val_step, next_is_backward=False)
+            return store
+        actions, state_after = plan_call(
+            ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
+        )
+        self._run(actions, ctx, store)
+        self.state = state_after
+        return store
+
+    def drain(self) -> None:
+        """Finish every in-flight micro-batch and apply the update they complete.
+
+        After a drain every stage has the same version and the model is one consistent
+        set of weights. Call it on every rank of the pipeline: before evaluation (done
+        automatically by ``forward_only`` calls), checkpoint saving, the end of training
+        and any change of schedule. A no-op before the first call.
+        """
+        if self._ctx is None:
+            return
+        actions, state_after = plan_drain(
+            self._ctx["P"], self._ctx["stage"], self.accumulation, self.state
+        )
+        self._run(actions, self._ctx, [], final=True)
+        self.state = state_after
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches this stage holds forwarded and not yet backwarded."""
+        return len(self._in_flight)
+
+    # ------------------------------------------------------------------ setup
+    def _context(self, *, model, data_iterator, num_microbatches, forward_only, **kw):
+        if isinstance(model, list):
+            if len(model) != 1:
+                raise PACIConfigError(
+                    [f"PACI runs one model chunk per stage, got {len(model)}: remove virtual "
+                     "pipeline stages"]
+                )
+            model = model[0]
+        if isinstance(data_iterator, list):
+            data_iterator = data_iterator[0]
+        config = compat.get_model_config(model)
+        p2p = kw["p2p_communicator"]
+        if p2p is None:
+            from megatron.core import parallel_state as ps
+
+            p2p = (self._ctx or {}).get("p2p") or compat.make_p2p_communicator(
+                ps.get_pipeline_model_parallel_group(), config
+            )
+        P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
+        if not forward_only and self._validated_for != num_microbatches:
+            if self._in_flight and self.accumulation is not None:
+                a_new = self.paci_config.resolve_accumulation(num_microbatches)
+                if a_new != self.accumulation:
+                    raise PACIConfigError(
+                        [f"the accumulation factor changed from {self.accumulation} to {a_new} "
+                         "with micro-batches in flight: call drain() before changing "
+                         "the number of micro-batches"]
+                    )
+            self.accumulation = validate_setup(
+                self.paci_config,
+                num_microbatches=num_microbatches,
+                pipeline_model_parallel_size=P,
+                model_config=config,
+                share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+            )
+            self._validated_for = num_microbatches
+        if self.telemetry is None:
+            self.telemetry = DriftTelemetry(P, stage, check=self.paci_config.check_drift)
+        shapes = compat.get_tensor_shapes(
+            seq_length=kw["seq_length"],
+            micro_batch_size=kw["micro_batch_size"],
+            decoder_seq_length=kw["decoder_seq_length"],
+            config=config,
+        )
+        recv_shapes, send_shapes = shapes, shapes
+        if kw["adjust_tensor_shapes_fn"] is not None:
+            recv_shapes, send_shapes = kw["adjust_tensor_shapes_fn"](recv_shapes, send_shapes)
+        if self._in_flight and self._ctx is not None and self._ctx["send_shapes"] != send_shapes:
+            raise PACIConfigError(
+                [f"activation shape changed from {self._ctx['send_shapes']} to {send_shapes} "
+                 "with micro-batches in flight: call drain() before changing --seq-length or "
+                 "--micro-batch-size"]
+            )
+        dp = 1
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            dp = ps.get_data_parallel_world_size(with_context_parallel=False)
+        self.optimizer.samples_per_microbatch = kw["micro_batch_size"] * dp
+        if self.accumulation is not None:
+            self.optimizer.accumulation = self.accumulation
+        self._ctx = dict(
+            model=model,
+            config=config,
+            p2p=p2p,
+            P=P,
+            stage=stage,
+            first=stage == 0,
+            last=stage == P - 1,
+            data_iterator=data_iterator,
+            forward_step_func=kw["forward_step_func"],
+            recv_shapes=recv_shapes,
+            send_shapes=send_shapes,
+            model_type=compat.get_model_type(model),
+        )
+        return self._ctx
+
+    # ------------------------------------------------------------------ execution
+    def _run(self, actions: List[Action], ctx: Dict[str, Any], store: List[Any],
+             final: bool = False) -> None:
+        """Execute one stage's actions; ``final`` (a drain) also sends the last gradient."""
+        for i, action in enumerate(actions):
+            if self.record_trace:
+                self.trace.append(action)
+            if action.kind is Kind.FORWARD:
+                nxt = actions[i + 1] if i + 1 < len(actions) else None
+                self._forward(action, ctx, store, self.accumulation, train=True,
+                              next_is_backward=nxt is not None and nxt.kind is Kind.BACKWARD)
+            elif action.kind is Kind.BACKWARD:
+                closes_window = i + 1 < len(actions) and actions[i + 1].kind is Kind.UPDATE
+                self._backward(action, ctx, closes_window)
+            else:
+                self.optimizer.local_update(action.index)
+        if final:
+            # Cool-down empties the pipeline: no forward follows to carry this send.
+            if self._pending_grad_send is not None:
+                self._send_pending_grad(ctx)
+            self._set_grad_sync(ctx, enabled=True)
+
+    def _p2p(self, ctx, what: str, index: Optional[int], peer: Optional[int], fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:  # gloo/NCCL raise RuntimeError (timeouts, dead peers)
+            mb = "" if index is None else f" for micro-batch {index}"
+            raise PACICommunicationError(
+                f"stage {ctx['stage']} of {ctx['P']}: {what}{mb} with stage {peer} failed: {exc}"
+            ) from exc
+
+    def _send_pending_grad(self, ctx) -> None:
+        grad, index = self._pending_grad_send, self._pending_grad_index
+        self._pending_grad_send = self._pending_grad_index = None
+        self._p2p(ctx, "sending the input gradient", index, ctx["stage"] - 1,
+                  ctx["p2p"].send_backward, grad, ctx["first"])
+
+    def _forward(self, action, ctx, store, loss_divisor, *, train, next_is_backward,
+                 collect_non_loss_data=False, first_val_step=None) -> None:
+        j, p2p = action.index, ctx["p2p"]
+        if self._pending_grad_send is not None:
+            sent = self._pending_grad_index
+            self._pending_grad_send, grad = None, self._pending_grad_send
+            self._pending_grad_index = None
+            input_tensor = self._p2p(
+                ctx, f"sending the gradient of micro-batch {sent} and receiving the activation",
+                j, ctx["stage"] - 1, p2p.send_backward_recv_forward,
+                grad, ctx["recv_shapes"], ctx["first"])
+        else:
+            input_tensor = self._p2p(ctx, "receiving the activation", j, ctx["stage"] - 1,
+                                     p2p.recv_forward, ctx["recv_shapes"], ctx["first"])
+        output_tensor, _num_tokens = compat.forward_step(
+            forward_step_func=ctx["forward_step_func"],
+            data_iterator=ctx["data_iterator"],
+            model=ctx["model"],
+            num_microbatches=loss_divisor,
+            input_tensor=input_tensor,
+            forward_data_store=store,
+            config=ctx["config"],
+            cp_group_size=_cp_size(),
+            collect_non_loss_data=collect_non_loss_data,
+            checkpoint_activations_microbatch=None,
+            is_first_microbatch=bool(first_val_step) if not train and j == 0 else False,
+            current_microbatch=j,
+            is_last_stage=ctx["last"],
+        )
+        if train and next_is_backward:
+            self._received_grad = self._p2p(
+                ctx, "sending the activation and receiving the output gradient", j,
+                ctx["stage"] + 1, p2p.send_forward_recv_backward,
+                output_tensor, ctx["send_shapes"], ctx["last"])
+        else:
+            self._p2p(ctx, "sending the activation", j, ctx["stage"] + 1,
+                      p2p.send_forward, output_tensor, ctx["last"])
+        if not train:
+            return
+        from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
+
+        out0 = output_tensor[0] if isinstance(output_tensor, list) else output_tensor
+        deallocate_output_tensor(out0, ctx["config"].deallocate_pipeline_outputs)
+        self._in_flight.append(_InFlight(j, input_tensor, output_tensor, self.optimizer.version))
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+
+    def _backward(self, action, ctx, closes_window: bool) -> None:
+        item = self._in_flight.popleft()
+        if item.index != action.index:
+            raise RuntimeError(
+                f"stage {ctx['stage']}: plan wants backward of micro-batch {action.index} but "
+                f"the oldest in flight is {item.index}"
+            )
+        grad, self._received_grad = self._received_grad, None
+        if grad is None and not ctx["last"]:
+            if self._pending_grad_send is not None:
+                self._send_pending_grad(ctx)
+            grad = self._p2p(ctx, "receiving the output gradient", action.index,
+                             ctx["stage"] + 1, ctx["p2p"].recv_backward,
+                             ctx["send_shapes"], ctx["last"])
+        self._set_grad_sync(ctx, enabled=closes_window)
+        input_grad = compat.backward_step(
+            item.input_tensor, item.output_tensor, grad, ctx["model_type"], ctx["config"]
+        )
+        self.optimizer.note_backward()
+        drift = self.optimizer.version - item.version
+        if self.telemetry is not None:
+            self.telemetry.record(action.index, drift, self.accumulation)
+        if not ctx["first"]:
+            self._pending_grad_send = input_grad
+            self._pending_grad_index = action.index
+
+    def _set_grad_sync(self, ctx, enabled: bool) -> None:
+        """Megatron's ``no_sync``: DP grad reduction only for the window's last backward."""
+        if enabled and self._no_sync_ctx is not None:
+            self._no_sync_ctx.__exit__(None, None, None)
+            self._no_sync_ctx = None
+        elif not enabled and self._no_sync_ctx is None:
+            no_sync = ctx["config"].no_sync_func or getattr(ctx["model"], "no_sync", None)
+            if no_sync is None:
+                return
+            self._no_sync_ctx = no_sync()
+            self._no_sync_ctx.__enter__()
+
+
+def _cp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    if not torch.distributed.is_initialized():
+        return 1
+    return ps.get_context_parallel_world_size()
+
+
+def get_forward_backward_func(
+    optimizer: PACIOptimizer,
+    paci_config: Optional[PACIConfig] = None,
+    share_embeddings_and_output_weights: bool = False,
+) -> PACISchedule:
+    """PACI's counterpart of megatron-core's ``get_forward_backward_func()``.
+
+    Returns a :class:`PACISchedule` bound to the stage's optimizer wrapper; call it with
+    the keywords Megatron's training loop passes, and ``.drain()`` it before evaluation
+    outside the schedule, checkpoint saving and exit.
+    """
+    return PACISchedule(optimizer, paci_config, share_embeddings_and_output_weights)
