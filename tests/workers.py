@@ -1,0 +1,149 @@
+"""Per-rank bodies of the multi-process tests (module level, so spawn can pickle them)."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+VOCAB, SEQ, MBS = 64, 16, 2
+
+
+def setup_parallel(pp: int, tp: int = 1) -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+
+
+def seed_all(seed: int) -> None:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """``n`` GPT micro-batches of random tokens, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=g)
+        out.append(
+            {
+                "tokens": seq[:, :-1].contiguous(),
+                "labels": seq[:, 1:].contiguous(),
+                "loss_mask": torch.ones(MBS, SEQ),
+                "position_ids": torch.arange(SEQ).unsqueeze(0).expand(MBS, SEQ).contiguous(),
+            }
+        )
+    return out
+
+
+def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
+                   num_layers: int = 4):
+    from paci_megatron import gpt
+
+    seed_all(seed)
+    cfg = gpt.transformer_config(
+        num_layers=num_layers, hidden_size=32, num_attention_heads=4,
+        pipeline_model_parallel_size=pp, bf16=bf16,
+    )
+    model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0)
+    return cfg, model, opt
+
+
+def train_megatron_1f1b(model, opt, batches, iters: int, m: int) -> List[float]:
+    """Megatron-LM's train_step around megatron-core's own 1F1B schedule."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from paci_megatron import gpt
+
+    cfg = model[0].config
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.no_sync_func = model[0].no_sync
+    fb = get_forward_backward_func()
+    losses = []
+    it = iter(batches)
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+                 num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+        opt.step()
+        losses.extend(float(d["lm loss"]) for d in out)
+    return losses
+
+
+def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> dict:
+    """Megatron 1F1B vs PACI (drained / continuous, a = m and a = 1) on one tiny GPT."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from paci_megatron import gpt
+
+    pp = world
+    setup_parallel(pp)
+    stage = ps.get_pipeline_model_parallel_rank()
+    batches = synthetic_batches(m) * iters  # the same m micro-batches every iteration
+    result: dict = {"stage": stage}
+
+    # 1. Megatron's own 1F1B.
+    _, model, opt = build_tiny_gpt(pp, bf16)
+    result["megatron_losses"] = train_megatron_1f1b(model, opt, batches, iters, m)
+    result["megatron_params"] = gpt.model_parameters(model)
+
+    # 2. PACI with a drain after every call (a = m): must equal synchronous 1F1B.
+    _, model, opt = build_tiny_gpt(pp, bf16)
+    popt = pm.PACIOptimizer(opt, model)
+    fb = pm.get_forward_backward_func(popt)
+    losses, it = [], iter(batches)
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
+        out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+                 num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        fb.drain()
+        popt.step()
+        losses.extend(float(d["lm loss"]) for d in out)
+    result["drained_losses"] = losses
+    result["drained_params"] = gpt.model_parameters(model)
+    result["drained_version"] = popt.version
+
+    # 3./4. Continuous PACI, a world collective between every two calls.
+    for name, a in (("a_eq_m", None), ("a_1", 1)):
+        _, model, opt = build_tiny_gpt(pp, bf16)
+        popt = pm.PACIOptimizer(opt, model)
+        fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a), record_trace=True)
+        it = iter(batches)
+        outs = []
+        for _ in range(iters):
+            model[0].zero_grad_buffer()
+            popt.zero_grad()
+            out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+                     num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+            ok, grad_norm, _ = popt.step()
+            outs.append(out)
+            flag = torch.tensor([1.0])
+            torch.distributed.all_reduce(flag)  # what Megatron's loop does between calls
+            assert flag.item() == world
+        in_flight_before_drain = fb.in_flight
+        fb.drain()
+        result[name] = {
+            "loss_dicts": [[{k: float(v) for k, v in d.items()} for d in o] for o in outs],
+            "loss_types": sorted({type(d).__name__ for o in outs for d in o}),
+            "drift": fb.telemetry.summary(),
+            "drift_max_all": pm.telemetry.gather_drift_max(
+                fb.telemetry, ps.get_pipeline_model_parallel_group()),
+            "version": popt.version,
+            "peak_in_flight": fb.peak_in_flight,
+            "in_flight_before_drain": in_flight_before_drain,
+            "in_flight_after_drain": fb.in_flight,
+            "trace": pm.plan.format_actions(fb.trace),
+            "grad_norm": grad_norm,
+        }
+    return result
