@@ -11,26 +11,34 @@ stages (arXiv 2606.07881). Public entry points:
 - :mod:`paci_megatron.plan`: the pure schedule IR; :mod:`paci_megatron.cpu`: CPU/gloo mode.
 """
 
-from .config import PACIConfig, PACIConfigError, validate_setup
-from .optimizer import PACIOptimizer
-from .plan import Action, Kind, StageState, drift_bound
-from .schedule import PACICommunicationError, PACISchedule, get_forward_backward_func
-from .telemetry import DriftBoundError, DriftTelemetry
+import importlib
+from typing import Any
+
+# Public names -> defining module. Imported on first use, so that the pure planner
+# (``paci_megatron.plan``) and the simulator load without megatron-core.
+_EXPORTS = {
+    "PACIConfig": "config",
+    "PACIConfigError": "config",
+    "validate_setup": "config",
+    "PACIOptimizer": "optimizer",
+    "PACISchedule": "schedule",
+    "PACICommunicationError": "schedule",
+    "get_forward_backward_func": "schedule",
+    "Action": "plan",
+    "Kind": "plan",
+    "StageState": "plan",
+    "drift_bound": "plan",
+    "DriftTelemetry": "telemetry",
+    "DriftBoundError": "telemetry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'paci_megatron' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PACIConfig",
-    "PACIConfigError",
-    "validate_setup",
-    "PACIOptimizer",
-    "PACISchedule",
-    "PACICommunicationError",
-    "get_forward_backward_func",
-    "Action",
-    "Kind",
-    "StageState",
-    "drift_bound",
-    "DriftTelemetry",
-    "DriftBoundError",
-]
+__all__ = sorted(_EXPORTS)

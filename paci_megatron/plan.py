@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Kind",
@@ -42,6 +42,10 @@ __all__ = [
     "drift_bound",
     "warmup_microbatches",
     "measure_drift",
+    "Comm",
+    "lower",
+    "simulate_p2p",
+    "P2PError",
     "format_actions",
     "parse_actions",
 ]
@@ -234,3 +238,188 @@ def format_actions(actions: Sequence[Action]) -> str:
 def parse_actions(text: str) -> List[Action]:
     """Inverse of :func:`format_actions`. Raises ``ValueError`` on a malformed token."""
     return [Action.from_str(tok) for tok in text.split()]
+
+
+# ----------------------------------------------------------------------------------------
+# Point-to-point lowering: which Megatron P2PCommunicator call precedes / follows each
+# action. The runtime executes exactly these steps; the simulator below checks them.
+# ----------------------------------------------------------------------------------------
+
+Tensor = Tuple[str, int]  # ("act", j): activation of micro-batch j; ("grad", j): its gradient
+
+
+@dataclass(frozen=True)
+class Comm:
+    """One call of Megatron's ``P2PCommunicator`` on one stage.
+
+    Attributes:
+        stage: the stage making the call.
+        op: the method name (``recv_forward``, ``send_forward``,
+            ``send_forward_recv_backward``, ``send_backward_recv_forward``,
+            ``send_backward``, ``recv_backward``).
+        send: the tensor sent (``("act", j)`` goes to ``stage + 1``, ``("grad", j)`` to
+            ``stage - 1``), or None.
+        recv: the tensor received (``("act", j)`` from ``stage - 1``, ``("grad", j)``
+            from ``stage + 1``), or None.
+    """
+
+    stage: int
+    op: str
+    send: Optional[Tensor] = None
+    recv: Optional[Tensor] = None
+
+    def peer(self) -> int:
+        """The stage on the other end (all halves of one call share it)."""
+        kind = (self.send or self.recv)[0]
+        if self.send is not None:
+            return self.stage + 1 if kind == "act" else self.stage - 1
+        return self.stage - 1 if kind == "act" else self.stage + 1
+
+    def __str__(self) -> str:
+        parts = [f"{t[0]}{t[1]}" for t in (self.send, self.recv) if t is not None]
+        return f"{self.stage}:{self.op}({','.join(parts)})"
+
+
+def _comm(stage, op, send, recv, num_stages) -> Optional[Comm]:
+    first, last = stage == 0, stage == num_stages - 1
+
+    def keep(t, sending):
+        if t is None:
+            return None
+        kind = t[0]
+        # first stage: receives no activation, sends no gradient; last: the reverse
+        if first and ((kind == "act" and not sending) or (kind == "grad" and sending)):
+            return None
+        if last and ((kind == "act" and sending) or (kind == "grad" and not sending)):
+            return None
+        return t
+
+    send, recv = keep(send, True), keep(recv, False)
+    if send is None and recv is None:
+        return None
+    return Comm(stage, op, send, recv)
+
+
+def lower(
+    num_stages: int,
+    stage: int,
+    actions: Sequence[Action],
+    carry: Optional[int] = None,
+    final: bool = False,
+) -> Tuple[List[Union[Action, Comm]], Optional[int]]:
+    """Interleave a stage's actions with the p2p calls they imply, in Megatron's pairing.
+
+    Before ``F j``: receive activation ``j`` (sending a carried gradient with it, as
+    ``send_backward_recv_forward``). After ``F j``: send activation ``j``, receiving the
+    gradient of the backward that follows, if any (``send_forward_recv_backward``).
+    Before ``B k`` whose gradient has not arrived: send a carried gradient, then
+    ``recv_backward``. After ``B k``: its input gradient is carried to the next call
+    that can take it. ``final`` (a drain) sends the last carried gradient alone.
+
+    Args:
+        carry: micro-batch whose input gradient is still to be sent (from the previous
+            call), or None.
+
+    Returns:
+        ``(steps, carry_out)``: actions and :class:`Comm` in execution order, and the
+        micro-batch whose gradient is carried into the next call.
+    """
+    steps: List[Union[Action, Comm]] = []
+    received = set()
+
+    def add(comm):
+        if comm is not None:
+            steps.append(comm)
+
+    for i, act in enumerate(actions):
+        if act.kind is Kind.FORWARD:
+            if carry is not None:
+                add(_comm(stage, "send_backward_recv_forward", ("grad", carry),
+                          ("act", act.index), num_stages))
+                carry = None
+            else:
+                add(_comm(stage, "recv_forward", None, ("act", act.index), num_stages))
+            steps.append(act)
+            nxt = actions[i + 1] if i + 1 < len(actions) else None
+            if nxt is not None and nxt.kind is Kind.BACKWARD:
+                add(_comm(stage, "send_forward_recv_backward", ("act", act.index),
+                          ("grad", nxt.index), num_stages))
+                received.add(nxt.index)
+            else:
+                add(_comm(stage, "send_forward", ("act", act.index), None, num_stages))
+        elif act.kind is Kind.BACKWARD:
+            if act.index not in received:
+                if carry is not None:
+                    add(_comm(stage, "send_backward", ("grad", carry), None, num_stages))
+                    carry = None
+                add(_comm(stage, "recv_backward", None, ("grad", act.index), num_stages))
+            steps.append(act)
+            if stage > 0:
+                carry = act.index
+        else:
+            steps.append(act)
+    if final and carry is not None:
+        add(_comm(stage, "send_backward", ("grad", carry), None, num_stages))
+        carry = None
+    return steps, carry
+
+
+class P2PError(RuntimeError):
+    """The simulated point-to-point exchange deadlocks or pairs the wrong tensors."""
+
+
+def simulate_p2p(comms: Dict[int, Sequence[Comm]]) -> None:
+    """Check that the stages' p2p calls complete together, in the same order.
+
+    Model: a stage posts all halves of its current call at once (as Megatron's
+    ``_communicate`` does) and waits for all of them; a send half is matched by the
+    peer's posted receive of the same tensor. Messages between two stages are matched in
+    order, so a posted pair naming different tensors is an error.
+
+    Raises:
+        P2PError: a deadlock (names each stuck stage and what it waits for) or a
+            mismatch (the two tensors).
+    """
+    pos = {s: 0 for s in comms}
+    open_halves: Dict[int, set] = {}
+
+    def post(s):
+        if pos[s] < len(comms[s]):
+            c = comms[s][pos[s]]
+            open_halves[s] = {("send", c.send), ("recv", c.recv)} - {("send", None), ("recv", None)}
+        else:
+            open_halves.pop(s, None)
+
+    for s in comms:
+        post(s)
+    progress = True
+    while progress:
+        progress = False
+        for s in list(open_halves):
+            if s not in open_halves:
+                continue
+            c = comms[s][pos[s]]
+            peer = c.peer()
+            if peer not in open_halves:
+                continue
+            pc = comms[peer][pos[peer]]
+            for direction, t in list(open_halves[s]):
+                if direction != "send":
+                    continue
+                # what the peer is posting on the same channel (s -> peer)
+                theirs = [u for d, u in open_halves[peer] if d == "recv" and pc.peer() == s]
+                if not theirs:
+                    continue
+                if theirs[0] != t:
+                    raise P2PError(f"stage {s} sends {t} while stage {peer} receives {theirs[0]}")
+                open_halves[s].discard(("send", t))
+                open_halves[peer].discard(("recv", t))
+                progress = True
+            for x in (s, peer):
+                if x in open_halves and not open_halves[x]:
+                    pos[x] += 1
+                    post(x)
+                    progress = True
+    stuck = {s: str(comms[s][pos[s]]) for s in comms if pos[s] < len(comms[s])}
+    if stuck:
+        raise P2PError(f"deadlock or unmatched operations: {stuck}")

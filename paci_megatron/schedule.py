@@ -23,14 +23,23 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from . import compat
 from .config import PACIConfig, PACIConfigError, validate_setup
 from .optimizer import PACIOptimizer
-from .plan import Action, Kind, StageState, plan_call, plan_drain, plan_forward_only
+from .plan import (
+    Action,
+    Comm,
+    Kind,
+    StageState,
+    lower,
+    plan_call,
+    plan_drain,
+    plan_forward_only,
+)
 from .telemetry import DriftTelemetry
 
 __all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
@@ -89,9 +98,9 @@ class PACISchedule:
         self.trace: List[Action] = []
         self.peak_in_flight = 0
         self._in_flight: Deque[_InFlight] = deque()
-        self._pending_grad_send = None  # input grad of the last backward, not yet sent
-        self._pending_grad_index: Optional[int] = None
-        self._received_grad = None  # output grad received with the last forward's send
+        self._carry: Optional[int] = None  # micro-batch whose input grad is still to be sent
+        self._inbox: Dict[Tuple[str, int], Any] = {}  # received ("act"|"grad", j) tensors
+        self._outbox: Dict[Tuple[str, int], Any] = {}  # produced tensors not yet sent
         self._no_sync_ctx = None
         self._ctx: Optional[Dict[str, Any]] = None
         self._validated_for: Optional[int] = None
@@ -149,12 +158,16 @@ class PACISchedule:
         )
         store: List[Any] = []
         if forward_only:
-            if self._in_flight or self._pending_grad_send is not None:
+            if self._in_flight or self._carry is not None:
                 self.drain()
-            for action in plan_forward_only(ctx["stage"], num_microbatches):
-                self._forward(action, ctx, store, num_microbatches, train=False,
-                              collect_non_loss_data=collect_non_loss_data,
-                              first_val_step=first_val_step, next_is_backward=False)
+            steps, _ = lower(ctx["P"], ctx["stage"], plan_forward_only(ctx["stage"], num_microbatches))
+            for step in steps:
+                if isinstance(step, Comm):
+                    self._communicate(step, ctx)
+                else:
+                    self._forward(step, ctx, store, num_microbatches, train=False,
+                                  collect_non_loss_data=collect_non_loss_data,
+                                  first_val_step=first_val_step)
             return store
         actions, state_after = plan_call(
             ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
@@ -265,54 +278,70 @@ class PACISchedule:
     # ------------------------------------------------------------------ execution
     def _run(self, actions: List[Action], ctx: Dict[str, Any], store: List[Any],
              final: bool = False) -> None:
-        """Execute one stage's actions; ``final`` (a drain) also sends the last gradient."""
-        for i, action in enumerate(actions):
+        """Execute one stage's actions with the p2p calls :func:`plan.lower` puts around
+        them; ``final`` (a drain) also sends the last gradient."""
+        steps, self._carry = lower(ctx["P"], ctx["stage"], actions, self._carry, final)
+        computes = [st for st in steps if not isinstance(st, Comm)]
+        next_of = {id(a): (computes[i + 1] if i + 1 < len(computes) else None)
+                   for i, a in enumerate(computes)}
+        for step in steps:
+            if isinstance(step, Comm):
+                self._communicate(step, ctx)
+                continue
             if self.record_trace:
-                self.trace.append(action)
-            if action.kind is Kind.FORWARD:
-                nxt = actions[i + 1] if i + 1 < len(actions) else None
-                self._forward(action, ctx, store, self.accumulation, train=True,
-                              next_is_backward=nxt is not None and nxt.kind is Kind.BACKWARD)
-            elif action.kind is Kind.BACKWARD:
-                closes_window = i + 1 < len(actions) and actions[i + 1].kind is Kind.UPDATE
-                self._backward(action, ctx, closes_window)
+                self.trace.append(step)
+            if step.kind is Kind.FORWARD:
+                self._forward(step, ctx, store, self.accumulation, train=True)
+            elif step.kind is Kind.BACKWARD:
+                nxt = next_of[id(step)]
+                self._backward(step, ctx, closes_window=nxt is not None and nxt.kind is Kind.UPDATE)
             else:
-                self.optimizer.local_update(action.index)
+                self.optimizer.local_update(step.index)
         if final:
-            # Cool-down empties the pipeline: no forward follows to carry this send.
-            if self._pending_grad_send is not None:
-                self._send_pending_grad(ctx)
             self._set_grad_sync(ctx, enabled=True)
 
-    def _p2p(self, ctx, what: str, index: Optional[int], peer: Optional[int], fn, *args):
+    def _communicate(self, comm: Comm, ctx: Dict[str, Any]) -> None:
+        """One Megatron ``P2PCommunicator`` call; errors name stage, peer and micro-batch."""
+        p2p, first, last = ctx["p2p"], ctx["first"], ctx["last"]
+        payload = self._outbox.pop(comm.send, None) if comm.send is not None else None
         try:
-            return fn(*args)
+            if comm.op == "recv_forward":
+                got = p2p.recv_forward(ctx["recv_shapes"], first)
+            elif comm.op == "send_forward":
+                got = p2p.send_forward(payload, last)
+            elif comm.op == "send_forward_recv_backward":
+                got = p2p.send_forward_recv_backward(payload, ctx["send_shapes"], last)
+            elif comm.op == "send_backward_recv_forward":
+                got = p2p.send_backward_recv_forward(payload, ctx["recv_shapes"], first)
+            elif comm.op == "send_backward":
+                got = p2p.send_backward(payload, first)
+            elif comm.op == "recv_backward":
+                got = p2p.recv_backward(ctx["send_shapes"], last)
+            else:  # pragma: no cover - plan.lower emits only the ops above
+                raise ValueError(f"unknown p2p op {comm.op}")
         except Exception as exc:  # gloo/NCCL raise RuntimeError (timeouts, dead peers)
-            mb = "" if index is None else f" for micro-batch {index}"
+            what = []
+            if comm.send is not None:
+                what.append(f"sending the {_name(comm.send)}")
+            if comm.recv is not None:
+                what.append(f"receiving the {_name(comm.recv)}")
             raise PACICommunicationError(
-                f"stage {ctx['stage']} of {ctx['P']}: {what}{mb} with stage {peer} failed: {exc}"
+                f"stage {ctx['stage']} of {ctx['P']}: {' and '.join(what)} "
+                f"({comm.op}) with stage {comm.peer()} failed: {exc}"
             ) from exc
+        if comm.recv is not None:
+            self._inbox[comm.recv] = got
+        if comm.send is not None and comm.send[0] == "act":
+            # Megatron frees the sent activation's storage; backward needs only its grad_fn.
+            from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
-    def _send_pending_grad(self, ctx) -> None:
-        grad, index = self._pending_grad_send, self._pending_grad_index
-        self._pending_grad_send = self._pending_grad_index = None
-        self._p2p(ctx, "sending the input gradient", index, ctx["stage"] - 1,
-                  ctx["p2p"].send_backward, grad, ctx["first"])
+            out0 = payload[0] if isinstance(payload, list) else payload
+            deallocate_output_tensor(out0, ctx["config"].deallocate_pipeline_outputs)
 
-    def _forward(self, action, ctx, store, loss_divisor, *, train, next_is_backward,
+    def _forward(self, action, ctx, store, loss_divisor, *, train,
                  collect_non_loss_data=False, first_val_step=None) -> None:
-        j, p2p = action.index, ctx["p2p"]
-        if self._pending_grad_send is not None:
-            sent = self._pending_grad_index
-            self._pending_grad_send, grad = None, self._pending_grad_send
-            self._pending_grad_index = None
-            input_tensor = self._p2p(
-                ctx, f"sending the gradient of micro-batch {sent} and receiving the activation",
-                j, ctx["stage"] - 1, p2p.send_backward_recv_forward,
-                grad, ctx["recv_shapes"], ctx["first"])
-        else:
-            input_tensor = self._p2p(ctx, "receiving the activation", j, ctx["stage"] - 1,
-                                     p2p.recv_forward, ctx["recv_shapes"], ctx["first"])
+        j = action.index
+        input_tensor = self._inbox.pop(("act", j), None)
         output_tensor, _num_tokens = compat.forward_step(
             forward_step_func=ctx["forward_step_func"],
             data_iterator=ctx["data_iterator"],
@@ -328,20 +357,10 @@ class PACISchedule:
             current_microbatch=j,
             is_last_stage=ctx["last"],
         )
-        if train and next_is_backward:
-            self._received_grad = self._p2p(
-                ctx, "sending the activation and receiving the output gradient", j,
-                ctx["stage"] + 1, p2p.send_forward_recv_backward,
-                output_tensor, ctx["send_shapes"], ctx["last"])
-        else:
-            self._p2p(ctx, "sending the activation", j, ctx["stage"] + 1,
-                      p2p.send_forward, output_tensor, ctx["last"])
+        if not ctx["last"]:
+            self._outbox[("act", j)] = output_tensor
         if not train:
             return
-        from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
-
-        out0 = output_tensor[0] if isinstance(output_tensor, list) else output_tensor
-        deallocate_output_tensor(out0, ctx["config"].deallocate_pipeline_outputs)
         self._in_flight.append(_InFlight(j, input_tensor, output_tensor, self.optimizer.version))
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
@@ -352,13 +371,7 @@ class PACISchedule:
                 f"stage {ctx['stage']}: plan wants backward of micro-batch {action.index} but "
                 f"the oldest in flight is {item.index}"
             )
-        grad, self._received_grad = self._received_grad, None
-        if grad is None and not ctx["last"]:
-            if self._pending_grad_send is not None:
-                self._send_pending_grad(ctx)
-            grad = self._p2p(ctx, "receiving the output gradient", action.index,
-                             ctx["stage"] + 1, ctx["p2p"].recv_backward,
-                             ctx["send_shapes"], ctx["last"])
+        grad = self._inbox.pop(("grad", action.index), None)
         self._set_grad_sync(ctx, enabled=closes_window)
         input_grad = compat.backward_step(
             item.input_tensor, item.output_tensor, grad, ctx["model_type"], ctx["config"]
@@ -368,8 +381,7 @@ class PACISchedule:
         if self.telemetry is not None:
             self.telemetry.record(action.index, drift, self.accumulation)
         if not ctx["first"]:
-            self._pending_grad_send = input_grad
-            self._pending_grad_index = action.index
+            self._outbox[("grad", action.index)] = input_grad
 
     def _set_grad_sync(self, ctx, enabled: bool) -> None:
         """Megatron's ``no_sync``: DP grad reduction only for the window's last backward."""
@@ -382,6 +394,11 @@ class PACISchedule:
                 return
             self._no_sync_ctx = no_sync()
             self._no_sync_ctx.__enter__()
+
+
+def _name(tensor) -> str:
+    kind, j = tensor
+    return f"{'activation' if kind == 'act' else 'gradient'} of micro-batch {j}"
 
 
 def _cp_size() -> int:
