@@ -108,6 +108,12 @@ def validate_setup(
         )
     c = model_config
     if c is not None:
+        if P > 1 and getattr(c, "pipeline_dtype", None) is None:
+            problems.append(
+                "the model config has no pipeline_dtype, the dtype of activations sent "
+                "between stages: set TransformerConfig(pipeline_dtype=torch.float32 or "
+                "torch.bfloat16) (Megatron-LM sets it from --bf16)"
+            )
         if getattr(c, "calculate_per_token_loss", False):
             problems.append(
                 "--calculate-per-token-loss reduces token counts across pipeline stages: "

@@ -147,3 +147,99 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
             "grad_norm": grad_norm,
         }
     return result
+
+
+# ------------------------------------------------------------------ toy pipeline
+TOY_DIM, TOY_SEQ, TOY_MBS, TOY_LR = 8, 3, 2, 0.1
+
+
+def toy_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=TOY_DIM, num_attention_heads=1,
+                             pipeline_dtype=torch.float32,
+                             use_cpu_initialization=True)
+
+
+def make_toy_stage(stage: int, num_stages: int, stash: bool = False):
+    """Two linears per stage; activations ``[TOY_SEQ, TOY_MBS, TOY_DIM]`` cross stages.
+
+    ``stash=True`` computes with forward-time copies of the weights (weight stashing),
+    the semantics PACI does NOT have; used only by the reference replay.
+    """
+    import torch.nn.functional as F
+    from megatron.core.transformer.module import MegatronModule
+
+    class ToyStage(MegatronModule):
+        def __init__(self):
+            super().__init__(toy_config())
+            from megatron.core.enums import ModelType
+
+            self.model_type = ModelType.encoder_or_decoder
+            torch.manual_seed(100 + stage)
+            self.l1 = torch.nn.Linear(TOY_DIM, TOY_DIM)
+            self.l2 = torch.nn.Linear(TOY_DIM, TOY_DIM)
+            self.input_tensor = None
+
+        def set_input_tensor(self, t):
+            self.input_tensor = t[0] if isinstance(t, list) else t
+
+        def _lin(self, layer, h):
+            w, b = (layer.weight.clone(), layer.bias.clone()) if stash else (layer.weight, layer.bias)
+            return F.linear(h, w, b)
+
+        def forward(self, x=None, target=None):
+            h = x if stage == 0 else self.input_tensor
+            y = self._lin(self.l2, torch.tanh(self._lin(self.l1, h)))
+            if stage == num_stages - 1:
+                return ((y - target) ** 2).mean()
+            return y
+
+    return ToyStage()
+
+
+def toy_batch(j: int) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + j)
+    return {"x": torch.randn(TOY_SEQ, TOY_MBS, TOY_DIM, generator=g),
+            "target": torch.randn(TOY_SEQ, TOY_MBS, TOY_DIM, generator=g)}
+
+
+def toy_loss(output):
+    return output, {"loss": output.detach().clone()}
+
+
+def toy_forward_step(data_iterator, model):
+    from megatron.core import parallel_state as ps
+
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    batch = next(data_iterator) if (first or last) else {}
+    return model(batch.get("x"), batch.get("target")), toy_loss
+
+
+def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_versions: bool = True):
+    """PACI on the toy pipeline through megatron-core DDP + SGD; returns final weights."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from paci_megatron import compat
+
+    if not restore_versions:
+        compat.set_version_counters = lambda tensors, versions: None
+    setup_parallel(world)
+    stage = ps.get_pipeline_model_parallel_rank()
+    module = make_toy_stage(stage, world)
+    model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)]
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0, sgd_momentum=0.0,
+                        clip_grad=0.0), model)
+    popt = pm.PACIOptimizer(opt, model)
+    fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
+    it = (toy_batch(j) for j in range(10**6))
+    for _ in range(calls):
+        fb(forward_step_func=toy_forward_step, data_iterator=it, model=model,
+           num_microbatches=m, seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
+    fb.drain()
+    return {"stage": stage, "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "drift": fb.telemetry.summary()}
