@@ -243,3 +243,41 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
     fb.drain()
     return {"stage": stage, "params": {n: p.detach().clone() for n, p in module.named_parameters()},
             "drift": fb.telemetry.summary()}
+
+
+# ------------------------------------------------------------------ harness: 1F1B vs PP=1
+def _global_name(name: str, layer_offset: int) -> str:
+    """'module.module.decoder.layers.1.x' on a stage -> 'decoder.layers.<1+offset>.x'."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(int(parts[2]) + layer_offset)
+    return ".".join(parts)
+
+
+def megatron_1f1b_case(rank: int, world: int, iters: int, m: int, init_state=None, num_layers=4):
+    """Megatron's own schedule (1F1B for PP > 1, no pipelining for PP = 1) on CPU."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    pp = world
+    setup_parallel(pp)
+    stage = ps.get_pipeline_model_parallel_rank()
+    _, model, opt = build_tiny_gpt(pp, bf16=False, num_layers=num_layers)
+    offset = stage * (num_layers // pp)
+    params = dict(model[0].named_parameters())
+    initial = {_global_name(n, offset): p.detach().clone() for n, p in params.items()}
+    if init_state is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(init_state[_global_name(n, offset)])
+        opt.reload_model_params()
+    losses = train_megatron_1f1b(model, opt, synthetic_batches(m) * iters, iters, m)
+    return {
+        "stage": stage,
+        "schedule": get_forward_backward_func().__name__,
+        "initial": initial,
+        "params": {_global_name(n, offset): p.detach().clone() for n, p in params.items()},
+        "losses": losses,
+    }
