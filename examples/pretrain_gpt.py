@@ -1,0 +1,386 @@
+"""Pretrain a GPT with megatron-core, Megatron's 1F1B or PACI, on CPU or GPU.
+
+Launch with torchrun, one process per stage (x TP x DP)::
+
+    torchrun --nproc-per-node 4 examples/pretrain_gpt.py --device cpu \\
+        --pipeline-model-parallel-size 4 --pipeline-schedule paci
+
+Flags use Megatron-LM's names. Without ``--data-path`` the embedded default corpus (the
+running Python's standard library sources) is tokenized once into Megatron's indexed
+format under ``--data-cache-dir`` and read back with megatron-core's GPT dataset classes;
+with ``--data-path`` a user's existing Megatron data is used as is.
+
+``--log-json PATH`` writes one JSON object per log interval (and per evaluation) with
+``iteration``, ``lm_loss``, ``lr``, ``tokens_per_second``, ``drift_max`` (the largest drift
+seen so far on each stage) and ``val_loss`` when evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model (Megatron-LM names)")
+    g.add_argument("--num-layers", type=int, default=8)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="default: --seq-length")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="required with PACI and more than one stage")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=32)
+    g.add_argument("--train-iters", type=int, default=300)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-warmup-iters", type=int, default=30)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "paci"], default="1f1b",
+                   help="1f1b: Megatron's own schedule; paci: asynchronous, no flush")
+    g.add_argument("--paci-accumulation", type=int, default=None,
+                   help="backward micro-batches per local update (default: the "
+                   "micro-batches of one iteration)")
+    g.add_argument("--paci-max-drift", type=int, default=None,
+                   help="refuse settings whose drift bound exceeds this")
+    g.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda if available")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g = p.add_argument_group("data and logging")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="Megatron indexed dataset prefix(es), optionally weighted")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer.json (default: the one prepared next to --data-path)")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--data-cache-dir", default="data/stdlib",
+                   help="where the embedded default corpus is prepared")
+    g.add_argument("--eval-interval", type=int, default=50)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-json", default=None)
+    args = p.parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse a bad configuration before anything is built, saying what to change."""
+    problems = []
+    mp = args.pipeline_model_parallel_size * args.tensor_model_parallel_size
+    if world_size % mp != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by TP x PP = {mp}: launch "
+            f"torchrun with a multiple of {mp} processes"
+        )
+    dp = max(world_size // mp, 1)
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        problems.append(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size x DP = {args.micro_batch_size * dp}"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda but CUDA is not available: use --device cpu")
+    if args.max_position_embeddings < args.seq_length:
+        problems.append("--max-position-embeddings must be >= --seq-length")
+    if args.pipeline_schedule == "paci":
+        from paci_megatron import PACIConfig, PACIConfigError, validate_setup
+
+        m = max(args.global_batch_size // (args.micro_batch_size * dp), 0)
+        try:
+            validate_setup(
+                PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift),
+                num_microbatches=m,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            )
+        except PACIConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise SystemExit(
+            "error: bad configuration, nothing was started:\n"
+            + "\n".join(f"  - {x}" for x in problems)
+        )
+
+
+def setup_distributed(args: argparse.Namespace) -> None:
+    import datetime
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+    if args.device == "cpu":
+        from paci_megatron.cpu import enable_cpu_mode
+
+        enable_cpu_mode(force=True)
+        torch.distributed.init_process_group(backend="gloo", timeout=timeout)
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend="nccl", timeout=timeout)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+
+def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
+    """Train/valid micro-batch iterators and the vocabulary size (padded like Megatron-LM)."""
+    from paci_megatron import data, gpt
+
+    data_path = args.data_path
+    if not data_path:
+        prefix = os.path.join(args.data_cache_dir, "stdlib")
+        if torch.distributed.get_rank() == 0:
+            record = data.prepare_corpus(prefix)
+            print(f"> data: {record.num_documents} documents, {record.num_tokens} tokens "
+                  f"({'cached' if record.skipped else 'prepared'}) at {record.prefix}", flush=True)
+        torch.distributed.barrier()
+        data_path = [prefix]
+    tokenizer = data.CorpusTokenizer(args.tokenizer_model) if args.tokenizer_model else None
+    gbs = args.global_batch_size
+    evals = args.train_iters // args.eval_interval + 2
+    train_ds, valid_ds = data.build_gpt_datasets(
+        data_path if len(data_path) > 1 else data_path[0],
+        tokenizer,
+        seq_length=args.seq_length,
+        train_samples=args.train_iters * gbs,
+        valid_samples=evals * args.eval_iters * gbs,
+        seed=args.seed,
+        split=args.split,
+    )
+    if tokenizer is None:
+        prefix = data_path[0] if len(data_path) == 1 else data_path[1]
+        tokenizer = data.CorpusTokenizer.for_data_prefix(prefix)
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    vocab = int(math.ceil(tokenizer.vocab_size / multiple) * multiple)
+    train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    return train_it, valid_ds, vocab
+
+
+def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: int):
+    """Model chunks, optimizer (PACI-wrapped or not), LR scheduler, forward_backward_func."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    import paci_megatron as pm
+    from paci_megatron import gpt
+
+    on_gpu = args.device == "cuda"
+    config = gpt.transformer_config(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        on_gpu=on_gpu,
+    )
+    use_te = False
+    if on_gpu:
+        try:
+            import transformer_engine  # noqa: F401
+
+            use_te = True
+        except ImportError:
+            print("> Transformer Engine not installed: local layer spec", flush=True)
+    model = gpt.build_model(
+        config, vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        use_transformer_engine=use_te,
+    )
+    optimizer = gpt.build_optimizer(
+        model, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        bf16=args.bf16,
+    )
+    gbs = args.global_batch_size
+    scheduler = gpt.build_scheduler(
+        optimizer, lr=args.lr, min_lr=args.min_lr, train_samples=args.train_iters * gbs,
+        warmup_samples=args.lr_warmup_iters * gbs, decay_style=args.lr_decay_style,
+        weight_decay=args.weight_decay,
+    )
+    config.grad_scale_func = optimizer.scale_loss
+    if args.pipeline_schedule == "paci":
+        optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler)
+        paci = pm.PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift)
+        pm.validate_setup(
+            paci, num_microbatches=num_microbatches,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size, model_config=config,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        )
+        schedule = pm.PACISchedule(
+            optimizer, paci,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        )
+    else:
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = model[0].no_sync
+        schedule = get_forward_backward_func()
+    return model, optimizer, scheduler, schedule
+
+
+def average_losses(losses: List[Dict[str, torch.Tensor]]) -> float:
+    """Mean of the per-micro-batch ``lm loss`` values (last stage only)."""
+    return float(sum(float(d["lm loss"]) for d in losses) / max(len(losses), 1))
+
+
+def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size, start) -> Optional[float]:
+    """Validation loss over ``--eval-iters`` iterations; drains PACI first."""
+    from paci_megatron import gpt
+
+    if hasattr(schedule, "drain"):
+        schedule.drain()
+    for chunk in model:
+        chunk.eval()
+    it = gpt.microbatches(valid_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                          start_sample=start)
+    losses = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            out = schedule(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+                           num_microbatches=num_microbatches, seq_length=args.seq_length,
+                           micro_batch_size=args.micro_batch_size, forward_only=True)
+            losses.extend(out)
+    for chunk in model:
+        chunk.train()
+    return average_losses(losses) if losses else None
+
+
+def gather_to_last(value: Optional[float], group) -> Optional[float]:
+    """Broadcast a float held by the last pipeline stage to the whole pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() else None)
+    torch.distributed.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
+    return float(t.item())
+
+
+def train(args: argparse.Namespace) -> List[dict]:
+    """The training loop, shaped like Megatron-LM's ``train`` / ``train_step``."""
+    from megatron.core import parallel_state as ps
+
+    from paci_megatron import gpt
+    from paci_megatron.telemetry import gather_drift_max
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    m = args.global_batch_size // (args.micro_batch_size * dp_size)
+    train_it, valid_ds, vocab = build_data(args, dp_rank, dp_size)
+    model, optimizer, scheduler, schedule = build_training(args, vocab, m)
+    pp_group = ps.get_pipeline_model_parallel_group()
+    is_writer = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    log = open(args.log_json, "w") if (args.log_json and is_writer) else None
+    records: List[dict] = []
+    eval_start = [0]
+
+    def drift_max() -> List[int]:
+        telemetry = getattr(schedule, "telemetry", None)
+        if telemetry is None:
+            return [0] * args.pipeline_model_parallel_size
+        return gather_drift_max(telemetry, pp_group)
+
+    def run_eval() -> float:
+        val = evaluate(args, model, schedule, valid_ds, m, dp_rank, dp_size, eval_start[0])
+        eval_start[0] += args.eval_iters * args.global_batch_size
+        return gather_to_last(val, pp_group)
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        if is_writer:
+            text = json.dumps(record)
+            print(text, flush=True)
+            if log:
+                log.write(text + "\n")
+                log.flush()
+
+    if is_writer:
+        print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
+              f"DP={dp_size} m={m} device={args.device} bf16={args.bf16}", flush=True)
+    emit({"iteration": 0, "val_loss": run_eval(), "drift_max": drift_max()})
+    window_losses: List[float] = []
+    t0 = time.time()
+    tokens = 0
+    for iteration in range(1, args.train_iters + 1):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = schedule(forward_step_func=gpt.forward_step, data_iterator=train_it, model=model,
+                          num_microbatches=m, seq_length=args.seq_length,
+                          micro_batch_size=args.micro_batch_size, forward_only=False)
+        optimizer.step()
+        scheduler.step(increment=args.global_batch_size)
+        if losses:
+            window_losses.append(average_losses(losses))
+        tokens += args.global_batch_size * args.seq_length
+        evaluated = iteration % args.eval_interval == 0 or iteration == args.train_iters
+        if iteration % args.log_interval == 0 or evaluated:
+            loss = gather_to_last(
+                sum(window_losses) / len(window_losses) if window_losses else None, pp_group)
+            elapsed = time.time() - t0
+            record = {
+                "iteration": iteration,
+                "lm_loss": loss,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                "drift_max": drift_max(),
+            }
+            if evaluated:
+                record["val_loss"] = run_eval()
+            emit(record)
+            window_losses, tokens, t0 = [], 0, time.time()
+    if hasattr(schedule, "drain"):
+        schedule.drain()
+    if log:
+        log.close()
+    return records
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    # megatron-core announces at import that Apex / Transformer Engine are absent.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
+    args = parse_args(argv)
+    check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    setup_distributed(args)
+    try:
+        records = train(args)
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            vals = [r["val_loss"] for r in records if "val_loss" in r]
+            print(f"> done: validation loss {vals[0]:.3f} -> {vals[-1]:.3f}", flush=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

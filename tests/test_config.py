@@ -1,0 +1,135 @@
+"""Bad configurations stop before training with a message that says what to change."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from paci_megatron.config import PACIConfig, PACIConfigError, divisors, validate_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeModelConfig:
+    """The TransformerConfig attributes validate_setup reads, all valid by default."""
+
+    pipeline_dtype = torch.float32
+    calculate_per_token_loss = False
+    fp16 = False
+    virtual_pipeline_model_parallel_size = None
+    variable_seq_lengths = False
+    fp8 = None
+    mtp_num_layers = None
+    overlap_p2p_comm = False
+    delay_wgrad_compute = False
+    defer_embedding_wgrad_compute = False
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def problems(**kw):
+    paci = kw.pop("paci", PACIConfig())
+    with pytest.raises(PACIConfigError) as info:
+        validate_setup(paci, **kw)
+    return info.value.problems
+
+
+def test_valid_setup_returns_accumulation_factor():
+    assert validate_setup(PACIConfig(), num_microbatches=8, pipeline_model_parallel_size=4,
+                          model_config=FakeModelConfig()) == 8
+    assert validate_setup(PACIConfig(accumulation=2), num_microbatches=8,
+                          pipeline_model_parallel_size=4) == 2
+
+
+def test_fewer_microbatches_than_the_accumulation_window_needs():
+    (msg,) = problems(paci=PACIConfig(accumulation=8), num_microbatches=4,
+                      pipeline_model_parallel_size=4)
+    assert "--paci-accumulation 8 does not divide the 4 micro-batches" in msg
+    assert "[1, 2, 4]" in msg  # what to choose instead
+
+
+def test_accumulation_not_dividing_iteration():
+    (msg,) = problems(paci=PACIConfig(accumulation=3), num_microbatches=8,
+                      pipeline_model_parallel_size=2)
+    assert "choose one of [1, 2, 4, 8]" in msg
+
+
+def test_no_microbatches():
+    assert any("need at least 1" in p for p in problems(num_microbatches=0,
+                                                        pipeline_model_parallel_size=2))
+
+
+def test_tied_embeddings_across_stages():
+    (msg,) = problems(num_microbatches=4, pipeline_model_parallel_size=2,
+                      share_embeddings_and_output_weights=True)
+    assert "--untie-embeddings-and-output-weights" in msg
+    # with a single stage tied embeddings need no cross-stage reduction
+    validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=1,
+                   share_embeddings_and_output_weights=True)
+
+
+def test_max_drift_says_which_accumulation_satisfies_it():
+    (msg,) = problems(paci=PACIConfig(accumulation=1, max_drift=2), num_microbatches=8,
+                      pipeline_model_parallel_size=8)
+    assert "drift bound ceil((P-1)/a) = 7" in msg
+    assert "raise --paci-accumulation to at least 4" in msg
+    assert validate_setup(PACIConfig(accumulation=4, max_drift=2), num_microbatches=8,
+                          pipeline_model_parallel_size=8) == 4
+
+
+@pytest.mark.parametrize("attr,value,needle", [
+    ("calculate_per_token_loss", True, "--calculate-per-token-loss"),
+    ("fp16", True, "use --bf16"),
+    ("virtual_pipeline_model_parallel_size", 2, "virtual pipeline"),
+    ("variable_seq_lengths", True, "fixed --seq-length"),
+    ("fp8", "hybrid", "--fp8-format"),
+    ("mtp_num_layers", 1, "--mtp-num-layers"),
+    ("pipeline_dtype", None, "pipeline_dtype"),
+])
+def test_model_config_refusals(attr, value, needle):
+    (msg,) = problems(num_microbatches=4, pipeline_model_parallel_size=2,
+                      model_config=FakeModelConfig(**{attr: value}))
+    assert needle in msg
+
+
+def test_all_problems_reported_at_once():
+    found = problems(paci=PACIConfig(accumulation=3), num_microbatches=4,
+                     pipeline_model_parallel_size=4, share_embeddings_and_output_weights=True,
+                     model_config=FakeModelConfig(fp16=True))
+    assert len(found) == 3
+    assert "3 problem(s)" in str(PACIConfigError(found))
+
+
+def test_divisors():
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
+
+
+def run_recipe(*flags, nproc=4):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+         os.path.join(ROOT, "examples", "pretrain_gpt.py"), "--device", "cpu", *flags],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )
+
+
+def test_recipe_refuses_tied_embeddings_and_short_window_before_starting():
+    proc = run_recipe("--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
+                      "--global-batch-size", "8", "--micro-batch-size", "4",
+                      "--paci-accumulation", "4")
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    assert "bad configuration, nothing was started" in out
+    assert "--untie-embeddings-and-output-weights" in out
+    assert "--paci-accumulation 4 does not divide the 2 micro-batches" in out
+    assert "> data:" not in out  # stopped before any data or model was built
+
+
+def test_recipe_refuses_world_size_not_matching_parallel_sizes():
+    proc = run_recipe("--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights",
+                      nproc=2)
+    assert proc.returncode != 0
+    assert "world size 2 is not divisible by TP x PP = 4" in proc.stderr + proc.stdout
