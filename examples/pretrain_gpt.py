@@ -178,6 +178,7 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
         valid_samples=evals * args.eval_iters * gbs,
         seed=args.seed,
         split=args.split,
+        create_attention_mask=False,  # GPTModel builds the causal mask itself
     )
     if tokenizer is None:
         prefix = data_path[0] if len(data_path) == 1 else data_path[1]
