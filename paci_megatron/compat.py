@@ -15,7 +15,6 @@ __all__ = [
     "MEGATRON_CORE_VERSION",
     "backward_step",
     "forward_step",
-    "make_p2p_communicator",
     "get_tensor_shapes",
     "get_model_config",
     "get_model_type",
@@ -137,13 +136,6 @@ def get_model_type(model):
     from megatron.core.utils import get_model_type as _get
 
     return _get(model)
-
-
-def make_p2p_communicator(pp_group, config):
-    """Megatron's ``P2PCommunicator(pp_group, config)``."""
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-
-    return P2PCommunicator(pp_group=pp_group, config=config)
 
 
 def inner_optimizers(optimizer) -> List[Any]:

@@ -35,11 +35,15 @@ class PACIConfig:
         max_drift: refuse a configuration whose drift bound ``ceil((P-1-s)/a)`` exceeds
             this on any stage (``--paci-max-drift``); ``None`` = no limit.
         check_drift: raise if a measured drift ever exceeds the bound (always on in tests).
+        p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
+            then the stage raises an error naming the peer and the micro-batch (default
+            600 s, Megatron-LM's default ``--distributed-timeout-minutes``).
     """
 
     accumulation: Optional[int] = None
     max_drift: Optional[int] = None
     check_drift: bool = True
+    p2p_timeout_s: float = 600.0
 
     def resolve_accumulation(self, num_microbatches: int) -> int:
         """``a`` for an iteration of ``num_microbatches`` micro-batches."""

@@ -7,9 +7,11 @@ the in-flight micro-batches of one call stay in flight into the next, and the st
 optimizer update runs inside the schedule after every ``a`` backwards
 (:class:`~paci_megatron.optimizer.PACIOptimizer`). The order of a stage's actions
 comes from the pure planner (:mod:`paci_megatron.plan`); this module executes it with
-megatron-core's ``forward_step`` / ``backward_step`` and its ``P2PCommunicator``, in the
-same pairing of sends and receives as Megatron's own 1F1B
-(``forward_backward_pipelining_without_interleaving``).
+megatron-core's ``forward_step`` / ``backward_step``, exchanging activations and
+gradients in the same pairing of sends and receives as Megatron's own 1F1B
+(``forward_backward_pipelining_without_interleaving``), but with a timeout on every wait
+(:mod:`paci_megatron.p2p`): a stalled pipeline raises an error that names the stage, the
+peer, the micro-batch and the action instead of hanging.
 
 Point-to-point operations never straddle two calls: the gradient send that follows a
 call's last backward is issued at the start of the next call (or of :meth:`drain`),
@@ -30,6 +32,7 @@ import torch
 from . import compat
 from .config import PACIConfig, PACIConfigError, validate_setup
 from .optimizer import PACIOptimizer
+from .p2p import PipelineP2P
 from .plan import (
     Action,
     Comm,
@@ -209,13 +212,14 @@ class PACISchedule:
         if isinstance(data_iterator, list):
             data_iterator = data_iterator[0]
         config = compat.get_model_config(model)
-        p2p = kw["p2p_communicator"]
+        p2p = (self._ctx or {}).get("p2p")
         if p2p is None:
-            from megatron.core import parallel_state as ps
+            pp_group = getattr(kw["p2p_communicator"], "pp_group", None)
+            if pp_group is None:
+                from megatron.core import parallel_state as ps
 
-            p2p = (self._ctx or {}).get("p2p") or compat.make_p2p_communicator(
-                ps.get_pipeline_model_parallel_group(), config
-            )
+                pp_group = ps.get_pipeline_model_parallel_group()
+            p2p = PipelineP2P(pp_group, config.pipeline_dtype, self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
         if not forward_only and self._validated_for != num_microbatches:
             if self._in_flight and self.accumulation is not None:
@@ -301,25 +305,23 @@ class PACISchedule:
             self._set_grad_sync(ctx, enabled=True)
 
     def _communicate(self, comm: Comm, ctx: Dict[str, Any]) -> None:
-        """One Megatron ``P2PCommunicator`` call; errors name stage, peer and micro-batch."""
-        p2p, first, last = ctx["p2p"], ctx["first"], ctx["last"]
+        """One exchange with a neighbour; errors name stage, peer, micro-batch and action."""
         payload = self._outbox.pop(comm.send, None) if comm.send is not None else None
+        out0 = payload[0] if isinstance(payload, list) else payload
+        recv_prev = recv_next = None
+        if comm.recv is not None:
+            if comm.recv[0] == "act":
+                recv_prev = ctx["recv_shapes"][0]
+            else:
+                recv_next = ctx["send_shapes"][0]
         try:
-            if comm.op == "recv_forward":
-                got = p2p.recv_forward(ctx["recv_shapes"], first)
-            elif comm.op == "send_forward":
-                got = p2p.send_forward(payload, last)
-            elif comm.op == "send_forward_recv_backward":
-                got = p2p.send_forward_recv_backward(payload, ctx["send_shapes"], last)
-            elif comm.op == "send_backward_recv_forward":
-                got = p2p.send_backward_recv_forward(payload, ctx["recv_shapes"], first)
-            elif comm.op == "send_backward":
-                got = p2p.send_backward(payload, first)
-            elif comm.op == "recv_backward":
-                got = p2p.recv_backward(ctx["send_shapes"], last)
-            else:  # pragma: no cover - plan.lower emits only the ops above
-                raise ValueError(f"unknown p2p op {comm.op}")
-        except Exception as exc:  # gloo/NCCL raise RuntimeError (timeouts, dead peers)
+            from_prev, from_next = ctx["p2p"].exchange(
+                send_next=out0 if comm.send is not None and comm.send[0] == "act" else None,
+                send_prev=out0 if comm.send is not None and comm.send[0] == "grad" else None,
+                recv_prev_shape=recv_prev,
+                recv_next_shape=recv_next,
+            )
+        except Exception as exc:  # PipelineTimeout, or gloo/NCCL errors from a dead peer
             what = []
             if comm.send is not None:
                 what.append(f"sending the {_name(comm.send)}")
@@ -329,13 +331,13 @@ class PACISchedule:
                 f"stage {ctx['stage']} of {ctx['P']}: {' and '.join(what)} "
                 f"({comm.op}) with stage {comm.peer()} failed: {exc}"
             ) from exc
+        got = from_prev if from_prev is not None else from_next
         if comm.recv is not None:
             self._inbox[comm.recv] = got
         if comm.send is not None and comm.send[0] == "act":
             # Megatron frees the sent activation's storage; backward needs only its grad_fn.
             from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
-            out0 = payload[0] if isinstance(payload, list) else payload
             deallocate_output_tensor(out0, ctx["config"].deallocate_pipeline_outputs)
 
     def _forward(self, action, ctx, store, loss_divisor, *, train,

@@ -31,6 +31,9 @@ def test_drained_paci_equals_megatron_1f1b_bitwise(case):
         for name, ref in r["megatron_params"].items():
             got = r["drained_params"][name]
             assert torch.equal(ref, got), f"stage {r['stage']} {name} differs"
+        # warm-up then cosine: update k used the lr Megatron uses in iteration k
+        lrs = r["drained_lrs"]
+        assert len(lrs) == ITERS and lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3]
     last = results[-1]
     assert last["drained_losses"] == last["megatron_losses"]
     # and it really trained: the repeated micro-batches' loss went down

@@ -57,7 +57,15 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
     return cfg, model, opt
 
 
-def train_megatron_1f1b(model, opt, batches, iters: int, m: int) -> List[float]:
+def build_scheduler(opt, iters: int, m: int):
+    """Warm-up over the first iteration, then cosine decay: every update gets another lr."""
+    from paci_megatron import gpt
+
+    return gpt.build_scheduler(opt, lr=1e-2, min_lr=1e-3, train_samples=iters * m * MBS,
+                               warmup_samples=m * MBS, decay_style="cosine", weight_decay=0.0)
+
+
+def train_megatron_1f1b(model, opt, batches, iters: int, m: int, sched=None) -> List[float]:
     """Megatron-LM's train_step around megatron-core's own 1F1B schedule."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -76,6 +84,8 @@ def train_megatron_1f1b(model, opt, batches, iters: int, m: int) -> List[float]:
         out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
                  num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
         opt.step()
+        if sched is not None:
+            sched.step(increment=m * MBS)
         losses.extend(float(d["lm loss"]) for d in out)
     return losses
 
@@ -92,14 +102,17 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
     batches = synthetic_batches(m) * iters  # the same m micro-batches every iteration
     result: dict = {"stage": stage}
 
-    # 1. Megatron's own 1F1B.
+    # 1. Megatron's own 1F1B, with Megatron's LR scheduler (warm-up, then cosine).
     _, model, opt = build_tiny_gpt(pp, bf16)
-    result["megatron_losses"] = train_megatron_1f1b(model, opt, batches, iters, m)
+    sched = build_scheduler(opt, iters, m)
+    result["megatron_losses"] = train_megatron_1f1b(model, opt, batches, iters, m, sched)
     result["megatron_params"] = gpt.model_parameters(model)
 
-    # 2. PACI with a drain after every call (a = m): must equal synchronous 1F1B.
+    # 2. PACI with a drain after every call (a = m): must equal synchronous 1F1B, learning
+    #    rate of every update included.
     _, model, opt = build_tiny_gpt(pp, bf16)
-    popt = pm.PACIOptimizer(opt, model)
+    sched = build_scheduler(opt, iters, m)
+    popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
     fb = pm.get_forward_backward_func(popt)
     losses, it = [], iter(batches)
     for _ in range(iters):
@@ -109,8 +122,10 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
                  num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
         fb.drain()
         popt.step()
+        sched.step(increment=m * MBS)
         losses.extend(float(d["lm loss"]) for d in out)
     result["drained_losses"] = losses
+    result["drained_lrs"] = [lr for _, lr, _ in popt.update_log]
     result["drained_params"] = gpt.model_parameters(model)
     result["drained_version"] = popt.version
 
@@ -281,3 +296,26 @@ def megatron_1f1b_case(rank: int, world: int, iters: int, m: int, init_state=Non
         "params": {_global_name(n, offset): p.detach().clone() for n, p in params.items()},
         "losses": losses,
     }
+
+
+def silent_peer_case(rank: int, world: int, m: int):
+    """Stage 1 never joins the pipeline: stage 0 must fail with a named timeout."""
+    import time
+
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    setup_parallel(world)
+    _, model, opt = build_tiny_gpt(world, bf16=False)  # collective: both ranks build
+    if ps.get_pipeline_model_parallel_rank() == 1:
+        time.sleep(25)
+        return "silent"
+    fb = pm.PACISchedule(pm.PACIOptimizer(opt, model), pm.PACIConfig(p2p_timeout_s=3))
+    t0 = time.monotonic()
+    try:
+        fb(forward_step_func=__import__("paci_megatron.gpt").gpt.forward_step,
+           data_iterator=iter(synthetic_batches(m)), model=model, num_microbatches=m,
+           seq_length=SEQ, micro_batch_size=MBS)
+    except pm.PACICommunicationError as err:
+        return {"message": str(err), "seconds": time.monotonic() - t0}
+    return "no error"

@@ -1,0 +1,16 @@
+"""Nothing hangs: a pipeline wait that times out names the stage, peer and micro-batch."""
+
+from paci_megatron.testing import run_distributed
+
+from workers import silent_peer_case
+
+
+def test_silent_peer_gives_named_timeout_not_a_hang():
+    stage0, stage1 = run_distributed(silent_peer_case, 2, 2, timeout_s=120, comm_timeout_s=5)
+    assert stage1 == "silent"
+    msg = stage0["message"]
+    assert msg.startswith("stage 0 of 2:"), msg
+    assert "micro-batch" in msg and "with stage 1" in msg
+    assert "sending the activation of micro-batch 0" in msg  # the wait that timed out
+    assert "Timed out" in msg
+    assert stage0["seconds"] < 15  # the 3 s timeout, not the peer's 25 s sleep
