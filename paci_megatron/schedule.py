@@ -185,9 +185,9 @@ class PACISchedule:
         After a drain every stage has the same version and the model is one consistent
         set of weights. Call it on every rank of the pipeline: before evaluation (done
         automatically by ``forward_only`` calls), checkpoint saving, the end of training
-        and any change of schedule. A no-op before the first call.
+        and any change of schedule. A no-op before the first training call.
         """
-        if self._ctx is None:
+        if self._ctx is None or self.accumulation is None:
             return
         actions, state_after = plan_drain(
             self._ctx["P"], self._ctx["stage"], self.accumulation, self.state

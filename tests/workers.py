@@ -253,8 +253,13 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
     fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
     it = (toy_batch(j) for j in range(10**6))
     for _ in range(calls):
+        # what Megatron's train_step does around forward_backward_func: must not wipe a
+        # window that spans calls, nor step again
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
         fb(forward_step_func=toy_forward_step, data_iterator=it, model=model,
            num_microbatches=m, seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
+        popt.step()
     fb.drain()
     return {"stage": stage, "params": {n: p.detach().clone() for n, p in module.named_parameters()},
             "drift": fb.telemetry.summary()}
