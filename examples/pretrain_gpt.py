@@ -11,8 +11,9 @@ format under ``--data-cache-dir`` and read back with megatron-core's GPT dataset
 with ``--data-path`` a user's existing Megatron data is used as is.
 
 ``--log-json PATH`` writes one JSON object per log interval (and per evaluation) with
-``iteration``, ``lm_loss``, ``lr``, ``tokens_per_second``, ``drift_max`` (the largest drift
-seen so far on each stage) and ``val_loss`` when evaluated.
+``iteration``, ``lm_loss``, ``lr``, ``tokens_per_second``, per stage ``drift_max`` (the
+largest drift seen so far), ``drift_mean`` and ``drift_histogram`` (micro-batches per
+drift value), and ``val_loss`` when evaluated.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     from megatron.core import parallel_state as ps
 
     from paci_megatron import gpt
-    from paci_megatron.telemetry import gather_drift_max
+    from paci_megatron.telemetry import gather_drift
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     m = args.global_batch_size // (args.micro_batch_size * dp_size)
@@ -305,11 +306,13 @@ def train(args: argparse.Namespace) -> List[dict]:
     records: List[dict] = []
     eval_start = [0]
 
-    def drift_max() -> List[int]:
-        telemetry = getattr(schedule, "telemetry", None)
-        if telemetry is None:
-            return [0] * args.pipeline_model_parallel_size
-        return gather_drift_max(telemetry, pp_group)
+    def drift() -> Dict[str, list]:
+        stages = gather_drift(getattr(schedule, "telemetry", None), pp_group)
+        return {
+            "drift_max": [d["max"] for d in stages],
+            "drift_mean": [round(d["mean"], 4) for d in stages],
+            "drift_histogram": [d["histogram"] for d in stages],
+        }
 
     def run_eval() -> float:
         val = evaluate(args, model, schedule, valid_ds, m, dp_rank, dp_size, eval_start[0])
@@ -328,7 +331,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     if is_writer:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
               f"DP={dp_size} m={m} device={args.device} bf16={args.bf16}", flush=True)
-    emit({"iteration": 0, "val_loss": run_eval(), "drift_max": drift_max()})
+    emit({"iteration": 0, "val_loss": run_eval(), **drift()})
     window_losses: List[float] = []
     t0 = time.time()
     tokens = 0
@@ -354,7 +357,7 @@ def train(args: argparse.Namespace) -> List[dict]:
                 "lm_loss": loss,
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
-                "drift_max": drift_max(),
+                **drift(),
             }
             if evaluated:
                 record["val_loss"] = run_eval()

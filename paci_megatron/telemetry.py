@@ -15,7 +15,7 @@ import torch
 
 from .plan import drift_bound
 
-__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift_max"]
+__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift"]
 
 
 class DriftBoundError(RuntimeError):
@@ -78,17 +78,19 @@ class DriftTelemetry:
         }
 
 
-def gather_drift_max(telemetry: DriftTelemetry, pp_group: Optional[object] = None) -> List[int]:
-    """Max drift of every stage, gathered over the pipeline group (a collective).
+def gather_drift(telemetry: Optional[DriftTelemetry], pp_group=None) -> List[Dict[str, object]]:
+    """Every stage's :meth:`DriftTelemetry.summary`, gathered over the pipeline group.
 
-    Call it between training calls, on every rank of the pipeline group (the training
-    loop does so at log intervals). Returns a list of ``P`` ints, stage order.
+    A collective: call it between training calls on every rank of the pipeline group (the
+    training loop does so at log intervals). ``telemetry`` None (e.g. Megatron's own
+    schedule) counts as a stage that has seen no drift.
+
+    Returns:
+        ``P`` summaries in stage order: ``{"max", "mean", "count", "histogram"}``.
     """
+    local = telemetry.summary() if telemetry is not None else DriftTelemetry(1, 0).summary()
     if pp_group is None or not torch.distributed.is_initialized():
-        return [telemetry.max]
-    world = torch.distributed.get_world_size(pp_group)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    local = torch.tensor([telemetry.max], dtype=torch.int64, device=device)
-    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    torch.distributed.all_gather(out, local, group=pp_group)
-    return [int(t.item()) for t in out]
+        return [local]
+    out: List[Dict[str, object]] = [None] * torch.distributed.get_world_size(pp_group)
+    torch.distributed.all_gather_object(out, local, group=pp_group)
+    return out

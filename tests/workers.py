@@ -44,16 +44,20 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 
 
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
-                   num_layers: int = 4):
+                   num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
+                   overlap: bool = False, recompute=None):
     from paci_megatron import gpt
 
     seed_all(seed)
     cfg = gpt.transformer_config(
         num_layers=num_layers, hidden_size=32, num_attention_heads=4,
-        pipeline_model_parallel_size=pp, bf16=bf16,
+        pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp, bf16=bf16,
+        recompute_granularity=recompute,
     )
-    model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ)
-    opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0)
+    model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                            overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt)
+    opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0,
+                              use_distributed_optimizer=dist_opt)
     return cfg, model, opt
 
 
@@ -152,7 +156,7 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
             "loss_dicts": [[{k: float(v) for k, v in d.items()} for d in o] for o in outs],
             "loss_types": sorted({type(d).__name__ for o in outs for d in o}),
             "drift": fb.telemetry.summary(),
-            "drift_max_all": pm.telemetry.gather_drift_max(
+            "drift_all": pm.telemetry.gather_drift(
                 fb.telemetry, ps.get_pipeline_model_parallel_group()),
             "version": popt.version,
             "peak_in_flight": fb.peak_in_flight,
@@ -324,3 +328,117 @@ def silent_peer_case(rank: int, world: int, m: int):
     except pm.PACICommunicationError as err:
         return {"message": str(err), "seconds": time.monotonic() - t0}
     return "no error"
+
+
+def single_stage_accumulation_case(rank: int, world: int, cases, iters: int):
+    """P = 1: PACI with window a equals plain gradient accumulation over a micro-batches
+    (Megatron's forward_backward_no_pipelining called with num_microbatches = a)."""
+    setup_parallel(1)
+    return [_single_stage(m, a, iters) for m, a in cases]
+
+
+def _single_stage(m: int, a: int, iters: int):
+    import paci_megatron as pm
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from paci_megatron import gpt
+
+    batches = synthetic_batches(m * iters, seed=7)
+    # reference: one optimizer step per a micro-batches
+    _, model, opt = build_tiny_gpt(1, bf16=False)
+    fb = get_forward_backward_func()
+    it = iter(batches)
+    for _ in range(m * iters // a):
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           num_microbatches=a, seq_length=SEQ, micro_batch_size=MBS)
+        opt.step()
+    reference = gpt.model_parameters(model)
+    # PACI, P = 1, window a, calls of m micro-batches
+    _, model, opt = build_tiny_gpt(1, bf16=False)
+    popt = pm.PACIOptimizer(opt, model)
+    sched = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
+    it = iter(batches)
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
+        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        popt.step()
+    sched.drain()
+    return {"reference": reference, "paci": gpt.model_parameters(model), "version": popt.version}
+
+
+# ------------------------------------------------------------------ composition with DP / TP
+def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, overlap: bool,
+                     bf16: bool, iters: int, m: int, recompute=None) -> dict:
+    """Megatron 1F1B vs PACI drained after every call, on PP x TP x DP; plus stage norms."""
+    import math
+
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from paci_megatron import gpt
+
+    setup_parallel(pp, tp)
+    dp_rank = ps.get_data_parallel_rank()
+    batches = synthetic_batches(m, seed=11 + dp_rank) * iters  # each DP replica its own data
+    kw = dict(tp=tp, dist_opt=dist_opt, overlap=overlap, recompute=recompute)
+    out = {"stage": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+           "dp_rank": dp_rank}
+
+    _, model, opt = build_tiny_gpt(pp, bf16, **kw)
+    norms = []
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg = model[0].config
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.no_sync_func = model[0].no_sync
+    fb = get_forward_backward_func()
+    it = iter(batches)
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        _, grad_norm, _ = opt.step()
+        norms.append(grad_norm)
+    out["megatron_params"] = gpt.model_parameters(model)
+    out["megatron_norms"] = norms
+
+    _, model, opt = build_tiny_gpt(pp, bf16, **kw)
+    popt = pm.PACIOptimizer(opt, model)
+    sched = pm.PACISchedule(popt)
+    it = iter(batches)
+    stage_norms = []
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
+        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        sched.drain()
+        stage_norms.append(popt.last_grad_norm)
+    out["paci_params"] = gpt.model_parameters(model)
+    # combine the stage-local norms over the pipeline: sqrt(sum_s norm_s^2)
+    gathered = [None] * pp
+    torch.distributed.all_gather_object(gathered, stage_norms,
+                                        group=ps.get_pipeline_model_parallel_group())
+    out["combined_norms"] = [math.sqrt(sum(g[k] ** 2 for g in gathered)) for k in range(iters)]
+
+    # continuous PACI on the same composition: trains and reaches the drift bound
+    _, model, opt = build_tiny_gpt(pp, bf16, **kw)
+    popt = pm.PACIOptimizer(opt, model)
+    sched = pm.PACISchedule(popt)
+    it = iter(batches)
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
+        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        popt.step()
+    sched.drain()
+    out["continuous_drift"] = sched.telemetry.summary()
+    out["continuous_version"] = popt.version
+    return out
