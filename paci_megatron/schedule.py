@@ -23,7 +23,7 @@ iteration, as it does with Megatron's schedule.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -199,6 +199,42 @@ class PACISchedule:
     def in_flight(self) -> int:
         """Micro-batches this stage holds forwarded and not yet backwarded."""
         return len(self._in_flight)
+
+    @property
+    def has_unsent_gradient(self) -> bool:
+        """True between calls when the last backward's input gradient awaits the next call."""
+        return self._carry is not None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stage's PACI state for a checkpoint (only meaningful when drained).
+
+        Raises:
+            RuntimeError: micro-batches are in flight (``drain()`` first).
+        """
+        if self._in_flight or self._carry is not None:
+            raise RuntimeError("PACI state can only be saved on a drained pipeline: drain() first")
+        telemetry = self.telemetry
+        return {
+            "state": dataclasses.asdict(self.state),
+            "accumulation": self.accumulation,
+            "version": self.optimizer.version,
+            "telemetry": None if telemetry is None else {
+                "num_stages": telemetry.num_stages, "stage": telemetry.stage,
+                "histogram": dict(telemetry.histogram), "total": telemetry.total,
+            },
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a fresh schedule (before its first call)."""
+        self.state = StageState(**state["state"])
+        self.accumulation = state["accumulation"]
+        self.optimizer.version = state["version"]
+        t = state["telemetry"]
+        if t is not None:
+            self.telemetry = DriftTelemetry(t["num_stages"], t["stage"],
+                                            check=self.paci_config.check_drift)
+            self.telemetry.histogram.update({int(k): v for k, v in t["histogram"].items()})
+            self.telemetry.total = t["total"]
 
     # ------------------------------------------------------------------ setup
     def _context(self, *, model, data_iterator, num_microbatches, forward_only, **kw):

@@ -442,3 +442,78 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     out["continuous_drift"] = sched.telemetry.summary()
     out["continuous_version"] = popt.version
     return out
+
+
+# ------------------------------------------------------------------ checkpoint and resume
+def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_dir: str):
+    """Train n, drain, save, stop; load into a fresh model and train k more; compare
+    with an uninterrupted run that drains at the same iteration."""
+    import paci_megatron as pm
+    from paci_megatron import gpt
+    from paci_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+
+    setup_parallel(world)
+    batches = synthetic_batches(m * (n + k), seed=3)
+
+    def make(seed):
+        _, model, opt = build_tiny_gpt(world, bf16, seed=seed)
+        sched = build_scheduler(opt, n + k, m)
+        popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+        return model, popt, sched, pm.PACISchedule(popt)
+
+    def train(run, it, iters):
+        model, popt, sched, fb = run
+        for _ in range(iters):
+            model[0].zero_grad_buffer()
+            popt.zero_grad()
+            fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+               num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+            popt.step()
+            sched.step(increment=m * MBS)
+
+    out = {}
+    run, it = make(1234), iter(batches)
+    train(run, it, n)
+    run[3].drain()
+    train(run, it, k)
+    run[3].drain()
+    out["uninterrupted"] = gpt.model_parameters(run[0])
+    out["uninterrupted_drift"] = run[3].telemetry.summary()
+
+    run, it = make(1234), iter(batches)
+    train(run, it, n)
+    try:  # saving with micro-batches in flight is refused
+        save_checkpoint(ckpt_dir, n, run[0], run[1], run[2], run[3])
+        out["refused_in_flight"] = None
+    except RuntimeError as err:
+        out["refused_in_flight"] = str(err)
+    torch.distributed.barrier()
+    run[3].drain()
+    save_checkpoint(ckpt_dir, n, run[0], run[1], run[2], run[3], extra={"consumed": n * m})
+    del run, it
+
+    run = make(999)  # a different initialisation: everything must come from the checkpoint
+    info = load_checkpoint(ckpt_dir, run[0], run[1], run[2], run[3])
+    out["loaded"] = info
+    it = iter(batches[info["extra"]["consumed"]:])
+    train(run, it, k)
+    run[3].drain()
+    out["resumed"] = gpt.model_parameters(run[0])
+    out["resumed_drift"] = run[3].telemetry.summary()
+    out["version"] = run[1].version
+
+    # a checkpoint with non-finite weights (on the last stage only) is refused on every
+    # rank, and the last good one kept
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage():
+        with torch.no_grad():
+            next(run[0][0].parameters()).fill_(float("nan"))
+    try:
+        save_checkpoint(ckpt_dir, n + k, run[0], run[1], run[2], run[3])
+        out["refused_nan"] = None
+    except RuntimeError as err:
+        out["refused_nan"] = str(err)
+    torch.distributed.barrier()
+    out["latest"] = latest_iteration(ckpt_dir)
+    return out

@@ -1,0 +1,178 @@
+"""Checkpoints of a drained PACI run (and of Megatron's 1F1B) in Megatron's legacy layout.
+
+``<dir>/iter_<7 digits>/mp_rank_<tp:02d>_<pp:03d>/model_optim_rng.pt`` per model-parallel
+rank (written by DP rank 0; the optimizer must not be Megatron's distributed optimizer,
+whose state is sharded over DP), and ``<dir>/latest_checkpointed_iteration.txt``. Each
+file holds the model chunks' and optimizer's ``state_dict()``, the LR scheduler's, the
+RNG states (CPU, CUDA when present, megatron-core's model-parallel tracker) and, for
+PACI, the stage's planner state, version and drift telemetry.
+
+PACI saves only on a drained pipeline (every stage at the same version, nothing in
+flight): :func:`save_checkpoint` refuses otherwise. Files are written under a temporary
+name and renamed, so a crash while saving leaves the previous checkpoint loadable; a
+checkpoint with non-finite weights is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "latest_iteration"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_path(directory: str, iteration: int) -> str:
+    """File this rank writes / reads for ``iteration`` (Megatron's legacy naming)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_rank()
+    pp = ps.get_pipeline_model_parallel_rank()
+    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp:02d}_{pp:03d}",
+                        "model_optim_rng.pt")
+
+
+def latest_iteration(directory: str) -> Optional[int]:
+    """Iteration named by the tracker file, or None if there is no checkpoint."""
+    path = os.path.join(directory, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(f.read().strip())
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str,
+    iteration: int,
+    model: Sequence[torch.nn.Module],
+    optimizer,
+    opt_param_scheduler=None,
+    schedule=None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Save this rank's state for ``iteration``; call on every rank (it has a barrier).
+
+    Args:
+        directory: checkpoint root (``--save``).
+        iteration: training iterations completed.
+        model: the model chunks. optimizer: Megatron's optimizer or a ``PACIOptimizer``.
+        opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` or None.
+        schedule: the ``PACISchedule`` (None for Megatron's own schedule).
+        extra: small picklable values to store (e.g. consumed samples).
+
+    Returns:
+        The path written by this rank's model-parallel group.
+
+    Raises:
+        RuntimeError: micro-batches are in flight (call ``schedule.drain()`` on every rank
+            first), or a parameter is NaN/Inf (the previous checkpoint is kept).
+    """
+    from megatron.core import parallel_state as ps
+
+    problem = None
+    stage = ps.get_pipeline_model_parallel_rank()
+    if schedule is not None and (schedule.in_flight or schedule.has_unsent_gradient):
+        problem = (f"stage {stage}: {schedule.in_flight} micro-batches in flight: call drain() "
+                   "on every rank before saving a checkpoint")
+    for chunk in model:
+        for name, p in chunk.named_parameters():
+            if problem is None and not torch.isfinite(p.detach()).all():
+                problem = (f"stage {stage}: parameter {name} has NaN/Inf at iteration "
+                           f"{iteration}; not saving (the last checkpoint is kept)")
+    # every rank agrees before anyone writes, so a refusal on one rank cannot leave the
+    # others waiting in the barrier below
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if problem else 1.0],
+                            device="cuda" if torch.cuda.is_available() else None)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() == 0.0 and problem is None:
+            problem = f"another rank refused to save iteration {iteration} (see its error)"
+    if problem:
+        raise RuntimeError(problem)
+    path = checkpoint_path(directory, iteration)
+    if ps.get_data_parallel_rank() == 0:
+        state = {
+            "iteration": iteration,
+            "model": [chunk.state_dict() for chunk in model],
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": (
+                opt_param_scheduler.state_dict() if opt_param_scheduler is not None else None
+            ),
+            "paci": schedule.state_dict() if schedule is not None else None,
+            "rng": _rng_state(),
+            "extra": dict(extra or {}),
+        }
+        _atomic_save(state, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        tracker = os.path.join(directory, TRACKER)
+        tmp = f"{tracker}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+        os.replace(tmp, tracker)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def load_checkpoint(
+    directory: str,
+    model: Sequence[torch.nn.Module],
+    optimizer,
+    opt_param_scheduler=None,
+    schedule=None,
+    iteration: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``{"iteration", "extra"}``.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``directory`` (or not for this rank), naming
+            the path looked for.
+    """
+    if iteration is None:
+        iteration = latest_iteration(directory)
+        if iteration is None:
+            raise FileNotFoundError(f"no {TRACKER} in {directory}: nothing to load (check --load)")
+    path = checkpoint_path(directory, iteration)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} is missing (was it saved with the "
+                                "same TP x PP sizes?)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for chunk, sd in zip(model, state["model"]):
+        chunk.load_state_dict(sd)
+    optimizer.load_state_dict(state["optimizer"])
+    if opt_param_scheduler is not None and state["opt_param_scheduler"] is not None:
+        opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
+    if schedule is not None and state["paci"] is not None:
+        schedule.load_state_dict(state["paci"])
+    _set_rng_state(state["rng"])
+    return {"iteration": state["iteration"], "extra": state["extra"]}
