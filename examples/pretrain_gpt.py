@@ -85,6 +85,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--eval-iters", type=int, default=4)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-json", default=None)
+    g = p.add_argument_group("checkpointing (Megatron-LM names)")
+    g.add_argument("--save", default=None, help="checkpoint directory to write")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="iterations between checkpoints (also saved at the end)")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (saving first, with --save) when the iteration is a multiple")
     args = p.parse_args(argv)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -110,6 +117,28 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but CUDA is not available: use --device cpu")
+    if args.load:
+        from paci_megatron.checkpoint import latest_iteration
+
+        if latest_iteration(args.load) is None:
+            problems.append(f"--load {args.load} holds no checkpoint "
+                            "(no latest_checkpointed_iteration.txt): check the path")
+    if args.train_iters < 1:
+        problems.append(f"--train-iters {args.train_iters}: must be >= 1")
+    elif args.lr_warmup_iters >= args.train_iters:
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters "
+                        f"{args.train_iters} (the decay needs iterations after the warm-up)")
+    for flag in ("micro_batch_size", "eval_iters", "eval_interval", "log_interval",
+                 "num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.num_attention_heads >= 1 and args.hidden_size % args.num_attention_heads:
+        problems.append(f"--hidden-size {args.hidden_size} is not divisible by "
+                        f"--num-attention-heads {args.num_attention_heads}")
+    pp = args.pipeline_model_parallel_size
+    if pp >= 1 and args.num_layers % pp:
+        problems.append(f"--num-layers {args.num_layers} is not divisible by "
+                        f"--pipeline-model-parallel-size {pp}")
     if args.max_position_embeddings < args.seq_length:
         problems.append("--max-position-embeddings must be >= --seq-length")
     if args.pipeline_schedule == "paci":
@@ -126,10 +155,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         except PACIConfigError as err:
             problems.extend(err.problems)
     if problems:
-        raise SystemExit(
-            "error: bad configuration, nothing was started:\n"
-            + "\n".join(f"  - {x}" for x in problems)
-        )
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+            print("error: bad configuration, nothing was started:\n"
+                  + "\n".join(f"  - {x}" for x in problems), file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def setup_distributed(args: argparse.Namespace) -> None:
@@ -156,7 +185,7 @@ def setup_distributed(args: argparse.Namespace) -> None:
 
 
 def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
-    """Train/valid micro-batch iterators and the vocabulary size (padded like Megatron-LM)."""
+    """Train/valid datasets and the vocabulary size (padded like Megatron-LM)."""
     from paci_megatron import data, gpt
 
     data_path = args.data_path
@@ -170,13 +199,12 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
         data_path = [prefix]
     tokenizer = data.CorpusTokenizer(args.tokenizer_model) if args.tokenizer_model else None
     gbs = args.global_batch_size
-    evals = args.train_iters // args.eval_interval + 2
     train_ds, valid_ds = data.build_gpt_datasets(
         data_path if len(data_path) > 1 else data_path[0],
         tokenizer,
         seq_length=args.seq_length,
         train_samples=args.train_iters * gbs,
-        valid_samples=evals * args.eval_iters * gbs,
+        valid_samples=args.eval_iters * gbs,  # the same validation set at every evaluation
         seed=args.seed,
         split=args.split,
         create_attention_mask=False,  # GPTModel builds the causal mask itself
@@ -186,8 +214,7 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
         tokenizer = data.CorpusTokenizer.for_data_prefix(prefix)
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     vocab = int(math.ceil(tokenizer.vocab_size / multiple) * multiple)
-    train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    return train_it, valid_ds, vocab
+    return train_ds, valid_ds, vocab
 
 
 def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: int):
@@ -257,16 +284,17 @@ def average_losses(losses: List[Dict[str, torch.Tensor]]) -> float:
     return float(sum(float(d["lm loss"]) for d in losses) / max(len(losses), 1))
 
 
-def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size, start) -> Optional[float]:
-    """Validation loss over ``--eval-iters`` iterations; drains PACI first."""
+def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size) -> Optional[float]:
+    """Validation loss over ``--eval-iters`` iterations of the same validation samples at
+    every evaluation (so values compare across evaluations, runs and resumes); drains
+    PACI first."""
     from paci_megatron import gpt
 
     if hasattr(schedule, "drain"):
         schedule.drain()
     for chunk in model:
         chunk.eval()
-    it = gpt.microbatches(valid_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                          start_sample=start)
+    it = gpt.microbatches(valid_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     losses = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
@@ -298,13 +326,36 @@ def train(args: argparse.Namespace) -> List[dict]:
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     m = args.global_batch_size // (args.micro_batch_size * dp_size)
-    train_it, valid_ds, vocab = build_data(args, dp_rank, dp_size)
+    train_ds, valid_ds, vocab = build_data(args, dp_rank, dp_size)
     model, optimizer, scheduler, schedule = build_training(args, vocab, m)
+    start_iteration = 0
+    if args.load:
+        from paci_megatron.checkpoint import load_checkpoint
+
+        start_iteration = load_checkpoint(args.load, model, optimizer, scheduler,
+                                          schedule if hasattr(schedule, "drain") else None)["iteration"]
+    # micro-batch i of DP rank r reads samples (i * DP + r) * mbs ...: a resumed run
+    # continues exactly where the saved one stopped
+    train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                start_sample=start_iteration * args.global_batch_size)
     pp_group = ps.get_pipeline_model_parallel_group()
     is_writer = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-    log = open(args.log_json, "w") if (args.log_json and is_writer) else None
+    log = None
+    if args.log_json and is_writer:
+        os.makedirs(os.path.dirname(os.path.abspath(args.log_json)), exist_ok=True)
+        log = open(args.log_json, "w")
     records: List[dict] = []
-    eval_start = [0]
+
+    def save(iteration: int) -> None:
+        from paci_megatron.checkpoint import save_checkpoint
+
+        paci = schedule if hasattr(schedule, "drain") else None
+        if paci is not None:
+            paci.drain()  # one consistent set of weights on every stage
+        path = save_checkpoint(args.save, iteration, model, optimizer, scheduler, paci)
+        if is_writer:
+            print(f"> saved iteration {iteration} to {os.path.dirname(os.path.dirname(path))}",
+                  flush=True)
 
     def drift() -> Dict[str, list]:
         stages = gather_drift(getattr(schedule, "telemetry", None), pp_group)
@@ -315,8 +366,7 @@ def train(args: argparse.Namespace) -> List[dict]:
         }
 
     def run_eval() -> float:
-        val = evaluate(args, model, schedule, valid_ds, m, dp_rank, dp_size, eval_start[0])
-        eval_start[0] += args.eval_iters * args.global_batch_size
+        val = evaluate(args, model, schedule, valid_ds, m, dp_rank, dp_size)
         return gather_to_last(val, pp_group)
 
     def emit(record: dict) -> None:
@@ -331,11 +381,12 @@ def train(args: argparse.Namespace) -> List[dict]:
     if is_writer:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
               f"DP={dp_size} m={m} device={args.device} bf16={args.bf16}", flush=True)
-    emit({"iteration": 0, "val_loss": run_eval(), **drift()})
+    if start_iteration == 0:
+        emit({"iteration": 0, "val_loss": run_eval(), **drift()})
     window_losses: List[float] = []
     t0 = time.time()
     tokens = 0
-    for iteration in range(1, args.train_iters + 1):
+    for iteration in range(start_iteration + 1, args.train_iters + 1):
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -363,6 +414,16 @@ def train(args: argparse.Namespace) -> List[dict]:
                 record["val_loss"] = run_eval()
             emit(record)
             window_losses, tokens, t0 = [], 0, time.time()
+        saved = args.save and args.save_interval and iteration % args.save_interval == 0
+        if saved:
+            save(iteration)
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            if args.save and not saved:
+                save(iteration)
+            break
+    else:
+        if args.save and (not args.save_interval or args.train_iters % args.save_interval):
+            save(args.train_iters)
     if hasattr(schedule, "drain"):
         schedule.drain()
     if log:

@@ -36,7 +36,7 @@ def set_version_counters(tensors: Sequence[torch.Tensor], versions: Sequence[int
     """Set the autograd version counter of each tensor (undo in-place bumps).
 
     PyTorch 2.13 takes a tuple of tensors and a tuple of versions; older releases one
-    tensor and one int (PACI.md, "Autograd and in-place updates on stock PyTorch").
+    tensor and one int (docs/design.md, "Weights seen by a backward").
 
     Raises:
         RuntimeError: the running PyTorch has no ``_unsafe_set_version_counter``; PACI's
@@ -148,7 +148,7 @@ def stage_grad_stats_group(distributed_optimizer: bool):
 
     Megatron reduces over TP x PP (or the whole distributed-optimizer instance); PACI over
     the stage only: its TP group, or its TP x DP x CP group when grads are sharded
-    (MEGATRON_NOTES.md, "Collectives that cross pipeline stages").
+    (docs/design.md, "What stays stage-local, what is refused").
     """
     from megatron.core import parallel_state as ps
 

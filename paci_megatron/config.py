@@ -1,8 +1,8 @@
 """PACI settings and the validation of a Megatron setup against PACI's rules.
 
 All checks live here and raise one error type, :class:`PACIConfigError`, listing every
-violation at once with what to change (PACI.md, "What is global in Megatron and must
-not be in PACI"; MEGATRON_NOTES.md).
+violation at once with what to change (docs/design.md, "What stays stage-local, what is
+refused").
 """
 
 from __future__ import annotations

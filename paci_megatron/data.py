@@ -38,24 +38,28 @@ import os
 import sys
 import sysconfig
 import time
+import warnings
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy
 import torch
 
-from megatron.core.datasets.blended_dataset import BlendedDataset
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    get_bin_path,
-    get_idx_path,
-)
-from megatron.core.datasets.utils import get_blend_from_list
-from megatron.core.tokenizers import MegatronTokenizerBase
+with warnings.catch_warnings():
+    # megatron-core announces at import that Apex / Transformer Engine are absent
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import (
+        DType,
+        IndexedDataset,
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
+    from megatron.core.datasets.utils import get_blend_from_list
+    from megatron.core.tokenizers import MegatronTokenizerBase
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -783,6 +787,26 @@ def _parse_data_path(
     return prefixes, weights
 
 
+def _check_same_tokenizer(prefixes: Sequence[str]) -> None:
+    """Refuse to blend corpora prepared with different tokenizers (their token ids differ).
+
+    Prefixes without a manifest (e.g. Megatron-LM's own preprocessing) are not checked.
+    """
+    seen = {}
+    for prefix in prefixes:
+        manifest = _load_manifest(prefix + _MANIFEST_SUFFIX) or {}
+        sha = manifest.get("tokenizer", {}).get("sha256")
+        if sha is not None:
+            seen.setdefault(sha, prefix)
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        raise ValueError(
+            f"{a} and {b} were prepared with different tokenizers, so their token ids do not "
+            f"mean the same thing: prepare one with the other's tokenizer "
+            f"(`{_CLI} --tokenizer-model {tokenizer_path_for_prefix(a)} ...`) before blending"
+        )
+
+
 def build_gpt_datasets(
     data_path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
     tokenizer: Optional[Union[MegatronTokenizerBase, str, os.PathLike]],
@@ -865,6 +889,7 @@ def build_gpt_datasets(
         raise ValueError(f"valid_samples must be >= 0 or None, got {valid_samples}")
 
     prefixes, weights = _parse_data_path(data_path)
+    _check_same_tokenizer(prefixes)
     if weights is not None and valid_samples is None:
         raise ValueError("valid_samples=None (one epoch) needs unweighted data_path")
 

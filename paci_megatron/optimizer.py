@@ -2,8 +2,8 @@
 
 :class:`PACIOptimizer` wraps what megatron-core's ``get_megatron_optimizer`` returns. The
 PACI schedule calls :meth:`PACIOptimizer.local_update` after every ``a``-th backward of
-the stage; it then, with no collective that spans pipeline stages (PACI.md, "The
-schedule", step 3):
+the stage; it then, with no collective that spans pipeline stages (docs/design.md, "The
+local update"):
 
 1. finishes the data-parallel grad reduction of the stage's own parameters
    (``DistributedDataParallel.finish_grad_sync``: DP all-reduce, or reduce-scatter with
@@ -46,8 +46,11 @@ class PACIOptimizer:
             (a ``ChainedOptimizer`` or a single ``MegatronOptimizer``).
         model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
         opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` (optional); when
-            given, update ``k`` uses its learning rate / weight decay at
-            ``(k - 1) * samples_per_update`` consumed samples.
+            given, update ``k`` uses its learning rate / weight decay at the sample count
+            where the window of update ``k`` began: ``S0 + (k - 1 - v0) * a * mbs * DP``,
+            with ``S0`` the scheduler's count and ``v0`` the version when the schedule
+            first ran (0 and 0 for a fresh run; a loaded scheduler resumes the same way).
+            The training loop keeps stepping the scheduler as Megatron does.
         distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
             (its grad stats are then reduced over the stage's TP x DP x CP group).
 
@@ -92,8 +95,22 @@ class PACIOptimizer:
             self._zero_grad_buffers.append(original)
             chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(original)
         self._pending = 0
+        # (scheduler sample count, version) when the schedule first ran: windows are
+        # counted from there, so a resumed run continues the LR schedule where it stopped
+        self._lr_origin: Optional[Tuple[int, int]] = None
 
     # -- called by the schedule ---------------------------------------------------------
+    def begin_call(self) -> None:
+        """Called by the schedule at the start of each training call (drained or not)."""
+        if self._lr_origin is None and self.opt_param_scheduler is not None:
+            self._lr_origin = (int(self.opt_param_scheduler.num_steps), self.version)
+
+    def restore_version(self, version: int) -> None:
+        """Set the stage's version after loading a checkpoint (before the next call)."""
+        self.version = int(version)
+        self._pending = 0
+        self._lr_origin = None
+
     def note_backward(self) -> None:
         """Count one backward micro-batch into the current accumulation window."""
         self._pending += 1
@@ -150,10 +167,13 @@ class PACIOptimizer:
             groups = self.optimizer.param_groups
             self.last_lr = groups[0]["lr"] if groups else None
             return
-        if self.samples_per_microbatch is None or self.accumulation is None:
+        if self.samples_per_microbatch is None or self.accumulation is None or self._lr_origin is None:
             raise RuntimeError("the PACI schedule must run before a local update")
+        samples0, version0 = self._lr_origin
         saved = sched.num_steps
-        sched.num_steps = (update_index - 1) * self.accumulation * self.samples_per_microbatch
+        sched.num_steps = samples0 + (
+            (update_index - 1 - version0) * self.accumulation * self.samples_per_microbatch
+        )
         try:
             for group in self.optimizer.param_groups:
                 group["lr"] = sched.get_lr(group)

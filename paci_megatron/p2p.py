@@ -67,6 +67,7 @@ class PipelineP2P:
 
         Raises:
             PipelineTimeout: a request did not complete within ``timeout_s``.
+            RuntimeError: the transport failed (for example the peer process died).
         """
         ops: List[dist.P2POp] = []
         from_prev = from_next = None
@@ -86,7 +87,11 @@ class PipelineP2P:
                 try:
                     work.wait(self.timeout)
                 except RuntimeError as exc:
-                    raise PipelineTimeout(str(exc)) from exc
+                    if "timed out" in str(exc).lower():
+                        raise PipelineTimeout(
+                            f"no answer within {self.timeout.total_seconds():g} s: {exc}"
+                        ) from exc
+                    raise  # e.g. the peer process died: its own error says why
         return from_prev, from_next
 
     def _buffer(self, shape: Sequence[int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ last micro-batch and the backward paired with it; the in-flight micro-batches st
 flight into the next call. After every ``a`` backwards the stage applies its own
 optimizer update (``U k``, the ``k``-th update, 1-based). :func:`plan_drain` is the
 cool-down: backwards of everything in flight, then the update they complete
-(PACI.md, "The schedule" and "Drain"; arXiv 2606.07881, Sec. 3).
+(docs/design.md, "The schedule" and "Drain").
 
 Communication implied by the actions (the runtime derives it, the simulator checks it):
 ``F j`` on stage ``s > 0`` receives activation ``j`` from ``s - 1``; on ``s < P - 1`` it
@@ -97,7 +97,7 @@ class StageState:
         forwarded: micro-batches forwarded since training started (training calls only).
         backwarded: micro-batches backwarded since training started.
         pending: backwards accumulated since the last update (``0 <= pending < a``).
-        version: optimizer updates applied so far (``v_s`` in PACI.md).
+        version: optimizer updates applied so far (``v_s`` in docs/design.md).
     """
 
     forwarded: int = 0
@@ -118,7 +118,9 @@ def warmup_microbatches(num_stages: int, stage: int) -> int:
 
 
 def drift_bound(num_stages: int, stage: int, accumulation: int) -> int:
-    """Largest drift PACI allows on a stage: ``ceil((P - 1 - s) / a)`` (PACI.md, "The bound").
+    """Largest drift PACI allows on a stage: ``ceil((P - 1 - s) / a)``.
+
+    Source: arXiv 2606.07881; docs/design.md, "The bound".
 
     Raises:
         ValueError: for ``stage`` outside ``[0, P)`` or ``accumulation < 1``.
@@ -186,7 +188,7 @@ def plan_drain(
 
     A window left incomplete by the drain (``pending > 0`` afterwards) is applied as a
     final, partial update so that all stages end at the same version with one
-    consistent set of weights (PACI.md, "Drain").
+    consistent set of weights (docs/design.md, "Drain").
 
     Returns:
         ``(actions, state_after)``; ``state_after.in_flight == 0`` and ``pending == 0``.
@@ -213,7 +215,7 @@ def measure_drift(actions: Sequence[Action], version: int = 0) -> dict:
     """Drift of every micro-batch backwarded in ``actions`` (one stage's, in order).
 
     Drift of micro-batch ``j`` = version at ``B j`` minus version at ``F j``
-    (PACI.md, "Terms"). Forwards before ``actions`` are not seen: pass a whole run.
+    (docs/design.md, "Terms"). Forwards before ``actions`` are not seen: pass a whole run.
 
     Returns:
         ``{j: drift}`` for every ``j`` with both ``F j`` and ``B j`` in ``actions``.

@@ -175,6 +175,7 @@ class PACISchedule:
         actions, state_after = plan_call(
             ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
         )
+        self.optimizer.begin_call()
         self._run(actions, ctx, store)
         self.state = state_after
         return store
@@ -228,7 +229,7 @@ class PACISchedule:
         """Restore :meth:`state_dict` into a fresh schedule (before its first call)."""
         self.state = StageState(**state["state"])
         self.accumulation = state["accumulation"]
-        self.optimizer.version = state["version"]
+        self.optimizer.restore_version(state["version"])
         t = state["telemetry"]
         if t is not None:
             self.telemetry = DriftTelemetry(t["num_stages"], t["stage"],

@@ -1,8 +1,8 @@
 """Drift telemetry: per-stage drift statistics and the hard check against the bound.
 
 Drift of micro-batch ``j`` on stage ``s`` is the stage's version (updates applied) at the
-backward of ``j`` minus its version at the forward of ``j`` (PACI.md, "Terms"). It never
-exceeds ``ceil((P - 1 - s) / a)`` (PACI.md, "The bound"); a larger measured value means
+backward of ``j`` minus its version at the forward of ``j`` (docs/design.md, "Terms"). It never
+exceeds ``ceil((P - 1 - s) / a)`` (docs/design.md, "The bound"); a larger measured value means
 the schedule is wrong, and :meth:`DriftTelemetry.record` raises.
 """
 

@@ -126,10 +126,20 @@ def test_recipe_refuses_tied_embeddings_and_short_window_before_starting():
     assert "--untie-embeddings-and-output-weights" in out
     assert "--paci-accumulation 4 does not divide the 2 micro-batches" in out
     assert "> data:" not in out  # stopped before any data or model was built
+    assert out.count("bad configuration") == 1  # reported once, not once per rank
 
 
-def test_recipe_refuses_world_size_not_matching_parallel_sizes():
+def test_recipe_lists_every_shape_and_schedule_problem_at_once():
     proc = run_recipe("--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights",
-                      nproc=2)
+                      "--num-layers", "6", "--hidden-size", "30", "--num-attention-heads", "4",
+                      "--train-iters", "5", "--lr-warmup-iters", "10", "--eval-iters", "0",
+                      "--load", "/nonexistent/ckpt", nproc=2)
     assert proc.returncode != 0
-    assert "world size 2 is not divisible by TP x PP = 4" in proc.stderr + proc.stdout
+    out = proc.stderr + proc.stdout
+    for needle in ("world size 2 is not divisible by TP x PP = 4",
+                   "--num-layers 6 is not divisible by --pipeline-model-parallel-size 4",
+                   "--hidden-size 30 is not divisible by --num-attention-heads 4",
+                   "--lr-warmup-iters 10 must be below --train-iters 5",
+                   "--eval-iters 0: must be >= 1",
+                   "--load /nonexistent/ckpt holds no checkpoint"):
+        assert needle in out, needle

@@ -311,6 +311,16 @@ def test_weighted_blend_without_distributed(corpus, tmp_path):
     assert "value_" in tok.detokenize(train[from_other]["tokens"])
 
 
+def test_blending_corpora_with_different_tokenizers_is_refused(corpus, tmp_path):
+    record, _ = corpus
+    other_files = _write_docs(tmp_path / "src", [f"value_{i} = {i} * 3\n" * 40 for i in range(40)])
+    other = prepare_corpus(str(tmp_path / "other" / "o"), files=other_files, vocab_size=300)
+    with pytest.raises(ValueError, match="different tokenizers") as info:
+        build_gpt_datasets(["0.5", record.prefix, "0.5", other.prefix], record.tokenizer_path,
+                           SEQ, 100, 10, seed=3, split="80,20,0", cache_dir=tmp_path / "c")
+    assert "--tokenizer-model" in str(info.value)
+
+
 def test_missing_data_path_is_a_clear_error(corpus, tmp_path):
     record, _ = corpus
     missing = str(tmp_path / "nothing" / "here")

@@ -88,7 +88,7 @@ def test_planner_properties_over_grid(P):
 
 
 def test_drift_bound_examples_from_the_paper():
-    # PACI.md, "The bound" (P = 8)
+    # docs/design.md, "The bound" (P = 8)
     assert [drift_bound(8, s, 1) for s in range(8)] == [7, 6, 5, 4, 3, 2, 1, 0]
     assert [drift_bound(8, s, 4) for s in range(8)] == [2, 2, 2, 1, 1, 1, 1, 0]
     assert [drift_bound(8, s, 8) for s in range(8)] == [1, 1, 1, 1, 1, 1, 1, 0]

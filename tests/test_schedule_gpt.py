@@ -23,7 +23,7 @@ def case(request):
 
 
 def test_drained_paci_equals_megatron_1f1b_bitwise(case):
-    """PACI with a drain after every call IS synchronous 1F1B (PACI.md): same bits."""
+    """PACI with a drain after every call IS synchronous 1F1B (docs/design.md): same bits."""
     pp, bf16, m, results = case
     for r in results:
         assert r["drained_version"] == ITERS

@@ -11,7 +11,9 @@ CASES = [(4, 4), (4, 2), (6, 3)]
 
 
 def test_one_stage_equals_gradient_accumulation():
-    (results,) = run_distributed(single_stage_accumulation_case, 1, CASES, 3, timeout_s=240)
+    ((results, lr),) = run_distributed(single_stage_accumulation_case, 1, CASES, 3, timeout_s=240)
+    # a resumed scheduler continues: the updates use the lrs of iterations 6 and 7
+    assert lr["used"] == lr["expected"] and lr["expected"][0] != lr["expected"][1]
     for (m, a), r in zip(CASES, results):
         assert r["version"] == 3 * m // a
         for name, ref in r["reference"].items():

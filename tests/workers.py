@@ -334,7 +334,31 @@ def single_stage_accumulation_case(rank: int, world: int, cases, iters: int):
     """P = 1: PACI with window a equals plain gradient accumulation over a micro-batches
     (Megatron's forward_backward_no_pipelining called with num_microbatches = a)."""
     setup_parallel(1)
-    return [_single_stage(m, a, iters) for m, a in cases]
+    return [_single_stage(m, a, iters) for m, a in cases], _lr_after_loaded_scheduler()
+
+
+def _lr_after_loaded_scheduler(m: int = 4, done: int = 5):
+    """A scheduler restored at iteration `done` (and a fresh PACI state): update k uses
+    the lr Megatron uses in iteration done + k, not the schedule's start."""
+    import paci_megatron as pm
+    from paci_megatron import gpt
+
+    _, model, opt = build_tiny_gpt(1, bf16=False)
+    sched = build_scheduler(opt, 10, m)
+    sched.step(increment=done * m * MBS)  # as after load_state_dict of iteration `done`
+    expected = []
+    for k in range(2):
+        sched.num_steps, saved = (done + k) * m * MBS, sched.num_steps
+        expected.append(sched.get_lr(opt.param_groups[0]))
+        sched.num_steps = saved
+    popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+    fb = pm.PACISchedule(popt)
+    it = iter(synthetic_batches(2 * m))
+    for _ in range(2):
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        sched.step(increment=m * MBS)
+    return {"expected": expected, "used": [lr for _, lr, _ in popt.update_log]}
 
 
 def _single_stage(m: int, a: int, iters: int):
