@@ -70,6 +70,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "micro-batches of one iteration)")
     g.add_argument("--paci-max-drift", type=int, default=None,
                    help="refuse settings whose drift bound exceeds this")
+    g.add_argument("--paci-memory-mode", choices=["activations", "recompute"],
+                   default="activations",
+                   help="recompute: keep only each stage's input and recompute the forward "
+                   "with the current weights at backward time")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda if available")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
@@ -262,7 +266,9 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     config.grad_scale_func = optimizer.scale_loss
     if args.pipeline_schedule == "paci":
         optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler)
-        paci = pm.PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift)
+        paci = pm.PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift,
+                             memory_mode=args.paci_memory_mode,
+                             p2p_timeout_s=args.distributed_timeout_minutes * 60)
         pm.validate_setup(
             paci, num_microbatches=num_microbatches,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size, model_config=config,

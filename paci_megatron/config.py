@@ -38,12 +38,18 @@ class PACIConfig:
         p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
             then the stage raises an error naming the peer and the micro-batch (default
             600 s, Megatron-LM's default ``--distributed-timeout-minutes``).
+        memory_mode: ``"activations"`` keeps each in-flight micro-batch's activations, as
+            1F1B does; ``"recompute"`` keeps only the stage input (plus the data the
+            forward read) and recomputes the forward at backward time with the weights
+            current then (the reference implementation's memory mode): activation memory
+            of one micro-batch per stage, at the cost of a second forward.
     """
 
     accumulation: Optional[int] = None
     max_drift: Optional[int] = None
     check_drift: bool = True
     p2p_timeout_s: float = 600.0
+    memory_mode: str = "activations"
 
     def resolve_accumulation(self, num_microbatches: int) -> int:
         """``a`` for an iteration of ``num_microbatches`` micro-batches."""
@@ -104,6 +110,11 @@ def validate_setup(
                 f"{-(-(P - 1) // max(paci.max_drift, 1)) if paci.max_drift > 0 else P - 1}"
                 f" or raise --paci-max-drift"
             )
+    if paci.memory_mode not in ("activations", "recompute"):
+        problems.append(
+            f"memory mode {paci.memory_mode!r} is unknown: use 'activations' or 'recompute' "
+            "(--paci-memory-mode)"
+        )
     if share_embeddings_and_output_weights and P > 1:
         problems.append(
             "tied input embedding and output weights across pipeline stages need a gradient "

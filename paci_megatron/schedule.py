@@ -23,6 +23,7 @@ iteration, as it does with Megatron's schedule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
@@ -56,15 +57,21 @@ class PACICommunicationError(RuntimeError):
 
 
 class _InFlight:
-    """A forwarded, not yet backwarded micro-batch: its input and output tensors."""
+    """A forwarded, not yet backwarded micro-batch: what its backward needs.
 
-    __slots__ = ("index", "input_tensor", "output_tensor", "version")
+    ``output_tensor`` holds the autograd graph (memory mode "activations"); in memory
+    mode "recompute" it is None and ``replay`` holds the data the forward read and the
+    RNG state it started from.
+    """
 
-    def __init__(self, index, input_tensor, output_tensor, version):
+    __slots__ = ("index", "input_tensor", "output_tensor", "version", "replay")
+
+    def __init__(self, index, input_tensor, output_tensor, version, replay=None):
         self.index = index
         self.input_tensor = input_tensor
         self.output_tensor = output_tensor
         self.version = version
+        self.replay = replay
 
 
 class PACISchedule:
@@ -381,9 +388,31 @@ class PACISchedule:
                  collect_non_loss_data=False, first_val_step=None) -> None:
         j = action.index
         input_tensor = self._inbox.pop(("act", j), None)
+        recompute = train and self.paci_config.memory_mode == "recompute"
+        data_iterator, rng = ctx["data_iterator"], None
+        if recompute:
+            # keep only the stage input, the data this forward reads and the RNG state;
+            # the backward recomputes the forward with the weights current at that time
+            data_iterator = _Recording(ctx["data_iterator"])
+            rng = _rng_state()
+        with torch.no_grad() if recompute else contextlib.nullcontext():
+            output_tensor = self._forward_step(ctx, j, input_tensor, data_iterator, store,
+                                               loss_divisor, collect_non_loss_data,
+                                               bool(first_val_step) if not train and j == 0 else False)
+        if not ctx["last"]:
+            self._outbox[("act", j)] = output_tensor
+        if not train:
+            return
+        self._in_flight.append(_InFlight(
+            j, input_tensor, None if recompute else output_tensor, self.optimizer.version,
+            replay=(data_iterator.items, rng) if recompute else None))
+        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+
+    def _forward_step(self, ctx, j, input_tensor, data_iterator, store, loss_divisor,
+                      collect_non_loss_data=False, is_first_microbatch=False):
         output_tensor, _num_tokens = compat.forward_step(
             forward_step_func=ctx["forward_step_func"],
-            data_iterator=ctx["data_iterator"],
+            data_iterator=data_iterator,
             model=ctx["model"],
             num_microbatches=loss_divisor,
             input_tensor=input_tensor,
@@ -392,16 +421,27 @@ class PACISchedule:
             cp_group_size=_cp_size(),
             collect_non_loss_data=collect_non_loss_data,
             checkpoint_activations_microbatch=None,
-            is_first_microbatch=bool(first_val_step) if not train and j == 0 else False,
+            is_first_microbatch=is_first_microbatch,
             current_microbatch=j,
             is_last_stage=ctx["last"],
         )
+        return output_tensor
+
+    def _recompute_forward(self, ctx, item: "_InFlight"):
+        """Memory mode: the forward again, with grad and the CURRENT weights."""
+        items, rng = item.replay
+        saved = _rng_state()
+        _set_rng_state(rng)
+        try:
+            output = self._forward_step(ctx, item.index, item.input_tensor, iter(items), [],
+                                        self.accumulation)
+        finally:
+            _set_rng_state(saved)
         if not ctx["last"]:
-            self._outbox[("act", j)] = output_tensor
-        if not train:
-            return
-        self._in_flight.append(_InFlight(j, input_tensor, output_tensor, self.optimizer.version))
-        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+            from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
+
+            deallocate_output_tensor(output, ctx["config"].deallocate_pipeline_outputs)
+        return output
 
     def _backward(self, action, ctx, closes_window: bool) -> None:
         item = self._in_flight.popleft()
@@ -412,8 +452,11 @@ class PACISchedule:
             )
         grad = self._inbox.pop(("grad", action.index), None)
         self._set_grad_sync(ctx, enabled=closes_window)
+        output = item.output_tensor
+        if item.replay is not None:
+            output = self._recompute_forward(ctx, item)
         input_grad = compat.backward_step(
-            item.input_tensor, item.output_tensor, grad, ctx["model_type"], ctx["config"]
+            item.input_tensor, output, grad, ctx["model_type"], ctx["config"]
         )
         self.optimizer.note_backward()
         drift = self.optimizer.version - item.version
@@ -433,6 +476,39 @@ class PACISchedule:
                 return
             self._no_sync_ctx = no_sync()
             self._no_sync_ctx.__enter__()
+
+
+class _Recording:
+    """Iterator that remembers what it hands out (the data of one forward)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self.items: List[Any] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.items.append(item)
+        return item
+
+
+def _rng_state():
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, get_cuda_rng_tracker().get_states()
+
+
+def _set_rng_state(state) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    cpu, cuda, tracker = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    get_cuda_rng_tracker().set_states(tracker)
 
 
 def _name(tensor) -> str:

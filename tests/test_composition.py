@@ -1,5 +1,6 @@
 """PACI composed with data and tensor parallelism, Megatron's distributed optimizer,
---overlap-grad-reduce, activation recompute, fp32 and bf16 (4 CPU processes each).
+--overlap-grad-reduce, Megatron's activation recompute, PACI's own memory mode, fp32 and
+bf16 (4 CPU processes each).
 
 For every composition: PACI drained after every call equals Megatron's own 1F1B bit for
 bit, the stage-local grad norms combine to Megatron's global norm, and continuous PACI
@@ -16,21 +17,22 @@ from workers import composition_case
 ITERS, M = 3, 4
 
 COMPOSITIONS = {
-    # id: (pp, tp, distributed optimizer, overlap grad reduce, bf16, recompute)
-    "pp2-tp2-fp32": (2, 2, False, False, False, None),
-    "pp2-tp2-distopt-fp32": (2, 2, True, False, False, None),
-    "pp2-dp2-distopt-bf16": (2, 1, True, False, True, None),
-    "pp2-dp2-overlap-fp32": (2, 1, False, True, False, None),
-    "pp4-recompute-full-fp32": (4, 1, False, False, False, "full"),
-    "pp2-dp2-recompute-selective-bf16": (2, 1, False, False, True, "selective"),
+    # id: (pp, tp, distributed optimizer, overlap grad reduce, bf16, recompute, memory mode)
+    "pp2-tp2-fp32": (2, 2, False, False, False, None, "activations"),
+    "pp2-tp2-distopt-fp32": (2, 2, True, False, False, None, "activations"),
+    "pp2-dp2-distopt-bf16": (2, 1, True, False, True, None, "activations"),
+    "pp2-dp2-overlap-fp32": (2, 1, False, True, False, None, "activations"),
+    "pp4-recompute-full-fp32": (4, 1, False, False, False, "full", "activations"),
+    "pp2-dp2-recompute-selective-bf16": (2, 1, False, False, True, "selective", "activations"),
+    "pp4-paci-memory-mode-recompute-fp32": (4, 1, False, False, False, None, "recompute"),
 }
 
 
 @pytest.mark.parametrize("name", list(COMPOSITIONS))
 def test_composition(name):
-    pp, tp, dist_opt, overlap, bf16, recompute = COMPOSITIONS[name]
+    pp, tp, dist_opt, overlap, bf16, recompute, memory_mode = COMPOSITIONS[name]
     results = run_distributed(composition_case, 4, pp, tp, dist_opt, overlap, bf16, ITERS, M,
-                              recompute, timeout_s=400)
+                              recompute, memory_mode, timeout_s=400)
     assert sorted({r["stage"] for r in results}) == list(range(pp))
     for r in results:
         where = f"{name} stage {r['stage']} tp {r['tp_rank']} dp {r['dp_rank']}"

@@ -2,6 +2,8 @@
 single-process replay of the same plan in which backward uses the CURRENT weights, and
 differs from one that stashes forward-time weights."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,8 +15,11 @@ from workers import TOY_LR, make_toy_stage, toy_batch, toy_paci_case
 P, M, CALLS = 3, 3, 3
 
 
-def replay(P, m, a, calls, stash):
-    """Run every stage's planned actions in one process, tensors handed over in memory."""
+def replay(P, m, a, calls, stash, recompute=False):
+    """Run every stage's planned actions in one process, tensors handed over in memory.
+
+    ``recompute``: the forward keeps only its input and the backward recomputes the
+    stage's forward with the weights current at that time (PACI's memory mode)."""
     stages = [make_toy_stage(s, P, stash=stash) for s in range(P)]
     plans = []
     for s in range(P):
@@ -39,19 +44,17 @@ def replay(P, m, a, calls, stash):
                     continue
                 batch = toy_batch(j)
                 inp = None if s == 0 else acts_msg.pop((s - 1, j)).detach().requires_grad_()
-                mod.set_input_tensor(inp)
-                out = mod(batch["x"], batch["target"])
-                if s == P - 1:
-                    out = out * 1  # megatron-core: loss *= cp size, then /= a
-                    out = out / a
-                else:
+                out = stage_forward(mod, s, inp, batch, a, no_grad=recompute)
+                if s < P - 1:
                     acts_msg[(s, j)] = out.detach()
-                saved[(s, j)] = (inp, out)
+                saved[(s, j)] = (inp, None if recompute else out)
             elif act.kind is Kind.BACKWARD:
                 j = act.index
                 if s < P - 1 and (s + 1, j) not in grads_msg:
                     continue
                 inp, out = saved.pop((s, j))
+                if recompute:
+                    out = stage_forward(mod, s, inp, toy_batch(j), a, no_grad=False)
                 grad = None if s == P - 1 else grads_msg.pop((s + 1, j))
                 torch.autograd.backward(out, grad)
                 if s > 0:
@@ -65,6 +68,33 @@ def replay(P, m, a, calls, stash):
             progressed = True
         assert progressed, "replay deadlocked"
     return [{n: p.detach().clone() for n, p in mod.named_parameters()} for mod in stages]
+
+
+def stage_forward(mod, s, inp, batch, a, no_grad):
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        mod.set_input_tensor(inp)
+        out = mod(batch["x"], batch["target"])
+        if s == P - 1:
+            out = out * 1  # megatron-core: loss *= cp size, then /= a
+            out = out / a
+    return out
+
+
+def test_memory_mode_equals_replay_that_recomputes_with_current_weights():
+    a = 1
+    results = sorted(run_distributed(toy_paci_case, P, M, a, CALLS, True, "recompute",
+                                     timeout_s=240), key=lambda r: r["stage"])
+    recomputed = replay(P, M, a, CALLS, stash=False, recompute=True)
+    stored = replay(P, M, a, CALLS, stash=False)
+    differs = False
+    for r in results:
+        s = r["stage"]
+        for name, got in r["params"].items():
+            assert torch.equal(got, recomputed[s][name]), f"stage {s} {name}"
+            differs |= not torch.equal(got, stored[s][name])
+    # recomputing with the current weights is a different gradient from keeping the
+    # forward-time activations once micro-batches cross updates
+    assert differs and results[0]["drift"]["max"] == P - 1
 
 
 @pytest.mark.parametrize("a", [1, M])

@@ -235,7 +235,8 @@ def toy_forward_step(data_iterator, model):
     return model(batch.get("x"), batch.get("target")), toy_loss
 
 
-def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_versions: bool = True):
+def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_versions: bool = True,
+                  memory_mode: str = "activations"):
     """PACI on the toy pipeline through megatron-core DDP + SGD; returns final weights."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
@@ -254,7 +255,7 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
         OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0, sgd_momentum=0.0,
                         clip_grad=0.0), model)
     popt = pm.PACIOptimizer(opt, model)
-    fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
+    fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a, memory_mode=memory_mode))
     it = (toy_batch(j) for j in range(10**6))
     for _ in range(calls):
         # what Megatron's train_step does around forward_backward_func: must not wipe a
@@ -396,7 +397,8 @@ def _single_stage(m: int, a: int, iters: int):
 
 # ------------------------------------------------------------------ composition with DP / TP
 def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, overlap: bool,
-                     bf16: bool, iters: int, m: int, recompute=None) -> dict:
+                     bf16: bool, iters: int, m: int, recompute=None,
+                     memory_mode: str = "activations") -> dict:
     """Megatron 1F1B vs PACI drained after every call, on PP x TP x DP; plus stage norms."""
     import math
 
@@ -432,9 +434,10 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     out["megatron_params"] = gpt.model_parameters(model)
     out["megatron_norms"] = norms
 
+    paci = pm.PACIConfig(memory_mode=memory_mode)
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
     popt = pm.PACIOptimizer(opt, model)
-    sched = pm.PACISchedule(popt)
+    sched = pm.PACISchedule(popt, paci)
     it = iter(batches)
     stage_norms = []
     for _ in range(iters):
@@ -454,7 +457,7 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     # continuous PACI on the same composition: trains and reaches the drift bound
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
     popt = pm.PACIOptimizer(opt, model)
-    sched = pm.PACISchedule(popt)
+    sched = pm.PACISchedule(popt, paci)
     it = iter(batches)
     for _ in range(iters):
         model[0].zero_grad_buffer()
