@@ -66,6 +66,12 @@ def test_continuous_paci_drift_versions_and_losses(case, name, a):
             expected += acts
         expected += plan_drain(pp, s, acc, st)[0]
         assert run["trace"] == format_actions(expected)
+    # update k has the same learning rate on every stage although stages reach it at
+    # different times; with a = m it is the lr synchronous Megatron uses in iteration k
+    lrs = {tuple(r[name]["lrs"]) for r in results}
+    assert len(lrs) == 1
+    if a is None:
+        assert list(lrs.pop()) == results[0]["drained_lrs"]
     last = results[-1][name]
     # losses come back to the last stage only, in Megatron's format: m dicts per call
     assert last["loss_types"] == ["dict"]

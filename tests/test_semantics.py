@@ -15,7 +15,7 @@ from workers import TOY_LR, make_toy_stage, toy_batch, toy_paci_case
 P, M, CALLS = 3, 3, 3
 
 
-def replay(P, m, a, calls, stash, recompute=False):
+def replay(P, m, a, calls, stash, recompute=False, clip=None):
     """Run every stage's planned actions in one process, tensors handed over in memory.
 
     ``recompute``: the forward keeps only its input and the backward recomputes the
@@ -61,6 +61,12 @@ def replay(P, m, a, calls, stash, recompute=False):
                     grads_msg[(s, j)] = inp.grad
             else:
                 with torch.no_grad():
+                    if clip is not None:  # by THIS stage's gradient norm
+                        norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in mod.parameters()))
+                        coeff = clip / (norm + 1e-6)
+                        if coeff < 1.0:
+                            for p in mod.parameters():
+                                p.grad.mul_(coeff)
                     for p in mod.parameters():
                         p.data.add_(p.grad, alpha=-TOY_LR)  # in place, no version bump
                         p.grad = None
@@ -119,3 +125,20 @@ def test_without_version_restore_released_pytorch_refuses_the_in_place_update():
     in-flight graphs on stock PyTorch: without it the in-flight backward fails."""
     with pytest.raises(DistributedFailure, match="modified by an inplace operation"):
         run_distributed(toy_paci_case, P, M, 1, CALLS, False, timeout_s=240, comm_timeout_s=30)
+
+
+def test_gradient_clipping_is_stage_local():
+    """--clip-grad clips each stage by its own gradient norm (no norm across stages)."""
+    clip = 0.01
+    results = sorted(run_distributed(toy_paci_case, P, M, M, CALLS, True, "activations", clip,
+                                     timeout_s=240), key=lambda r: r["stage"])
+    local = replay(P, M, M, CALLS, stash=False, clip=clip)
+    unclipped = replay(P, M, M, CALLS, stash=False)
+    for r in results:
+        s = r["stage"]
+        for name, got in r["params"].items():
+            # the norm's summation order differs from Megatron's multi-tensor l2 norm
+            assert torch.allclose(got, local[s][name], rtol=1e-5, atol=1e-7), (s, name)
+        # and clipping was active on every stage
+        assert any(not torch.allclose(got, unclipped[s][n], rtol=1e-3)
+                   for n, got in r["params"].items()), s

@@ -136,7 +136,8 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
     # 3./4. Continuous PACI, a world collective between every two calls.
     for name, a in (("a_eq_m", None), ("a_1", 1)):
         _, model, opt = build_tiny_gpt(pp, bf16)
-        popt = pm.PACIOptimizer(opt, model)
+        sched = build_scheduler(opt, iters, m)
+        popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
         fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a), record_trace=True)
         it = iter(batches)
         outs = []
@@ -146,6 +147,7 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
             out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
                      num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
             ok, grad_norm, _ = popt.step()
+            sched.step(increment=m * MBS)
             outs.append(out)
             flag = torch.tensor([1.0])
             torch.distributed.all_reduce(flag)  # what Megatron's loop does between calls
@@ -163,6 +165,7 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
             "in_flight_before_drain": in_flight_before_drain,
             "in_flight_after_drain": fb.in_flight,
             "trace": pm.plan.format_actions(fb.trace),
+            "lrs": [lr for _, lr, _ in popt.update_log],
             "grad_norm": grad_norm,
         }
     return result
@@ -236,7 +239,7 @@ def toy_forward_step(data_iterator, model):
 
 
 def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_versions: bool = True,
-                  memory_mode: str = "activations"):
+                  memory_mode: str = "activations", clip_grad: float = 0.0):
     """PACI on the toy pipeline through megatron-core DDP + SGD; returns final weights."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
@@ -253,7 +256,7 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
     model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)]
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0, sgd_momentum=0.0,
-                        clip_grad=0.0), model)
+                        clip_grad=clip_grad), model)
     popt = pm.PACIOptimizer(opt, model)
     fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a, memory_mode=memory_mode))
     it = (toy_batch(j) for j in range(10**6))
