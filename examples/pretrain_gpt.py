@@ -70,6 +70,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "micro-batches of one iteration)")
     g.add_argument("--paci-max-drift", type=int, default=None,
                    help="refuse settings whose drift bound exceeds this")
+    g.add_argument("--paci-skip-nonfinite-updates", action="store_true",
+                   help="skip (and report) a stage's update whose gradients hold NaN/Inf "
+                   "instead of stopping")
     g.add_argument("--paci-memory-mode", choices=["activations", "recompute"],
                    default="activations",
                    help="recompute: keep only each stage's input and recompute the forward "
@@ -265,7 +268,8 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     )
     config.grad_scale_func = optimizer.scale_loss
     if args.pipeline_schedule == "paci":
-        optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler)
+        optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler,
+                                     skip_nonfinite_updates=args.paci_skip_nonfinite_updates)
         paci = pm.PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift,
                              memory_mode=args.paci_memory_mode,
                              p2p_timeout_s=args.distributed_timeout_minutes * 60)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "PACIConfigError": "config",
     "validate_setup": "config",
     "PACIOptimizer": "optimizer",
+    "NonFiniteGradientError": "optimizer",
     "PACISchedule": "schedule",
     "PACICommunicationError": "schedule",
     "get_forward_backward_func": "schedule",

@@ -29,13 +29,18 @@ run on the CURRENT (updated) weights, as PACI specifies; no copies are kept.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import compat
 
-__all__ = ["PACIOptimizer"]
+__all__ = ["PACIOptimizer", "NonFiniteGradientError"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A stage's accumulated gradients hold NaN or Inf at a local update."""
 
 
 class PACIOptimizer:
@@ -53,6 +58,8 @@ class PACIOptimizer:
             The training loop keeps stepping the scheduler as Megatron does.
         distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
             (its grad stats are then reduced over the stage's TP x DP x CP group).
+        skip_nonfinite_updates: when a window's gradients hold NaN/Inf, skip that update
+            (and say so) instead of raising :class:`NonFiniteGradientError`.
 
     Attributes:
         version: updates applied by this stage (``v_s``).
@@ -69,6 +76,7 @@ class PACIOptimizer:
         model: Sequence[torch.nn.Module],
         opt_param_scheduler=None,
         distributed_optimizer: Optional[bool] = None,
+        skip_nonfinite_updates: bool = False,
     ):
         self.optimizer = optimizer
         self.model = list(model)
@@ -76,6 +84,9 @@ class PACIOptimizer:
         self.version = 0
         self.samples_per_microbatch: Optional[int] = None
         self.accumulation: Optional[int] = None
+        self.num_microbatches: Optional[int] = None  # per iteration, set by the schedule
+        self.skip_nonfinite_updates = skip_nonfinite_updates
+        self.skipped_updates: List[int] = []
         self.last_grad_norm: Optional[float] = None
         self.last_num_zeros: Optional[float] = None
         self.last_update_successful = True
@@ -124,10 +135,12 @@ class PACIOptimizer:
         """Apply this stage's update number ``update_index`` (1-based). See module doc.
 
         Returns:
-            True if the step was applied, False if the inner optimizer skipped it
-            (inf/NaN found in the stage's grads).
+            True if the step was applied, False if it was skipped (non-finite gradients
+            with ``skip_nonfinite_updates``, or the inner optimizer found inf/NaN).
 
         Raises:
+            NonFiniteGradientError: the window's gradients hold NaN/Inf on this stage (or
+                on a DP/TP peer of it); names the stage, update, micro-batches, iteration.
             RuntimeError: ``update_index`` is not ``version + 1`` (the schedule and the
                 optimizer disagree about the stage's version).
         """
@@ -140,6 +153,19 @@ class PACIOptimizer:
         for chunk in self.model:
             chunk.finish_grad_sync()
         compat.allreduce_stage_local_grads(self.model, config)
+        if self._nonfinite_grads():
+            message = self._nonfinite_message(update_index)
+            if not self.skip_nonfinite_updates:
+                raise NonFiniteGradientError(
+                    message + "; the update was not applied. Lower the learning rate or "
+                    "skip such updates with skip_nonfinite_updates=True"
+                )
+            warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
+            self._zero()
+            self.version, self._pending = update_index, 0
+            self.skipped_updates.append(update_index)
+            self.last_update_successful = False
+            return False
         self._set_schedule_values(update_index)
         params = [p for chunk in self.model for p in chunk.parameters()]
         versions = [p._version for p in params]
@@ -155,6 +181,36 @@ class PACIOptimizer:
         self.last_num_zeros = None if num_zeros is None else float(num_zeros)
         self.update_log.append((update_index, self.last_lr, self.last_grad_norm))
         return bool(ok)
+
+    def _nonfinite_grads(self) -> bool:
+        """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group."""
+        bad = any(
+            not bool(torch.isfinite(buf.grad_data).all())
+            for chunk in self.model
+            for buf in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))
+        )
+        if not torch.distributed.is_initialized():
+            return bad
+        flag = torch.tensor([1.0 if bad else 0.0],
+                            device="cuda" if torch.cuda.is_available() else None)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                     group=compat.stage_grad_stats_group(True))
+        return flag.item() > 0
+
+    def _nonfinite_message(self, update_index: int) -> str:
+        from megatron.core import parallel_state as ps
+
+        where = f"stage {ps.get_pipeline_model_parallel_rank()}"
+        if self.accumulation is None:
+            return f"{where}: NaN/Inf in the gradients of update {update_index}"
+        first = (update_index - 1) * self.accumulation
+        last = first + self.accumulation - 1
+        text = f"{where}: NaN/Inf in the gradients of update {update_index} (micro-batches {first}..{last}"
+        if self.num_microbatches:
+            text += f", iteration {first // self.num_microbatches + 1}"
+            if last // self.num_microbatches != first // self.num_microbatches:
+                text += f"..{last // self.num_microbatches + 1}"
+        return text + ")"
 
     def _zero(self) -> None:
         for zero in self._zero_grad_buffers:

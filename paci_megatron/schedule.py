@@ -307,6 +307,8 @@ class PACISchedule:
         self.optimizer.samples_per_microbatch = kw["micro_batch_size"] * dp
         if self.accumulation is not None:
             self.optimizer.accumulation = self.accumulation
+        if not forward_only:
+            self.optimizer.num_microbatches = num_microbatches
         self._ctx = dict(
             model=model,
             config=config,

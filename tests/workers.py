@@ -547,3 +547,38 @@ def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_
     torch.distributed.barrier()
     out["latest"] = latest_iteration(ckpt_dir)
     return out
+
+
+def nan_gradient_case(rank: int, world: int, skip: bool):
+    """A NaN enters stage 1's gradient during micro-batch 4 (toy pipeline, P = 3, m = a = 3)."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    setup_parallel(world)
+    stage = ps.get_pipeline_model_parallel_rank()
+    module = make_toy_stage(stage, world)
+    poison = {"on": False}
+    if stage == 1:
+        module.l1.weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+    model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0,
+                                                 sgd_momentum=0.0, clip_grad=0.0), model)
+    popt = pm.PACIOptimizer(opt, model, skip_nonfinite_updates=skip)
+    fb = pm.PACISchedule(popt, pm.PACIConfig(p2p_timeout_s=20))
+    it = (toy_batch(j) for j in range(10**6))
+    original_backward = fb._backward
+
+    def backward(action, ctx, closes_window):
+        poison["on"] = action.index == 4
+        return original_backward(action, ctx, closes_window)
+
+    fb._backward = backward
+    for _ in range(3):
+        fb(forward_step_func=toy_forward_step, data_iterator=it, model=model,
+           num_microbatches=3, seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
+    fb.drain()
+    finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    return {"stage": stage, "skipped": popt.skipped_updates, "finite": finite,
+            "version": popt.version}
