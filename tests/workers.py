@@ -475,10 +475,33 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
 
 
 # ------------------------------------------------------------------ checkpoint and resume
+def _make_run(world: int, bf16: bool, seed: int, total_iters: int, m: int):
+    """(model, PACIOptimizer, scheduler, PACISchedule) for the checkpoint tests."""
+    import paci_megatron as pm
+
+    _, model, opt = build_tiny_gpt(world, bf16, seed=seed)
+    sched = build_scheduler(opt, total_iters, m)
+    popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+    return model, popt, sched, pm.PACISchedule(popt)
+
+
+def _train_run(run, it, iters: int, m: int) -> None:
+    """Megatron's train_step loop around PACI for `iters` iterations."""
+    from paci_megatron import gpt
+
+    model, popt, sched, fb = run
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        popt.zero_grad()
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        popt.step()
+        sched.step(increment=m * MBS)
+
+
 def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_dir: str):
     """Train n, drain, save, stop; load into a fresh model and train k more; compare
     with an uninterrupted run that drains at the same iteration."""
-    import paci_megatron as pm
     from paci_megatron import gpt
     from paci_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 
@@ -486,20 +509,10 @@ def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_
     batches = synthetic_batches(m * (n + k), seed=3)
 
     def make(seed):
-        _, model, opt = build_tiny_gpt(world, bf16, seed=seed)
-        sched = build_scheduler(opt, n + k, m)
-        popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
-        return model, popt, sched, pm.PACISchedule(popt)
+        return _make_run(world, bf16, seed, n + k, m)
 
     def train(run, it, iters):
-        model, popt, sched, fb = run
-        for _ in range(iters):
-            model[0].zero_grad_buffer()
-            popt.zero_grad()
-            fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-               num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-            popt.step()
-            sched.step(increment=m * MBS)
+        _train_run(run, it, iters, m)
 
     out = {}
     run, it = make(1234), iter(batches)
@@ -582,3 +595,50 @@ def nan_gradient_case(rank: int, world: int, skip: bool):
     finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
     return {"stage": stage, "skipped": popt.skipped_updates, "finite": finite,
             "version": popt.version}
+
+
+def crash_during_save_case(rank: int, world: int, n: int, k: int, m: int, ckpt_dir: str):
+    """Save at n, train k more, then die in the middle of writing the next checkpoint."""
+    import os
+
+    from paci_megatron.checkpoint import save_checkpoint
+
+    setup_parallel(world)
+    batches = synthetic_batches(m * (n + k), seed=3)
+    run, it = _make_run(world, False, 1234, n + k, m), iter(batches)
+    _train_run(run, it, n, m)
+    run[3].drain()
+    save_checkpoint(ckpt_dir, n, run[0], run[1], run[2], run[3], extra={"consumed": n * m})
+    _train_run(run, it, k, m)
+    run[3].drain()
+
+    def dying_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        os._exit(17)  # the machine goes away mid-write
+
+    torch.save = dying_save
+    save_checkpoint(ckpt_dir, n + k, run[0], run[1], run[2], run[3])
+    return "not reached"
+
+
+def resume_after_crash_case(rank: int, world: int, n: int, k: int, m: int, ckpt_dir: str):
+    """Load the latest good checkpoint and train k more; also the uninterrupted run."""
+    from paci_megatron import gpt
+    from paci_megatron.checkpoint import latest_iteration, load_checkpoint
+
+    setup_parallel(world)
+    batches = synthetic_batches(m * (n + k), seed=3)
+    out = {"latest": latest_iteration(ckpt_dir)}
+    run = _make_run(world, False, 999, n + k, m)
+    info = load_checkpoint(ckpt_dir, run[0], run[1], run[2], run[3])
+    _train_run(run, iter(batches[info["extra"]["consumed"]:]), k, m)
+    run[3].drain()
+    out["resumed"] = gpt.model_parameters(run[0])
+    run, it = _make_run(world, False, 1234, n + k, m), iter(batches)
+    _train_run(run, it, n, m)
+    run[3].drain()
+    _train_run(run, it, k, m)
+    run[3].drain()
+    out["uninterrupted"] = gpt.model_parameters(run[0])
+    return out
