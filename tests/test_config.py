@@ -133,7 +133,8 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
     proc = run_recipe("--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights",
                       "--num-layers", "6", "--hidden-size", "30", "--num-attention-heads", "4",
                       "--train-iters", "5", "--lr-warmup-iters", "10", "--eval-iters", "0",
-                      "--load", "/nonexistent/ckpt", nproc=2)
+                      "--load", "/nonexistent/ckpt", "--global-batch-size", "10",
+                      "--micro-batch-size", "4", "--device", "cuda", nproc=2)
     assert proc.returncode != 0
     out = proc.stderr + proc.stdout
     for needle in ("world size 2 is not divisible by TP x PP = 4",
@@ -141,5 +142,7 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
                    "--hidden-size 30 is not divisible by --num-attention-heads 4",
                    "--lr-warmup-iters 10 must be below --train-iters 5",
                    "--eval-iters 0: must be >= 1",
-                   "--load /nonexistent/ckpt holds no checkpoint"):
+                   "--load /nonexistent/ckpt holds no checkpoint",
+                   "--global-batch-size 10 is not divisible by --micro-batch-size x DP = 4",
+                   "--device cuda but CUDA is not available: use --device cpu"):
         assert needle in out, needle
