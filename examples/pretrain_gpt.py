@@ -107,20 +107,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+POSITIVE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                  "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
+                  "eval_interval", "log_interval", "pipeline_model_parallel_size",
+                  "tensor_model_parallel_size", "make_vocab_size_divisible_by")
+PACI_FLAGS = ("paci_accumulation", "paci_max_drift", "paci_skip_nonfinite_updates")
+
+
 def check_args(args: argparse.Namespace, world_size: int) -> None:
-    """Refuse a bad configuration before anything is built, saying what to change."""
+    """Refuse a bad configuration before anything is built, listing every problem and
+    what to change (printed once, by rank 0; exit status 2)."""
     problems = []
-    mp = args.pipeline_model_parallel_size * args.tensor_model_parallel_size
-    if world_size % mp != 0:
+    for flag in POSITIVE_FLAGS:
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    # the checks below divide by these sizes: a size below 1 is reported above, and
+    # counts as 1 here so that every other problem is still found
+    tp, pp = max(args.tensor_model_parallel_size, 1), max(args.pipeline_model_parallel_size, 1)
+    mbs, heads = max(args.micro_batch_size, 1), max(args.num_attention_heads, 1)
+    if world_size % (tp * pp) != 0:
         problems.append(
-            f"world size {world_size} is not divisible by TP x PP = {mp}: launch "
-            f"torchrun with a multiple of {mp} processes"
+            f"world size {world_size} is not divisible by TP x PP = {tp * pp}: launch "
+            f"torchrun with a multiple of {tp * pp} processes"
         )
-    dp = max(world_size // mp, 1)
-    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+    dp = max(world_size // (tp * pp), 1)
+    if args.global_batch_size % (mbs * dp) != 0:
         problems.append(
             f"--global-batch-size {args.global_batch_size} is not divisible by "
-            f"--micro-batch-size x DP = {args.micro_batch_size * dp}"
+            f"--micro-batch-size x DP = {mbs * dp}"
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but CUDA is not available: use --device cpu")
@@ -130,42 +144,60 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         if latest_iteration(args.load) is None:
             problems.append(f"--load {args.load} holds no checkpoint "
                             "(no latest_checkpointed_iteration.txt): check the path")
-    if args.train_iters < 1:
-        problems.append(f"--train-iters {args.train_iters}: must be >= 1")
-    elif args.lr_warmup_iters >= args.train_iters:
+    if args.lr_warmup_iters >= args.train_iters:
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters "
                         f"{args.train_iters} (the decay needs iterations after the warm-up)")
-    for flag in ("micro_batch_size", "eval_iters", "eval_interval", "log_interval",
-                 "num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        if getattr(args, flag) < 1:
-            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.num_attention_heads >= 1 and args.hidden_size % args.num_attention_heads:
+    if args.hidden_size % heads:
         problems.append(f"--hidden-size {args.hidden_size} is not divisible by "
                         f"--num-attention-heads {args.num_attention_heads}")
-    pp = args.pipeline_model_parallel_size
-    if pp >= 1 and args.num_layers % pp:
+    if heads % tp:
+        problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if args.num_layers % pp:
         problems.append(f"--num-layers {args.num_layers} is not divisible by "
                         f"--pipeline-model-parallel-size {pp}")
     if args.max_position_embeddings < args.seq_length:
         problems.append("--max-position-embeddings must be >= --seq-length")
+    for flag in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be in [0, 1)")
+    try:
+        shares = [float(x) for x in args.split.split(",")]
+        if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
+            raise ValueError
+    except ValueError:
+        problems.append(f"--split {args.split}: give three non-negative train,valid,test "
+                        "shares with train and valid above 0 (evaluation needs validation data)")
     if args.pipeline_schedule == "paci":
         from paci_megatron import PACIConfig, PACIConfigError, validate_setup
 
-        m = max(args.global_batch_size // (args.micro_batch_size * dp), 0)
         try:
             validate_setup(
-                PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift),
-                num_microbatches=m,
-                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift,
+                           memory_mode=args.paci_memory_mode,
+                           p2p_timeout_s=args.distributed_timeout_minutes * 60),
+                num_microbatches=args.global_batch_size // (mbs * dp),
+                pipeline_model_parallel_size=pp,
                 share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             )
         except PACIConfigError as err:
             problems.extend(err.problems)
+    else:
+        used = [f for f in PACI_FLAGS if getattr(args, f) not in (None, False)]
+        if args.paci_memory_mode != "activations":
+            used.append("paci_memory_mode")
+        if used:
+            names = ", ".join("--" + f.replace("_", "-") for f in used)
+            problems.append(f"{names} only apply with --pipeline-schedule paci")
     if problems:
-        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
-            print("error: bad configuration, nothing was started:\n"
-                  + "\n".join(f"  - {x}" for x in problems), file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        _refuse(problems)
+
+
+def _refuse(problems: List[str]) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
+        print("error: bad configuration, nothing was started:\n"
+              + "\n".join(f"  - {x}" for x in problems), file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def setup_distributed(args: argparse.Namespace) -> None:
@@ -445,6 +477,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     # megatron-core announces at import that Apex / Transformer Engine are absent.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     args = parse_args(argv)
+    if "RANK" not in os.environ:  # plain `python examples/pretrain_gpt.py`: one process
+        from paci_megatron.testing import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     setup_distributed(args)
     try:

@@ -101,15 +101,25 @@ def validate_setup(
         )
     if P < 1:
         problems.append(f"pipeline size is {P}: must be >= 1")
-    if paci.max_drift is not None and a >= 1 and P >= 1:
+    if paci.max_drift is not None and paci.max_drift < 0:
+        problems.append(f"--paci-max-drift {paci.max_drift}: must be >= 0")
+    elif paci.max_drift is not None and a >= 1 and P >= 1 and m >= 1:
         worst = drift_bound(P, 0, a)
         if worst > paci.max_drift:
+            fits = [d for d in divisors(m) if drift_bound(P, 0, d) <= paci.max_drift]
+            if fits:
+                fix = f"use --paci-accumulation {fits[0]} (or any of {fits})"
+            else:
+                fix = (f"no accumulation factor dividing m = {m} achieves it; the smallest "
+                       f"bound is {drift_bound(P, 0, m)}: raise --paci-max-drift or use "
+                       "--pipeline-schedule 1f1b")
             problems.append(
                 f"drift bound ceil((P-1)/a) = {worst} on stage 0 exceeds --paci-max-drift "
-                f"{paci.max_drift}: raise --paci-accumulation to at least "
-                f"{-(-(P - 1) // max(paci.max_drift, 1)) if paci.max_drift > 0 else P - 1}"
-                f" or raise --paci-max-drift"
+                f"{paci.max_drift}: {fix}"
             )
+    if not paci.p2p_timeout_s > 0:
+        problems.append(f"the pipeline send/receive timeout is {paci.p2p_timeout_s} s: must be "
+                        "> 0 (--distributed-timeout-minutes)")
     if paci.memory_mode not in ("activations", "recompute"):
         problems.append(
             f"memory mode {paci.memory_mode!r} is unknown: use 'activations' or 'recompute' "

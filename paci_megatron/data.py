@@ -271,7 +271,10 @@ class CorpusTokenizer(MegatronTokenizerBase):
 
         self.path = path
         self._json = json_text
-        self._tokenizer = Tokenizer.from_str(json_text)
+        try:
+            self._tokenizer = Tokenizer.from_str(json_text)
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path} is not a tokenizers tokenizer.json: {err}") from None
         # A runtime flag, neither saved in tokenizer.json nor pickled: set it on every load.
         self._tokenizer.encode_special_tokens = True
         eod = self._tokenizer.token_to_id(EOD_TOKEN)
@@ -504,8 +507,9 @@ def _purge_index_cache(prefix: str) -> None:
                 os.remove(path)
 
 
-def _check_tokenizer_not_shared(tokenizer_path: str, prefix: str) -> None:
-    """Refuse to retrain a tokenizer.json that another prepared prefix depends on."""
+def _check_tokenizer_not_shared(tokenizer_path: str, prefix: str, owned: bool, force: bool) -> None:
+    """Refuse to retrain a tokenizer.json that another prepared prefix depends on, or one
+    that no preparation here wrote (``owned``: this prefix's previous build wrote it)."""
     if not os.path.exists(tokenizer_path):
         return
     current = _sha256_file(tokenizer_path)
@@ -523,6 +527,12 @@ def _check_tokenizer_not_shared(tokenizer_path: str, prefix: str) -> None:
                 f"reuse the tokenizer with prepare_corpus(..., tokenizer_path="
                 f"{tokenizer_path!r}) / `{_CLI} --tokenizer-model {tokenizer_path}`."
             )
+    if not owned and not force:
+        raise FileExistsError(
+            f"{tokenizer_path} exists and was not written for {prefix}; training would replace "
+            f"it. Reuse it with `{_CLI} --tokenizer-model {tokenizer_path}`, prepare into "
+            f"another directory, or pass --force to replace it."
+        )
 
 
 def prepare_corpus(
@@ -575,6 +585,11 @@ def prepare_corpus(
             outside ``[258, 2**31)`` (256 byte tokens plus the two special tokens).
     """
     t0 = time.perf_counter()
+    if os.fspath(output_prefix).endswith(("/", os.sep)):
+        raise ValueError(
+            f"output prefix {output_prefix!r} ends with a separator: give a file prefix such "
+            f"as {os.path.join(os.fspath(output_prefix), 'corpus')!r} (writes corpus.bin/.idx)"
+        )
     prefix = os.path.abspath(os.fspath(output_prefix))
     if not 258 <= int(vocab_size) < 2**31:
         raise ValueError(f"vocab_size must be in [258, 2**31), got {vocab_size}")
@@ -650,7 +665,8 @@ def prepare_corpus(
         os.remove(manifest_path)  # invalid until the rebuild completes
 
     if train:
-        _check_tokenizer_not_shared(tok_path, prefix)
+        owned = old is not None and old.get("tokenizer", {}).get("path") == tok_path
+        _check_tokenizer_not_shared(tok_path, prefix, owned, force)
         texts = (_read_utf8(p) for p in paths)
         hf_tokenizer = _train_tokenizer(texts, len(paths), vocab_size)
         _atomic_write_text(tok_path, hf_tokenizer.to_str(pretty=True))
@@ -787,17 +803,25 @@ def _parse_data_path(
     return prefixes, weights
 
 
-def _check_same_tokenizer(prefixes: Sequence[str]) -> None:
-    """Refuse to blend corpora prepared with different tokenizers (their token ids differ).
+def _check_same_tokenizer(prefixes: Sequence[str], tokenizer=None) -> None:
+    """Refuse data whose token ids were made by another tokenizer than the one given, and
+    blends of corpora prepared with different tokenizers.
 
     Prefixes without a manifest (e.g. Megatron-LM's own preprocessing) are not checked.
     """
     seen = {}
+    given = getattr(tokenizer, "_sha256", None)
     for prefix in prefixes:
         manifest = _load_manifest(prefix + _MANIFEST_SUFFIX) or {}
         sha = manifest.get("tokenizer", {}).get("sha256")
         if sha is not None:
             seen.setdefault(sha, prefix)
+            if given is not None and sha != given:
+                raise ValueError(
+                    f"{prefix} was tokenized with {manifest['tokenizer'].get('path')}, not with "
+                    f"{tokenizer.path}: pass that tokenizer (--tokenizer-model) or prepare the "
+                    f"data again with this one"
+                )
     if len(seen) > 1:
         a, b = list(seen.values())[:2]
         raise ValueError(
@@ -897,6 +921,7 @@ def build_gpt_datasets(
         tokenizer = CorpusTokenizer.for_data_prefix(prefixes[0])
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = CorpusTokenizer(tokenizer)
+    _check_same_tokenizer(prefixes, tokenizer)
 
     if cache_dir is None:
         cache_dir = _default_cache_dir(prefixes[0])

@@ -168,7 +168,7 @@ class PACISchedule:
         )
         store: List[Any] = []
         if forward_only:
-            if self._in_flight or self._carry is not None:
+            if not self._drained():
                 self.drain()
             steps, _ = lower(ctx["P"], ctx["stage"], plan_forward_only(ctx["stage"], num_microbatches))
             for step in steps:
@@ -208,6 +208,11 @@ class PACISchedule:
         """Micro-batches this stage holds forwarded and not yet backwarded."""
         return len(self._in_flight)
 
+    def _drained(self) -> bool:
+        # the last stage holds nothing in flight but still owes its last gradient: the
+        # pipeline as a whole is drained only when every stage holds neither
+        return not self._in_flight and self._carry is None
+
     @property
     def has_unsent_gradient(self) -> bool:
         """True between calls when the last backward's input gradient awaits the next call."""
@@ -219,7 +224,7 @@ class PACISchedule:
         Raises:
             RuntimeError: micro-batches are in flight (``drain()`` first).
         """
-        if self._in_flight or self._carry is not None:
+        if not self._drained():
             raise RuntimeError("PACI state can only be saved on a drained pipeline: drain() first")
         telemetry = self.telemetry
         return {
@@ -266,7 +271,7 @@ class PACISchedule:
             p2p = PipelineP2P(pp_group, config.pipeline_dtype, self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
         if not forward_only and self._validated_for != num_microbatches:
-            if self._in_flight and self.accumulation is not None:
+            if not self._drained() and self.accumulation is not None:
                 a_new = self.paci_config.resolve_accumulation(num_microbatches)
                 if a_new != self.accumulation:
                     raise PACIConfigError(
@@ -293,7 +298,7 @@ class PACISchedule:
         recv_shapes, send_shapes = shapes, shapes
         if kw["adjust_tensor_shapes_fn"] is not None:
             recv_shapes, send_shapes = kw["adjust_tensor_shapes_fn"](recv_shapes, send_shapes)
-        if self._in_flight and self._ctx is not None and self._ctx["send_shapes"] != send_shapes:
+        if not self._drained() and self._ctx is not None and self._ctx["send_shapes"] != send_shapes:
             raise PACIConfigError(
                 [f"activation shape changed from {self._ctx['send_shapes']} to {send_shapes} "
                  "with micro-batches in flight: call drain() before changing --seq-length or "

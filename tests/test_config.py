@@ -75,7 +75,19 @@ def test_max_drift_says_which_accumulation_satisfies_it():
     (msg,) = problems(paci=PACIConfig(accumulation=1, max_drift=2), num_microbatches=8,
                       pipeline_model_parallel_size=8)
     assert "drift bound ceil((P-1)/a) = 7" in msg
-    assert "raise --paci-accumulation to at least 4" in msg
+    assert "use --paci-accumulation 4 (or any of [4, 8])" in msg
+    (msg,) = problems(paci=PACIConfig(accumulation=1, max_drift=0), num_microbatches=4,
+                      pipeline_model_parallel_size=4)
+    assert "no accumulation factor dividing m = 4 achieves it" in msg
+    (msg,) = problems(paci=PACIConfig(max_drift=-1), num_microbatches=4,
+                      pipeline_model_parallel_size=4)
+    assert "--paci-max-drift -1: must be >= 0" in msg
+
+
+def test_timeout_must_be_positive():
+    (msg,) = problems(paci=PACIConfig(p2p_timeout_s=0), num_microbatches=4,
+                      pipeline_model_parallel_size=2)
+    assert "timeout is 0 s: must be > 0" in msg
     assert validate_setup(PACIConfig(accumulation=4, max_drift=2), num_microbatches=8,
                           pipeline_model_parallel_size=8) == 4
 
@@ -146,3 +158,17 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
                    "--global-batch-size 10 is not divisible by --micro-batch-size x DP = 4",
                    "--device cuda but CUDA is not available: use --device cpu"):
         assert needle in out, needle
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("m", "accumulation factor changed from 4 to 2 with micro-batches in flight"),
+    ("seq", "activation shape changed"),
+])
+def test_changing_shape_of_the_work_in_flight_is_refused_on_every_stage(what, needle):
+    from paci_megatron.testing import run_distributed
+
+    from workers import midflight_change_case
+
+    results = run_distributed(midflight_change_case, 2, what, timeout_s=240)
+    for r in results:
+        assert needle in r["message"] and "drain()" in r["message"], r

@@ -412,3 +412,31 @@ def test_rewritten_data_does_not_reuse_stale_index_cache(corpus, tmp_path):
     assert len(after) > before_len
     for idx, window in _sample_windows(after):
         assert torch.equal(after[idx]["tokens"], torch.from_numpy(window[:-1]))
+
+
+def test_prepare_refuses_a_directory_prefix_and_a_foreign_tokenizer(tmp_path):
+    files = _write_docs(tmp_path / "src", [f"x_{i} = {i}\n" * 30 for i in range(30)])
+    with pytest.raises(ValueError, match="ends with a separator"):
+        prepare_corpus(str(tmp_path / "out") + "/", files=files, vocab_size=300)
+    (tmp_path / "mine").mkdir()
+    foreign = tmp_path / "mine" / "tokenizer.json"
+    foreign.write_text("{}")  # the user's own file, written by nothing here
+    with pytest.raises(FileExistsError, match="--tokenizer-model"):
+        prepare_corpus(str(tmp_path / "mine" / "c"), files=files, vocab_size=300)
+    assert foreign.read_text() == "{}"  # untouched
+    prepare_corpus(str(tmp_path / "mine" / "c"), files=files, vocab_size=300, force=True)
+    assert foreign.read_text() != "{}"
+
+
+def test_data_read_with_another_tokenizer_is_refused(corpus, tmp_path):
+    record, _ = corpus
+    files = _write_docs(tmp_path / "src", [f"y_{i} = {i}\n" * 30 for i in range(30)])
+    other = prepare_corpus(str(tmp_path / "other" / "o"), files=files, vocab_size=300)
+    with pytest.raises(ValueError, match="was tokenized with") as info:
+        build_gpt_datasets(record.prefix, other.tokenizer_path, SEQ, 10, 2, seed=1,
+                           cache_dir=tmp_path / "c")
+    assert "--tokenizer-model" in str(info.value)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="is not a tokenizers tokenizer.json"):
+        CorpusTokenizer(bad)

@@ -642,3 +642,30 @@ def resume_after_crash_case(rank: int, world: int, n: int, k: int, m: int, ckpt_
     run[3].drain()
     out["uninterrupted"] = gpt.model_parameters(run[0])
     return out
+
+
+def midflight_change_case(rank: int, world: int, what: str):
+    """Change m (with a = m) or the sequence length while micro-batches are in flight."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from paci_megatron import gpt
+
+    setup_parallel(world)
+    _, model, opt = build_tiny_gpt(world, bf16=False)
+    fb = pm.PACISchedule(pm.PACIOptimizer(opt, model))
+    it = iter(synthetic_batches(8))
+    fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model, num_microbatches=4,
+       seq_length=SEQ, micro_batch_size=MBS)
+    kwargs = dict(num_microbatches=2, seq_length=SEQ) if what == "m" else \
+        dict(num_microbatches=4, seq_length=SEQ // 2)
+    try:
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           micro_batch_size=MBS, **kwargs)
+        return "accepted"
+    except pm.PACIConfigError as err:
+        message = str(err)
+    fb.drain()  # the advice works: after a drain the change is accepted
+    fb(forward_step_func=gpt.forward_step, data_iterator=iter(synthetic_batches(8)), model=model,
+       micro_batch_size=MBS, **kwargs) if what == "m" else None
+    return {"stage": ps.get_pipeline_model_parallel_rank(), "message": message}
