@@ -19,6 +19,7 @@ drift value), and ``val_loss`` when evaluated.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import warnings
 import math
@@ -225,7 +226,7 @@ def setup_distributed(args: argparse.Namespace) -> None:
 
 def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
     """Train/valid datasets and the vocabulary size (padded like Megatron-LM)."""
-    from paci_megatron import data, gpt
+    from paci_megatron import data
 
     data_path = args.data_path
     if not data_path:
@@ -258,7 +259,6 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
 
 def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: int):
     """Model chunks, optimizer (PACI-wrapped or not), LR scheduler, forward_backward_func."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -274,14 +274,9 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         on_gpu=on_gpu,
     )
-    use_te = False
-    if on_gpu:
-        try:
-            import transformer_engine  # noqa: F401
-
-            use_te = True
-        except ImportError:
-            print("> Transformer Engine not installed: local layer spec", flush=True)
+    use_te = on_gpu and importlib.util.find_spec("transformer_engine") is not None
+    if on_gpu and not use_te:
+        print("> Transformer Engine not installed: local layer spec", flush=True)
     model = gpt.build_model(
         config, vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,

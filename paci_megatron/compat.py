@@ -7,7 +7,7 @@ Supported: megatron-core 0.14 .. 0.19 (0.16.1 in CI), PyTorch releases that have
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 

@@ -443,6 +443,24 @@ class PreparedCorpus:
     seconds: float
 
 
+def _record(prefix: str, tok_path: str, manifest: dict, skipped: bool, t0: float) -> PreparedCorpus:
+    """The :class:`PreparedCorpus` a manifest describes."""
+    return PreparedCorpus(
+        prefix=prefix,
+        bin_path=get_bin_path(prefix),
+        idx_path=get_idx_path(prefix),
+        tokenizer_path=tok_path,
+        manifest_path=prefix + _MANIFEST_SUFFIX,
+        num_documents=manifest["num_documents"],
+        num_tokens=manifest["num_tokens"],
+        num_bytes=manifest["num_bytes"],
+        vocab_size=manifest["tokenizer"]["vocab_size"],
+        dtype=manifest["dtype"],
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
 def _load_manifest(path: str) -> Optional[dict]:
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -645,20 +663,7 @@ def prepare_corpus(
         except (OSError, KeyError, TypeError):
             intact = False
         if intact:
-            return PreparedCorpus(
-                prefix=prefix,
-                bin_path=bin_path,
-                idx_path=idx_path,
-                tokenizer_path=tok_path,
-                manifest_path=manifest_path,
-                num_documents=old["num_documents"],
-                num_tokens=old["num_tokens"],
-                num_bytes=old["num_bytes"],
-                vocab_size=old["tokenizer"]["vocab_size"],
-                dtype=old["dtype"],
-                skipped=True,
-                seconds=time.perf_counter() - t0,
-            )
+            return _record(prefix, tok_path, old, skipped=True, t0=t0)
 
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -713,20 +718,7 @@ def prepare_corpus(
         },
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-    return PreparedCorpus(
-        prefix=prefix,
-        bin_path=bin_path,
-        idx_path=idx_path,
-        tokenizer_path=tok_path,
-        manifest_path=manifest_path,
-        num_documents=len(paths),
-        num_tokens=num_tokens,
-        num_bytes=num_bytes,
-        vocab_size=tokenizer.vocab_size,
-        dtype=numpy.dtype(dtype).name,
-        skipped=False,
-        seconds=time.perf_counter() - t0,
-    )
+    return _record(prefix, tok_path, manifest, skipped=False, t0=t0)
 
 
 # --------------------------------------------------------------------------------------------

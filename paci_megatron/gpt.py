@@ -10,7 +10,7 @@ Model parallel state (``parallel_state.initialize_model_parallel``) must be init
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 

@@ -15,7 +15,7 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
 __all__ = ["run_distributed", "DistributedFailure", "free_port"]
 

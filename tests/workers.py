@@ -69,29 +69,49 @@ def build_scheduler(opt, iters: int, m: int):
                                warmup_samples=m * MBS, decay_style="cosine", weight_decay=0.0)
 
 
-def train_megatron_1f1b(model, opt, batches, iters: int, m: int, sched=None) -> List[float]:
-    """Megatron-LM's train_step around megatron-core's own 1F1B schedule."""
+def train_steps(model, opt, fb, it, iters: int, m: int, sched=None, drain_each=False,
+                forward_step_func=None, seq_length=SEQ, micro_batch_size=MBS,
+                between_calls=None):
+    """Megatron-LM's train_step loop: zero grads, forward_backward_func, optimizer.step,
+    scheduler.step. Returns ``[(loss dicts of the call, optimizer.step() result)]``."""
+    from paci_megatron import gpt
+
+    history = []
+    for _ in range(iters):
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        out = fb(forward_step_func=forward_step_func or gpt.forward_step, data_iterator=it,
+                 model=model, num_microbatches=m, seq_length=seq_length,
+                 micro_batch_size=micro_batch_size, forward_only=False)
+        if drain_each:
+            fb.drain()
+        history.append((out, opt.step()))
+        if sched is not None:
+            sched.step(increment=m * micro_batch_size)
+        if between_calls is not None:
+            between_calls()
+    return history
+
+
+def losses_of(history) -> List[float]:
+    return [float(d["lm loss"]) for out, _ in history for d in out]
+
+
+def megatron_schedule(model):
+    """megatron-core's own forward_backward_func, hooked up as Megatron-LM's train() does."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from paci_megatron import gpt
 
     cfg = model[0].config
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.no_sync_func = model[0].no_sync
-    fb = get_forward_backward_func()
-    losses = []
-    it = iter(batches)
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        opt.zero_grad()
-        out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-                 num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
-        opt.step()
-        if sched is not None:
-            sched.step(increment=m * MBS)
-        losses.extend(float(d["lm loss"]) for d in out)
-    return losses
+    return get_forward_backward_func()
+
+
+def train_megatron_1f1b(model, opt, batches, iters: int, m: int, sched=None) -> List[float]:
+    """Megatron-LM's train_step around megatron-core's own 1F1B schedule."""
+    return losses_of(train_steps(model, opt, megatron_schedule(model), iter(batches), iters, m,
+                                 sched))
 
 
 def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> dict:
@@ -118,17 +138,8 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
     sched = build_scheduler(opt, iters, m)
     popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
     fb = pm.get_forward_backward_func(popt)
-    losses, it = [], iter(batches)
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-                 num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        fb.drain()
-        popt.step()
-        sched.step(increment=m * MBS)
-        losses.extend(float(d["lm loss"]) for d in out)
-    result["drained_losses"] = losses
+    history = train_steps(model, popt, fb, iter(batches), iters, m, sched, drain_each=True)
+    result["drained_losses"] = losses_of(history)
     result["drained_lrs"] = [lr for _, lr, _ in popt.update_log]
     result["drained_params"] = gpt.model_parameters(model)
     result["drained_version"] = popt.version
@@ -139,19 +150,15 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
         sched = build_scheduler(opt, iters, m)
         popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
         fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a), record_trace=True)
-        it = iter(batches)
-        outs = []
-        for _ in range(iters):
-            model[0].zero_grad_buffer()
-            popt.zero_grad()
-            out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-                     num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-            ok, grad_norm, _ = popt.step()
-            sched.step(increment=m * MBS)
-            outs.append(out)
+        def world_collective():  # what Megatron's loop does between calls
             flag = torch.tensor([1.0])
-            torch.distributed.all_reduce(flag)  # what Megatron's loop does between calls
+            torch.distributed.all_reduce(flag)
             assert flag.item() == world
+
+        history = train_steps(model, popt, fb, iter(batches), iters, m, sched,
+                              between_calls=world_collective)
+        outs = [out for out, _ in history]
+        grad_norm = history[-1][1][1]
         in_flight_before_drain = fb.in_flight
         fb.drain()
         result[name] = {
@@ -260,14 +267,10 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
     popt = pm.PACIOptimizer(opt, model)
     fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a, memory_mode=memory_mode))
     it = (toy_batch(j) for j in range(10**6))
-    for _ in range(calls):
-        # what Megatron's train_step does around forward_backward_func: must not wipe a
-        # window that spans calls, nor step again
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        fb(forward_step_func=toy_forward_step, data_iterator=it, model=model,
-           num_microbatches=m, seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
-        popt.step()
+    # Megatron's train_step around the calls: its zero_grad calls must not wipe a window
+    # that spans calls, its optimizer.step must not step again
+    train_steps(model, popt, fb, it, calls, m, forward_step_func=toy_forward_step,
+                seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
     fb.drain()
     return {"stage": stage, "params": {n: p.detach().clone() for n, p in module.named_parameters()},
             "drift": fb.telemetry.summary()}
@@ -374,26 +377,13 @@ def _single_stage(m: int, a: int, iters: int):
     batches = synthetic_batches(m * iters, seed=7)
     # reference: one optimizer step per a micro-batches
     _, model, opt = build_tiny_gpt(1, bf16=False)
-    fb = get_forward_backward_func()
-    it = iter(batches)
-    for _ in range(m * iters // a):
-        model[0].zero_grad_buffer()
-        opt.zero_grad()
-        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-           num_microbatches=a, seq_length=SEQ, micro_batch_size=MBS)
-        opt.step()
+    train_steps(model, opt, get_forward_backward_func(), iter(batches), m * iters // a, a)
     reference = gpt.model_parameters(model)
     # PACI, P = 1, window a, calls of m micro-batches
     _, model, opt = build_tiny_gpt(1, bf16=False)
     popt = pm.PACIOptimizer(opt, model)
     sched = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
-    it = iter(batches)
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        popt.step()
+    train_steps(model, popt, sched, iter(batches), iters, m)
     sched.drain()
     return {"reference": reference, "paci": gpt.model_parameters(model), "version": popt.version}
 
@@ -418,38 +408,16 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
            "dp_rank": dp_rank}
 
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
-    norms = []
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    cfg = model[0].config
-    cfg.finalize_model_grads_func = finalize_model_grads
-    cfg.no_sync_func = model[0].no_sync
-    fb = get_forward_backward_func()
-    it = iter(batches)
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        opt.zero_grad()
-        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-           num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        _, grad_norm, _ = opt.step()
-        norms.append(grad_norm)
+    history = train_steps(model, opt, megatron_schedule(model), iter(batches), iters, m)
     out["megatron_params"] = gpt.model_parameters(model)
-    out["megatron_norms"] = norms
+    out["megatron_norms"] = [grad_norm for _, (_, grad_norm, _) in history]
 
     paci = pm.PACIConfig(memory_mode=memory_mode)
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
     popt = pm.PACIOptimizer(opt, model)
     sched = pm.PACISchedule(popt, paci)
-    it = iter(batches)
-    stage_norms = []
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        sched.drain()
-        stage_norms.append(popt.last_grad_norm)
+    history = train_steps(model, popt, sched, iter(batches), iters, m, drain_each=True)
+    stage_norms = [grad_norm for _, (_, grad_norm, _) in history]
     out["paci_params"] = gpt.model_parameters(model)
     # combine the stage-local norms over the pipeline: sqrt(sum_s norm_s^2)
     gathered = [None] * pp
@@ -461,13 +429,7 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
     popt = pm.PACIOptimizer(opt, model)
     sched = pm.PACISchedule(popt, paci)
-    it = iter(batches)
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        sched(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-              num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        popt.step()
+    train_steps(model, popt, sched, iter(batches), iters, m)
     sched.drain()
     out["continuous_drift"] = sched.telemetry.summary()
     out["continuous_version"] = popt.version
@@ -487,16 +449,8 @@ def _make_run(world: int, bf16: bool, seed: int, total_iters: int, m: int):
 
 def _train_run(run, it, iters: int, m: int) -> None:
     """Megatron's train_step loop around PACI for `iters` iterations."""
-    from paci_megatron import gpt
-
     model, popt, sched, fb = run
-    for _ in range(iters):
-        model[0].zero_grad_buffer()
-        popt.zero_grad()
-        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-           num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
-        popt.step()
-        sched.step(increment=m * MBS)
+    train_steps(model, popt, fb, it, iters, m, sched)
 
 
 def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_dir: str):
