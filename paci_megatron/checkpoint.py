@@ -94,9 +94,17 @@ def save_checkpoint(
     Raises:
         RuntimeError: micro-batches are in flight (call ``schedule.drain()`` on every rank
             first), or a parameter is NaN/Inf (the previous checkpoint is kept).
+        NotImplementedError: the optimizer is Megatron's distributed optimizer.
     """
     from megatron.core import parallel_state as ps
 
+    from . import compat
+
+    if any(type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)):
+        raise NotImplementedError(
+            "Megatron's distributed optimizer shards its state over DP, which this checkpoint "
+            "format does not save: checkpoint without --use-distributed-optimizer"
+        )
     problem = None
     stage = ps.get_pipeline_model_parallel_rank()
     if schedule is not None and (schedule.in_flight or schedule.has_unsent_gradient):
