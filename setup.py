@@ -17,7 +17,8 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     classifiers=[

@@ -74,6 +74,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--paci-skip-nonfinite-updates", action="store_true",
                    help="skip (and report) a stage's update whose gradients hold NaN/Inf "
                    "instead of stopping")
+    g.add_argument("--paci-trace", default=None,
+                   help="write the run's real timeline (every forward, backward and local "
+                   "update of every stage) as a Chrome/Perfetto trace to this file")
     g.add_argument("--paci-memory-mode", choices=["activations", "recompute"],
                    default="activations",
                    help="recompute: keep only each stage's input and recompute the forward "
@@ -112,7 +115,7 @@ POSITIVE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_lengt
                   "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
                   "eval_interval", "log_interval", "pipeline_model_parallel_size",
                   "tensor_model_parallel_size", "make_vocab_size_divisible_by")
-PACI_FLAGS = ("paci_accumulation", "paci_max_drift", "paci_skip_nonfinite_updates")
+PACI_FLAGS = ("paci_accumulation", "paci_max_drift", "paci_skip_nonfinite_updates", "paci_trace")
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -308,6 +311,7 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
         schedule = pm.PACISchedule(
             optimizer, paci,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            record_timeline=bool(args.paci_trace),
         )
     else:
         config.finalize_model_grads_func = finalize_model_grads
@@ -463,9 +467,23 @@ def train(args: argparse.Namespace) -> List[dict]:
             save(args.train_iters)
     if hasattr(schedule, "drain"):
         schedule.drain()
+    if args.paci_trace:
+        write_trace(args.paci_trace, schedule.timeline, is_writer)
     if log:
         log.close()
     return records
+
+
+def write_trace(path: str, timeline: list, is_writer: bool) -> None:
+    """Gather every rank's timeline and write one Chrome trace (a collective)."""
+    from paci_megatron.sim import write_chrome_trace
+
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, timeline)
+    if is_writer:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_chrome_trace([ev for events in gathered for ev in events], path)
+        print(f"> trace of {sum(len(e) for e in gathered)} actions written to {path}", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

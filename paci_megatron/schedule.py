@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -88,6 +89,9 @@ class PACISchedule:
         telemetry: the stage's :class:`~paci_megatron.telemetry.DriftTelemetry`.
         trace: every executed :class:`~paci_megatron.plan.Action`, in order, when
             ``record_trace`` is True (tests and pictures).
+        timeline: with ``record_timeline``, a :class:`~paci_megatron.sim.SimEvent` per
+            executed forward, backward and update, in wall-clock seconds since the first
+            call (write it with :func:`paci_megatron.sim.write_chrome_trace`).
         peak_in_flight: most micro-batches this stage has held in flight at once.
     """
 
@@ -97,6 +101,7 @@ class PACISchedule:
         paci_config: Optional[PACIConfig] = None,
         share_embeddings_and_output_weights: bool = False,
         record_trace: bool = False,
+        record_timeline: bool = False,
     ):
         self.optimizer = optimizer
         self.paci_config = paci_config or PACIConfig()
@@ -107,6 +112,9 @@ class PACISchedule:
         self.record_trace = record_trace
         self.trace: List[Action] = []
         self.peak_in_flight = 0
+        self.record_timeline = record_timeline
+        self.timeline: List[Any] = []  # paci_megatron.sim.SimEvent, wall-clock seconds
+        self._t0: Optional[float] = None
         self._in_flight: Deque[_InFlight] = deque()
         self._carry: Optional[int] = None  # micro-batch whose input grad is still to be sent
         self._inbox: Dict[Tuple[str, int], Any] = {}  # received ("act"|"grad", j) tensors
@@ -304,11 +312,12 @@ class PACISchedule:
                  "with micro-batches in flight: call drain() before changing --seq-length or "
                  "--micro-batch-size"]
             )
-        dp = 1
+        dp, dp_rank = 1, 0
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
             dp = ps.get_data_parallel_world_size(with_context_parallel=False)
+            dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
         self.optimizer.samples_per_microbatch = kw["micro_batch_size"] * dp
         if self.accumulation is not None:
             self.optimizer.accumulation = self.accumulation
@@ -327,6 +336,7 @@ class PACISchedule:
             recv_shapes=recv_shapes,
             send_shapes=send_shapes,
             model_type=compat.get_model_type(model),
+            dp_rank=dp_rank,
         )
         return self._ctx
 
@@ -345,6 +355,7 @@ class PACISchedule:
                 continue
             if self.record_trace:
                 self.trace.append(step)
+            start, version = time.perf_counter(), self.optimizer.version
             if step.kind is Kind.FORWARD:
                 self._forward(step, ctx, store, self.accumulation, train=True)
             elif step.kind is Kind.BACKWARD:
@@ -352,8 +363,19 @@ class PACISchedule:
                 self._backward(step, ctx, closes_window=nxt is not None and nxt.kind is Kind.UPDATE)
             else:
                 self.optimizer.local_update(step.index)
+            if self.record_timeline:
+                self._record(step, ctx, start, version)
         if final:
             self._set_grad_sync(ctx, enabled=True)
+
+    def _record(self, step: Action, ctx: Dict[str, Any], start: float, version: int) -> None:
+        from .sim import SimEvent
+
+        if self._t0 is None:
+            self._t0 = start
+        self.timeline.append(SimEvent(ctx["stage"], step.kind, step.index, start - self._t0,
+                                      time.perf_counter() - self._t0, version,
+                                      replica=ctx.get("dp_rank", 0)))
 
     def _communicate(self, comm: Comm, ctx: Dict[str, Any]) -> None:
         """One exchange with a neighbour; errors name stage, peer, micro-batch and action."""

@@ -38,10 +38,18 @@ def recipe(corpus, tmp_path, name, nproc, *flags):
 @pytest.mark.parametrize("accumulation,expected", [(None, [1, 1, 1, 0]), (1, [3, 2, 1, 0])])
 def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expected):
     flags = ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
-             "--train-iters", "6", "--eval-interval", "6"]
+             "--train-iters", "6", "--eval-interval", "6", "--paci-trace", "trace/run.json"]
     if accumulation:
         flags += ["--paci-accumulation", str(accumulation)]
     records, out = recipe(corpus, tmp_path, "paci", 4, *flags)
+    # the real timeline: every forward, backward and update of every stage, with versions
+    events = [e for e in json.loads((tmp_path / "trace" / "run.json").read_text())["traceEvents"]
+              if e["ph"] == "X"]
+    for kind, per_stage in (("forward", 6 * 4), ("backward", 6 * 4),
+                            ("update", 6 * 4 // (accumulation or 4))):
+        counts = [sum(1 for e in events if e["cat"] == kind and e["tid"] == s) for s in range(4)]
+        assert counts == [per_stage] * 4, (kind, counts)
+    assert max(e["args"]["version"] for e in events) == 6 * 4 // (accumulation or 4) - 1
     first, last = records[0], records[-1]
     assert first["iteration"] == 0 and "val_loss" in first
     assert last["iteration"] == 6 and last["drift_max"] == expected
