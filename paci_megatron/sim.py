@@ -50,6 +50,7 @@ class SimEvent:
 
     @property
     def label(self) -> str:
+        """Block text: ``F3/v1`` (forward of micro-batch 3 with weights of version 1)."""
         return f"{self.kind.value}{self.index}" + (f"/v{self.version}" if self.kind is not Kind.UPDATE else "")
 
 

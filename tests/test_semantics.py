@@ -86,18 +86,25 @@ def stage_forward(mod, s, inp, batch, a, no_grad):
     return out
 
 
+def assert_bits_equal_and_differ(results, expected, alternative) -> bool:
+    """Every stage's parameters equal `expected` bit for bit; True if any parameter also
+    differs from `alternative` (so the two replays are told apart)."""
+    differs = False
+    for r in results:
+        s = r["stage"]
+        for name, got in r["params"].items():
+            assert torch.equal(got, expected[s][name]), f"stage {s} {name}: not the replay's bits"
+            differs |= not torch.equal(got, alternative[s][name])
+    return differs
+
+
 def test_memory_mode_equals_replay_that_recomputes_with_current_weights():
     a = 1
     results = sorted(run_distributed(toy_paci_case, P, M, a, CALLS, True, "recompute",
                                      timeout_s=240), key=lambda r: r["stage"])
     recomputed = replay(P, M, a, CALLS, stash=False, recompute=True)
     stored = replay(P, M, a, CALLS, stash=False)
-    differs = False
-    for r in results:
-        s = r["stage"]
-        for name, got in r["params"].items():
-            assert torch.equal(got, recomputed[s][name]), f"stage {s} {name}"
-            differs |= not torch.equal(got, stored[s][name])
+    differs = assert_bits_equal_and_differ(results, recomputed, stored)
     # recomputing with the current weights is a different gradient from keeping the
     # forward-time activations once micro-batches cross updates
     assert differs and results[0]["drift"]["max"] == P - 1
@@ -109,12 +116,7 @@ def test_distributed_paci_equals_replay_with_current_weights(a):
                      key=lambda r: r["stage"])
     current = replay(P, M, a, CALLS, stash=False)
     stashed = replay(P, M, a, CALLS, stash=True)
-    differs_from_stash = False
-    for r in results:
-        s = r["stage"]
-        for name, got in r["params"].items():
-            assert torch.equal(got, current[s][name]), f"stage {s} {name}: not the replay's bits"
-            differs_from_stash |= not torch.equal(got, stashed[s][name])
+    differs_from_stash = assert_bits_equal_and_differ(results, current, stashed)
     # in-flight backwards crossed updates (drift > 0 on stage 0) and used the new weights
     assert results[0]["drift"]["max"] >= 1
     assert differs_from_stash
