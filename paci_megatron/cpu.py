@@ -24,13 +24,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CudaToCpuMode", "enable_cpu_mode", "cpu_mode_enabled", "init_distributed_cpu"]
+__all__ = [
+    "CudaToCpuMode",
+    "enable_cpu_mode",
+    "enable_megatron_lm_cpu_mode",
+    "register_megatron_lm_cpu_patches",
+    "cpu_mode_enabled",
+    "init_distributed_cpu",
+]
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -137,7 +145,7 @@ class _NullEvent:
 
 
 def _install_globals() -> None:
-    """Patch the ``torch.cuda`` functions and megatron RNG helpers that assume a GPU."""
+    """Patch the ``torch.cuda`` functions that assume a GPU (nothing of megatron)."""
     global _installed_globals
     if _installed_globals:
         return
@@ -162,9 +170,11 @@ def _install_globals() -> None:
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: None
+    _installed_globals = True
 
-    from megatron.core.tensor_parallel import random as mc_random
 
+def _patch_megatron_rng(mc_random) -> None:
+    """Give ``megatron.core.tensor_parallel.random`` CPU generator states for CUDA ones."""
     mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mc_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
 
@@ -175,7 +185,6 @@ def _install_globals() -> None:
             return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
     logging.getLogger(mc_random.__name__).addFilter(_DropSameGeneratorWarning())
-    _installed_globals = True
 
 
 def cpu_mode_enabled() -> bool:
@@ -197,12 +206,117 @@ def enable_cpu_mode(force: bool = False) -> bool:
         return False
     if cpu_mode_enabled():
         return True
+    _enter_mode()
+    from megatron.core.tensor_parallel import random as mc_random
+
+    _patch_megatron_rng(mc_random)
+    return True
+
+
+def _enter_mode() -> None:
+    """torch.cuda stand-ins and :class:`CudaToCpuMode` on this thread (no megatron)."""
+    if cpu_mode_enabled():
+        return
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     _install_globals()
     mode = CudaToCpuMode()
     mode.__enter__()
     _state.mode = mode
-    return True
+
+
+def _megatron_training_sees_cuda(real_is_available):
+    """``torch.cuda.is_available`` that answers True only to ``megatron.training`` code.
+
+    ``initialize_megatron`` asserts CUDA; everywhere else (PyTorch's compiler, autocast,
+    megatron-core) the truthful False keeps CPU code paths.
+    """
+
+    def is_available() -> bool:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.training"):
+            return True
+        return real_is_available()
+
+    is_available.__wrapped__ = real_is_available
+    return is_available
+
+
+def _installed_megatron_core_file(relative: str) -> Optional[str]:
+    """Path of a file of the installed megatron-core wheel (None if not installed)."""
+    try:
+        from importlib import metadata
+
+        path = metadata.distribution("megatron-core").locate_file(relative)
+    except Exception:  # pragma: no cover - megatron-core is a dependency
+        return None
+    return str(path) if os.path.exists(str(path)) else None
+
+
+def _use_installed_dataset_helper(datasets_pkg) -> None:
+    """Let a Megatron-LM checkout's ``megatron.core.datasets`` find the compiled helper.
+
+    A source checkout has ``helpers.cpp`` but no ``helpers_cpp`` extension (Megatron
+    compiles it with ``make`` at start-up, which :func:`enable_megatron_lm_cpu_mode`
+    turns off); the megatron-core wheel ships it compiled. Its folder is appended to the
+    package's search path, after the checkout's own.
+    """
+    here = list(getattr(datasets_pkg, "__path__", []))
+    has_own = any(
+        name.startswith("helpers_cpp") for d in here if os.path.isdir(d) for name in os.listdir(d)
+    )
+    folder = _installed_megatron_core_file("megatron/core/datasets")
+    if not has_own and folder is not None and folder not in here:
+        datasets_pkg.__path__.append(folder)
+
+
+def _no_op(name: str):
+    def skipped(*args, **kwargs):
+        return None
+
+    skipped.__name__ = name
+    skipped.__doc__ = f"{name} is skipped in CPU mode (paci_megatron.cpu)."
+    return skipped
+
+
+def enable_megatron_lm_cpu_mode() -> None:
+    """Let Megatron-LM's own training loop (``pretrain_gpt.py``) run on CPU with gloo.
+
+    Everything :func:`enable_cpu_mode` does, plus what ``megatron.training`` needs
+    (MEGATRON_NOTES.md, "Megatron-LM's own pretrain_gpt.py on CPU"): one device is
+    reported, ``torch.cuda.is_available()`` is True for ``megatron.training`` callers
+    only, streams are stand-ins. The module-level pieces (the dataset helper's ``make``,
+    the fused-kernel ``nvcc`` build, the RNG tracker's CUDA states) are patched when
+    those modules are imported: see :func:`register_megatron_lm_cpu_patches`.
+
+    Launch with ``--distributed-backend gloo``, ``--transformer-impl local`` and the
+    ``--no-*-fusion`` flags; Transformer Engine, Apex, CUDA graphs and NCCL are not
+    available on CPU.
+    """
+    _enter_mode()
+    cuda = torch.cuda
+    cuda.device_count = lambda: 1
+    if not hasattr(cuda.is_available, "__wrapped__"):
+        cuda.is_available = _megatron_training_sees_cuda(cuda.is_available)
+
+
+def register_megatron_lm_cpu_patches(hook) -> None:
+    """Enable :func:`enable_megatron_lm_cpu_mode` and register its per-module patches.
+
+    Args:
+        hook: a :class:`paci_megatron.hook.PostImportHook`; each patch runs right after
+            its module is executed, from whichever copy of Megatron is on ``sys.path``.
+    """
+    enable_megatron_lm_cpu_mode()
+    hook.register("megatron.core.tensor_parallel.random", _patch_megatron_rng)
+    hook.register("megatron.core.datasets", _use_installed_dataset_helper)
+    hook.register(
+        "megatron.core.datasets.utils",
+        lambda m: setattr(m, "compile_helpers", _no_op("compile_helpers")),
+    )
+    hook.register(
+        "megatron.legacy.fused_kernels",
+        lambda m: setattr(m, "load", _no_op("fused_kernels.load")),
+    )
 
 
 def init_distributed_cpu(timeout_s: float = 120.0, backend: str = "gloo") -> None:

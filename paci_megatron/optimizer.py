@@ -36,7 +36,37 @@ import torch
 
 from . import compat
 
-__all__ = ["PACIOptimizer", "NonFiniteGradientError"]
+__all__ = ["PACIOptimizer", "NonFiniteGradientError", "finalize_stage_grads"]
+
+
+def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **unused) -> None:
+    """The stage-local ``finalize_model_grads``: what of it PACI runs at a local update.
+
+    Megatron's ``megatron.core.distributed.finalize_model_grads`` also all-reduces the
+    tied word-embedding grads between the first and last stage, conditional-embedder
+    grads over the pipeline group and the per-token-loss token count over the pipeline
+    group; none of that may run under PACI (docs/design.md, "What stays stage-local").
+    This keeps only ``finish_grad_sync()`` of every chunk (DP all-reduce, or
+    reduce-scatter with the distributed optimizer) and the TP all-reduce of grads that
+    are replicated across TP ranks. Same call signature as Megatron's, so it can stand in
+    for ``config.finalize_model_grads_func``.
+
+    Args:
+        model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
+        num_tokens: must be None: a per-token loss normalisation crosses stages.
+
+    Raises:
+        ValueError: ``num_tokens`` was given (``--calculate-per-token-loss``).
+    """
+    if num_tokens is not None:
+        raise ValueError(
+            "a per-token loss needs the token count of the last stage on every stage: "
+            "remove --calculate-per-token-loss with PACI"
+        )
+    model = list(model)
+    for chunk in model:
+        chunk.finish_grad_sync()
+    compat.allreduce_stage_local_grads(model, compat.get_model_config(model[0]))
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -149,10 +179,7 @@ class PACIOptimizer:
                 f"update {update_index} requested but the stage has applied {self.version} "
                 "updates: the schedule and the optimizer are out of step"
             )
-        config = compat.get_model_config(self.model[0])
-        for chunk in self.model:
-            chunk.finish_grad_sync()
-        compat.allreduce_stage_local_grads(self.model, config)
+        finalize_stage_grads(self.model)
         if self._nonfinite_grads():
             message = self._nonfinite_message(update_index)
             if not self.skip_nonfinite_updates:

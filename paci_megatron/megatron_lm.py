@@ -1,0 +1,536 @@
+"""Megatron-LM glue: ``--pipeline-schedule paci`` on Megatron-LM's own training loop.
+
+Activated by :mod:`paci_megatron.hook` when ``--pipeline-schedule`` is on the command
+line of a Megatron-LM script (``pretrain_gpt.py`` and friends), with no edit to
+Megatron-LM. Right after Python executes Megatron-LM's modules it rebinds (MEGATRON_NOTES.md,
+"How the training loop drives a schedule"):
+
+``megatron.training.arguments``
+    ``_add_distributed_args`` also adds the PACI arguments (:func:`add_arguments`);
+    ``validate_args`` then runs :func:`check_args` and stops before anything is built
+    if the configuration cannot run under PACI, listing every problem and the flag to
+    change. Under ``paci`` the rerun state machine defaults to ``--rerun-mode disabled``
+    (its per-iteration world all-reduce and its re-runs of an iteration cannot work with
+    updates applied inside the schedule); an explicit other mode is refused.
+``megatron.training.initialize``
+    its imported name ``validate_args`` (releases that import it by name).
+``megatron.training.training``
+    ``setup_model_and_optimizer`` wraps the optimizer in
+    :class:`~paci_megatron.optimizer.PACIOptimizer` and creates the stage's
+    :class:`~paci_megatron.schedule.PACISchedule`; ``get_forward_backward_func`` returns
+    that schedule (for training and for evaluation); ``finalize_model_grads`` becomes the
+    stage-local :func:`~paci_megatron.optimizer.finalize_stage_grads`; ``evaluate``,
+    ``save_checkpoint_and_time``, the exit decision and the end of ``train`` drain the
+    pipeline first; ``train_step`` counts iterations (and drains every
+    ``--paci-drain-interval``); ``training_log`` adds a line with the drift per stage.
+
+With ``--pipeline-schedule 1f1b`` (or without the flag) every rebound function calls
+Megatron-LM's original unchanged. All patched names are listed in :data:`PATCHED`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = [
+    "SCHEDULES",
+    "PATCHED",
+    "add_arguments",
+    "check_args",
+    "register",
+    "Glue",
+    "glue",
+]
+
+SCHEDULES = ("1f1b", "paci")
+
+#: Megatron-LM module -> names this module rebinds there (documentation and tests).
+PATCHED: Dict[str, Sequence[str]] = {
+    "megatron.training.arguments": ("_add_distributed_args", "validate_args"),
+    "megatron.training.initialize": ("validate_args",),
+    "megatron.training.training": (
+        "setup_model_and_optimizer",
+        "get_forward_backward_func",
+        "finalize_model_grads",
+        "train_step",
+        "training_log",
+        "evaluate",
+        "save_checkpoint_and_time",
+        "checkpoint_and_decide_exit",
+        "train",
+    ),
+}
+
+_PACI_FLAGS = {
+    "paci_accumulation": "--paci-accumulation",
+    "paci_drain_interval": "--paci-drain-interval",
+    "paci_max_drift": "--paci-max-drift",
+    "paci_memory_mode": "--paci-memory-mode",
+    "paci_skip_nonfinite_updates": "--paci-skip-nonfinite-updates",
+}
+_DEFAULTS = {
+    "paci_accumulation": None,
+    "paci_drain_interval": 0,
+    "paci_max_drift": None,
+    "paci_memory_mode": "activations",
+    "paci_skip_nonfinite_updates": False,
+}
+
+
+def add_arguments(parser):
+    """Add ``--pipeline-schedule`` and the PACI arguments to Megatron-LM's parser.
+
+    Arguments (all in the group "pipeline schedule (paci-megatron)"):
+        --pipeline-schedule {1f1b,paci}: ``1f1b`` (default) is Megatron's own schedule,
+            unchanged; ``paci`` is the asynchronous schedule with stage-local updates.
+        --paci-accumulation A: backward micro-batches per local update (default: the
+            micro-batches of one iteration, ``a = m``); must divide ``m``.
+        --paci-drain-interval N: also drain the pipeline every N iterations (default 0:
+            only before evaluation, checkpoint saving and exit).
+        --paci-max-drift D: refuse settings whose drift bound ``ceil((P-1)/a)`` exceeds D.
+        --paci-memory-mode {activations,recompute}: keep in-flight activations (as 1F1B
+            does) or recompute the forward at backward time.
+        --paci-skip-nonfinite-updates: skip a stage's update whose grads hold NaN/Inf
+            (and report it) instead of stopping.
+
+    Returns:
+        ``parser`` (Megatron's argument-group functions return it).
+    """
+    group = parser.add_argument_group(title="pipeline schedule (paci-megatron)")
+    group.add_argument(
+        "--pipeline-schedule", choices=SCHEDULES, default="1f1b",
+        help="1f1b: Megatron's own pipeline schedule (unchanged); paci: asynchronous 1F1B "
+             "without flush, each stage updating after --paci-accumulation backwards",
+    )
+    group.add_argument(
+        "--paci-accumulation", type=int, default=None,
+        help="backward micro-batches each stage accumulates per local update (default: "
+             "the micro-batches of one iteration); must divide them",
+    )
+    group.add_argument(
+        "--paci-drain-interval", type=int, default=0,
+        help="drain the pipeline every N iterations (default 0: only before evaluation, "
+             "checkpoint saving and exit)",
+    )
+    group.add_argument(
+        "--paci-max-drift", type=int, default=None,
+        help="refuse settings whose drift bound ceil((P-1)/a) exceeds this",
+    )
+    group.add_argument(
+        "--paci-memory-mode", choices=("activations", "recompute"), default="activations",
+        help="activations: keep each in-flight micro-batch's activations (as 1F1B); "
+             "recompute: keep the stage input only and recompute the forward at backward",
+    )
+    group.add_argument(
+        "--paci-skip-nonfinite-updates", action="store_true",
+        help="skip (and report) a stage's update whose gradients hold NaN/Inf instead of "
+             "stopping",
+    )
+    return parser
+
+
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _num_microbatches(args) -> int:
+    dp = getattr(args, "data_parallel_size", None) or 1
+    return int(args.global_batch_size // (args.micro_batch_size * dp))
+
+
+class _ArgsAsModelConfig:
+    """Megatron-LM's arguments seen through the attribute names of ``TransformerConfig``
+    (what :func:`paci_megatron.config.validate_setup` checks), before the config exists."""
+
+    def __init__(self, args):
+        self._args = args
+        # Megatron-LM always sets it (from --bf16/--fp16) when it builds the config.
+        self.pipeline_dtype = "set by Megatron-LM"
+        self.overlap_p2p_comm = getattr(args, "overlap_p2p_comm", False)
+
+    def __getattr__(self, name):
+        return getattr(self._args, name, None)
+
+
+def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
+    """Problems that stop a Megatron-LM run before training, each naming the flag to change.
+
+    Args:
+        args: Megatron-LM's parsed and validated arguments (``argparse.Namespace``).
+        argv: the command line (default ``sys.argv``), to tell flags given explicitly
+            from defaults.
+
+    Returns:
+        The list of problems (empty when the run may start). With ``1f1b`` the only
+        possible problem is a PACI flag given without ``--pipeline-schedule paci``.
+
+    Side effect: under ``paci`` with no ``--rerun-mode`` on the command line, sets
+    ``args.rerun_mode = "disabled"``.
+    """
+    from .config import PACIConfig, PACIConfigError, validate_setup
+
+    argv = list(sys.argv if argv is None else argv)
+    schedule = getattr(args, "pipeline_schedule", "1f1b")
+    problems: List[str] = []
+    if schedule != "paci":
+        used = [flag for name, flag in _PACI_FLAGS.items()
+                if getattr(args, name, _DEFAULTS[name]) != _DEFAULTS[name]]
+        if used:
+            problems.append(f"{', '.join(used)} only apply with --pipeline-schedule paci: "
+                            "add it or remove them")
+        return problems
+
+    P = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    m = _num_microbatches(args)
+    paci = PACIConfig(
+        accumulation=args.paci_accumulation,
+        max_drift=args.paci_max_drift,
+        memory_mode=args.paci_memory_mode,
+        p2p_timeout_s=60.0 * float(getattr(args, "distributed_timeout_minutes", 10) or 10),
+    )
+    try:
+        validate_setup(
+            paci,
+            num_microbatches=m,
+            pipeline_model_parallel_size=P,
+            model_config=_ArgsAsModelConfig(args),
+            share_embeddings_and_output_weights=not getattr(
+                args, "untie_embeddings_and_output_weights", False),
+        )
+    except PACIConfigError as err:
+        problems.extend(err.problems)
+
+    if args.paci_drain_interval is not None and args.paci_drain_interval < 0:
+        problems.append(f"--paci-drain-interval {args.paci_drain_interval}: must be >= 0")
+    mode = getattr(args, "rerun_mode", "disabled")
+    if not _given(argv, "--rerun-mode"):
+        args.rerun_mode = "disabled"
+    elif mode != "disabled":
+        problems.append(
+            f"--rerun-mode {mode} re-runs whole iterations and all-reduces over the world "
+            "after each one; under PACI the updates happen inside the schedule and cannot "
+            "be re-run: use --rerun-mode disabled (the default with --pipeline-schedule paci)"
+        )
+    if getattr(args, "rampup_batch_size", None):
+        problems.append(
+            "--rampup-batch-size changes the micro-batches per iteration, and with them "
+            "the accumulation window: remove it with PACI"
+        )
+    if getattr(args, "overlap_param_gather", False):
+        problems.append(
+            "--overlap-param-gather gathers updated parameters in forward hooks that the "
+            "training loop arms once per iteration, but PACI updates inside the iteration: "
+            "remove it (the distributed optimizer still works without it)"
+        )
+    for flag, name in (("--use-torch-fsdp2", "use_torch_fsdp2"),
+                       ("--use-megatron-fsdp", "use_megatron_fsdp"),
+                       ("--use-custom-fsdp", "use_custom_fsdp")):
+        if getattr(args, name, False):
+            problems.append(f"{flag} is not supported by PACI: use --use-distributed-optimizer")
+    graphs = getattr(args, "cuda_graph_impl", "none")
+    if (graphs not in (None, "none") or getattr(args, "enable_cuda_graph", False)
+            or getattr(args, "external_cuda_graph", False)):
+        problems.append(
+            "CUDA graphs capture a fixed iteration; PACI's iterations differ in what is in "
+            "flight: remove --cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph"
+        )
+    if getattr(args, "num_virtual_stages_per_pipeline_rank", None) not in (None, 1):
+        problems.append(
+            "virtual pipeline stages (--num-virtual-stages-per-pipeline-rank) are not "
+            "supported by PACI yet: remove it"
+        )
+    seen = set()
+    return [p for p in problems if not (p in seen or seen.add(p))]
+
+
+def _rank() -> int:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _print_last(text: str) -> None:
+    """Print on the last rank, where Megatron-LM prints its training log."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+            return
+    print(text, flush=True)
+
+
+class Glue:
+    """State of the Megatron-LM glue in one process.
+
+    Attributes:
+        active: True once arguments with ``--pipeline-schedule paci`` were validated.
+        args: Megatron-LM's arguments (after validation).
+        optimizer: the stage's :class:`~paci_megatron.optimizer.PACIOptimizer`.
+        schedule: the stage's :class:`~paci_megatron.schedule.PACISchedule`.
+        start_iteration: the iteration training started (or resumed) from.
+        train_steps: ``train_step`` calls made under PACI in this process.
+        drains: drains requested (evaluation, saving, exit, interval).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.args = None
+        self.optimizer = None
+        self.schedule = None
+        self.start_iteration = 0
+        self.start_version = 0
+        self.train_steps = 0
+        self.drains = 0
+
+    @property
+    def iteration(self) -> int:
+        """The training iteration the schedule has completed (Megatron's count)."""
+        return self.start_iteration + self.train_steps
+
+    def drain(self, why: str) -> None:
+        """Drain the PACI pipeline (every rank calls it at the same point)."""
+        if self.active and self.schedule is not None:
+            self.schedule.drain()
+            self.drains += 1
+
+    def wrap_optimizer(self, model, optimizer, opt_param_scheduler):
+        """Wrap Megatron's optimizer and create the stage's schedule (after loading)."""
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        from .config import PACIConfig
+        from .optimizer import PACIOptimizer
+        from .schedule import PACISchedule
+
+        args = self.args
+        wrapped = PACIOptimizer(
+            optimizer, model, opt_param_scheduler=opt_param_scheduler,
+            distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
+            skip_nonfinite_updates=bool(args.paci_skip_nonfinite_updates),
+        )
+        m = get_num_microbatches()
+        a = args.paci_accumulation or m
+        self.start_iteration = int(getattr(args, "iteration", 0) or 0)
+        # A checkpoint is only ever written drained: every stage had applied one update
+        # per a backwards of the iterations so far.
+        self.start_version = self.start_iteration * m // a
+        wrapped.restore_version(self.start_version)
+        paci = PACIConfig(
+            accumulation=args.paci_accumulation,
+            max_drift=args.paci_max_drift,
+            memory_mode=args.paci_memory_mode,
+            p2p_timeout_s=60.0 * float(getattr(args, "distributed_timeout_minutes", 10) or 10),
+        )
+        self.optimizer = wrapped
+        self.schedule = PACISchedule(
+            wrapped, paci,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        )
+        from megatron.core import parallel_state as ps
+
+        P = ps.get_pipeline_model_parallel_world_size()
+        s = ps.get_pipeline_model_parallel_rank()
+        from .plan import drift_bound
+
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            print(f"paci-megatron: stage {s} of {P}: PACI schedule active "
+                  f"(accumulation a = {a} of m = {m} micro-batches, drift bound "
+                  f"{drift_bound(P, s, a)}, starting at iteration {self.start_iteration}, "
+                  f"version {wrapped.version})", flush=True)
+        return wrapped
+
+    def stage_summaries(self) -> List[Dict[str, Any]]:
+        """Every stage's drift summary and update count, gathered over the pipeline group.
+
+        A collective over the pipeline group: call it on every rank at the same point.
+        """
+        import torch
+        from megatron.core import parallel_state as ps
+
+        local = {"drift": None, "updates": 0, "calls": self.train_steps}
+        if self.schedule is not None:
+            t = self.schedule.telemetry
+            local["drift"] = None if t is None else t.summary()
+            local["updates"] = self.optimizer.version - self.start_version
+            local["version"] = self.optimizer.version
+        group = ps.get_pipeline_model_parallel_group()
+        out: List[Any] = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(out, local, group=group)
+        return out
+
+    def log_line(self) -> str:
+        """``paci | iteration N | drift_max per stage: [...] | ...`` (a collective)."""
+        rows = self.stage_summaries()
+        drift_max = [r["drift"]["max"] if r["drift"] else 0 for r in rows]
+        drift_mean = [round(float(r["drift"]["mean"]), 4) if r["drift"] else 0.0 for r in rows]
+        versions = [r.get("version", 0) for r in rows]
+        return (f" paci | iteration {self.iteration} | drift_max per stage: {drift_max} | "
+                f"drift_mean per stage: {drift_mean} | version per stage: {versions} |")
+
+
+glue = Glue()
+
+
+# --------------------------------------------------------------------------- patches
+def _wrap(module, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(module, name)
+    if getattr(original, "__paci_original__", None) is not None:
+        return  # already patched
+    patched = make(original)
+    patched.__paci_original__ = original
+    patched.__name__ = getattr(original, "__name__", name)
+    patched.__doc__ = getattr(original, "__doc__", None)
+    setattr(module, name, patched)
+
+
+def _report_and_exit(problems: List[str]) -> None:
+    if _rank() == 0:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        print(f"paci-megatron: this run cannot start ({len(problems)} problem(s)):\n{lines}",
+              file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _validated(original):
+    def validate_args(args, *a, **k):
+        result = original(args, *a, **k)
+        problems = check_args(args)
+        if problems:
+            _report_and_exit(problems)
+        glue.args = args
+        glue.active = args.pipeline_schedule == "paci"
+        if glue.active and _rank() == 0:
+            print(f"paci-megatron: --pipeline-schedule paci (rerun mode {args.rerun_mode})",
+                  flush=True)
+        return result
+
+    return validate_args
+
+
+def _patch_arguments(module) -> None:
+    def make_add(original):
+        def _add_distributed_args(parser):
+            return add_arguments(original(parser))
+
+        return _add_distributed_args
+
+    _wrap(module, "_add_distributed_args", make_add)
+    _wrap(module, "validate_args", _validated)
+
+
+def _patch_initialize(module) -> None:
+    if hasattr(module, "validate_args"):
+        arguments = sys.modules.get("megatron.training.arguments")
+        wrapped = getattr(arguments, "validate_args", None)
+        if wrapped is not None and getattr(wrapped, "__paci_original__", None) is not None:
+            module.validate_args = wrapped
+        else:
+            _wrap(module, "validate_args", _validated)
+
+
+def _patch_training(module) -> None:
+    from .optimizer import finalize_stage_grads
+
+    def make_setup(original):
+        def setup_model_and_optimizer(*a, **k):
+            model, optimizer, scheduler = original(*a, **k)
+            if glue.active:
+                optimizer = glue.wrap_optimizer(model, optimizer, scheduler)
+            return model, optimizer, scheduler
+
+        return setup_model_and_optimizer
+
+    def make_get(original):
+        def get_forward_backward_func(*a, **k):
+            if glue.active:
+                if glue.schedule is None:
+                    raise RuntimeError(
+                        "paci-megatron: the PACI schedule is requested before "
+                        "setup_model_and_optimizer built the optimizer")
+                return glue.schedule
+            return original(*a, **k)
+
+        return get_forward_backward_func
+
+    def make_finalize(original):
+        def finalize_model_grads(model, *a, **k):
+            if glue.active:
+                return finalize_stage_grads(model, *a, **k)
+            return original(model, *a, **k)
+
+        return finalize_model_grads
+
+    def make_train_step(original):
+        def train_step(*a, **k):
+            result = original(*a, **k)
+            if glue.active:
+                glue.train_steps += 1
+                n = glue.args.paci_drain_interval
+                if n and glue.iteration % n == 0:
+                    glue.drain("interval")
+            return result
+
+        return train_step
+
+    def make_training_log(original):
+        def training_log(*a, **k):
+            result = original(*a, **k)
+            if glue.active and glue.args.log_interval and glue.iteration % glue.args.log_interval == 0:
+                _print_last(glue.log_line())
+            return result
+
+        return training_log
+
+    def make_drain_first(why):
+        def make(original):
+            def drained_first(*a, **k):
+                glue.drain(why)
+                return original(*a, **k)
+
+            return drained_first
+
+        return make
+
+    def make_exit(original):
+        def checkpoint_and_decide_exit(*a, **k):
+            should_exit = original(*a, **k)
+            if should_exit:
+                glue.drain("exit")
+            return should_exit
+
+        return checkpoint_and_decide_exit
+
+    def make_train(original):
+        def train(*a, **k):
+            result = original(*a, **k)
+            if glue.active:
+                glue.drain("end of training")
+                rows = glue.stage_summaries()
+                _print_last(
+                    "paci-megatron: training done with the PACI schedule: "
+                    f"train_step calls per stage {[r['calls'] for r in rows]}, local updates "
+                    f"per stage {[r['updates'] for r in rows]}, drift_max per stage "
+                    f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}")
+            return result
+
+        return train
+
+    _wrap(module, "setup_model_and_optimizer", make_setup)
+    _wrap(module, "get_forward_backward_func", make_get)
+    _wrap(module, "finalize_model_grads", make_finalize)
+    _wrap(module, "train_step", make_train_step)
+    _wrap(module, "training_log", make_training_log)
+    _wrap(module, "evaluate", make_drain_first("evaluation"))
+    _wrap(module, "save_checkpoint_and_time", make_drain_first("checkpoint"))
+    _wrap(module, "checkpoint_and_decide_exit", make_exit)
+    _wrap(module, "train", make_train)
+
+
+def register(hook) -> None:
+    """Register the Megatron-LM patches on a :class:`paci_megatron.hook.PostImportHook`."""
+    hook.register("megatron.training.arguments", _patch_arguments)
+    hook.register("megatron.training.initialize", _patch_initialize)
+    hook.register("megatron.training.training", _patch_training)
