@@ -1,6 +1,26 @@
 """paci-megatron: asynchronous, bubble-free pipeline parallelism (PACI) for NVIDIA Megatron."""
 
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# paci_megatron.pth goes to the top of site-packages, where Python runs it at start-up:
+# it activates the Megatron-LM glue only when "--pipeline-schedule" is on the command
+# line (or PACI_MEGATRON_CPU is set); see paci_megatron/hook.py.
+PTH = "paci_megatron.pth"
+
+
+class build_py_with_pth(build_py):
+    """build_py that also places paci_megatron.pth at the root of the built tree."""
+
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join("paci_megatron", PTH), os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
 
 setup(
     name="paci-megatron",
@@ -10,6 +30,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["paci_megatron", "paci_megatron.*"]),
+    package_data={"paci_megatron": [PTH]},
+    cmdclass={"build_py": build_py_with_pth},
+    entry_points={"console_scripts": ["paci-megatron=paci_megatron.cli:main"]},
     install_requires=[
         "torch>=2.1",
         "megatron-core>=0.14,<0.20",
@@ -20,6 +43,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # what Megatron-LM's training package imports at start-up besides megatron-core
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "psutil", "triton"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

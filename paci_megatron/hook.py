@@ -109,24 +109,36 @@ class PostImportHook(importlib.abc.MetaPathFinder):
 _hook: Optional[PostImportHook] = None
 
 
-def activate(argv: Optional[Sequence[str]] = None, environ=None) -> Optional[PostImportHook]:
+def activate(argv: Optional[Sequence[str]] = None, environ=None,
+             glue: bool = False) -> Optional[PostImportHook]:
     """Install the import hook if this command line asks for it (see module doc).
+
+    Args:
+        argv, environ: default ``sys.argv`` and ``os.environ``.
+        glue: register the Megatron-LM glue even without ``--pipeline-schedule`` on the
+            command line (what a checkout edited by ``paci-megatron patch`` does; the
+            argument then defaults to ``1f1b``, Megatron's own schedule).
 
     Returns the hook, or None when nothing was asked for. Idempotent.
     """
     global _hook
-    glue, cpu = wanted(argv, environ)
-    if not (glue or cpu):
+    want_glue, want_cpu = wanted(argv, environ)
+    if str((os.environ if environ is None else environ).get(DISABLE_ENV, "")).lower() in _TRUE:
+        return None
+    want_glue = want_glue or glue
+    if not (want_glue or want_cpu):
         return None
     if _hook is None:
         _hook = PostImportHook()
         sys.meta_path.insert(0, _hook)
-        if cpu:
-            from . import cpu as cpu_mode
+    if want_cpu and not getattr(_hook, "cpu", False):
+        from . import cpu as cpu_mode
 
-            cpu_mode.register_megatron_lm_cpu_patches(_hook)
-        if glue:
-            from . import megatron_lm
+        cpu_mode.register_megatron_lm_cpu_patches(_hook)
+        _hook.cpu = True
+    if want_glue and not getattr(_hook, "glue", False):
+        from . import megatron_lm
 
-            megatron_lm.register(_hook)
+        megatron_lm.register(_hook)
+        _hook.glue = True
     return _hook

@@ -314,10 +314,7 @@ class Glue:
         m = get_num_microbatches()
         a = args.paci_accumulation or m
         self.start_iteration = int(getattr(args, "iteration", 0) or 0)
-        # A checkpoint is only ever written drained: every stage had applied one update
-        # per a backwards of the iterations so far.
         self.start_version = self.start_iteration * m // a
-        wrapped.restore_version(self.start_version)
         paci = PACIConfig(
             accumulation=args.paci_accumulation,
             max_drift=args.paci_max_drift,
@@ -329,6 +326,8 @@ class Glue:
             wrapped, paci,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         )
+        # Checkpoints are only written drained (save_checkpoint_and_time drains first).
+        self.schedule.restore_drained(self.start_iteration * m, a)
         from megatron.core import parallel_state as ps
 
         P = ps.get_pipeline_model_parallel_world_size()
@@ -431,6 +430,15 @@ def _patch_initialize(module) -> None:
             _wrap(module, "validate_args", _validated)
 
 
+def _print_summary() -> None:
+    rows = glue.stage_summaries()
+    _print_last(
+        f"paci-megatron: stopped at iteration {glue.iteration} with the PACI schedule: "
+        f"train_step calls per stage {[r['calls'] for r in rows]}, local updates per stage "
+        f"{[r['updates'] for r in rows]}, drift_max per stage "
+        f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}")
+
+
 def _patch_training(module) -> None:
     from .optimizer import finalize_stage_grads
 
@@ -497,8 +505,9 @@ def _patch_training(module) -> None:
     def make_exit(original):
         def checkpoint_and_decide_exit(*a, **k):
             should_exit = original(*a, **k)
-            if should_exit:
+            if should_exit and glue.active:
                 glue.drain("exit")
+                _print_summary()
             return should_exit
 
         return checkpoint_and_decide_exit
@@ -508,12 +517,7 @@ def _patch_training(module) -> None:
             result = original(*a, **k)
             if glue.active:
                 glue.drain("end of training")
-                rows = glue.stage_summaries()
-                _print_last(
-                    "paci-megatron: training done with the PACI schedule: "
-                    f"train_step calls per stage {[r['calls'] for r in rows]}, local updates "
-                    f"per stage {[r['updates'] for r in rows]}, drift_max per stage "
-                    f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}")
+                _print_summary()
             return result
 
         return train

@@ -258,9 +258,9 @@ class PACIOptimizer:
             (update_index - 1 - version0) * self.accumulation * self.samples_per_microbatch
         )
         try:
-            for group in self.optimizer.param_groups:
-                group["lr"] = sched.get_lr(group)
-                group["weight_decay"] = sched.get_wd(group) * group.get("wd_mult", 1.0)
+            # the scheduler's own assignment of lr / weight decay to every param group, at
+            # that sample count (its formula differs between megatron-core releases)
+            sched.step(increment=0)
         finally:
             sched.num_steps = saved
         groups = self.optimizer.param_groups

@@ -245,6 +245,29 @@ class PACISchedule:
             },
         }
 
+    def restore_drained(self, microbatches: int, accumulation: int) -> None:
+        """Resume from a checkpoint written on a drained pipeline, before the first call.
+
+        A drained stage that has trained ``microbatches`` micro-batches (iterations x m)
+        has forwarded and backwarded each of them and applied ``microbatches / a``
+        updates: that is its whole PACI state (what Megatron-LM's own checkpoint does not
+        store). Drift telemetry starts afresh.
+
+        Raises:
+            ValueError: ``accumulation`` does not divide ``microbatches``, or the schedule
+                has already run.
+        """
+        if self._ctx is not None or self.state != StageState():
+            raise ValueError("restore_drained() must come before the schedule's first call")
+        if accumulation < 1 or microbatches < 0 or microbatches % accumulation:
+            raise ValueError(
+                f"a drained pipeline that trained {microbatches} micro-batches cannot have "
+                f"updated every {accumulation} of them")
+        version = microbatches // accumulation
+        self.state = StageState(forwarded=microbatches, backwarded=microbatches, pending=0,
+                                version=version)
+        self.optimizer.restore_version(version)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a fresh schedule (before its first call)."""
         self.state = StageState(**state["state"])
