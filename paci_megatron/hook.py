@@ -16,7 +16,8 @@ script's folder, so importing ``megatron`` here could load a different copy than
 script's own checkout. The launching ``torchrun`` process sees the same arguments; it
 never imports ``megatron.training``, so the hook stays idle there.
 
-Set ``PACI_MEGATRON_DISABLE=1`` to switch the hook off entirely.
+Set ``PACI_MEGATRON_DISABLE=1`` to switch the ``.pth`` hook off (a checkout edited by
+``paci-megatron patch`` activates the glue explicitly and is not affected).
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def activate(argv: Optional[Sequence[str]] = None, environ=None,
     Returns the hook, or None when nothing was asked for. Idempotent.
     """
     global _hook
+    environ = os.environ if environ is None else environ
+    if glue:  # an explicit activation: PACI_MEGATRON_DISABLE only switches the .pth off
+        environ = {k: v for k, v in environ.items() if k != DISABLE_ENV}
     want_glue, want_cpu = wanted(argv, environ)
-    if str((os.environ if environ is None else environ).get(DISABLE_ENV, "")).lower() in _TRUE:
-        return None
     want_glue = want_glue or glue
     if not (want_glue or want_cpu):
         return None

@@ -1,0 +1,179 @@
+"""Megatron-LM's own ``pretrain_gpt.py`` with ``--pipeline-schedule paci``, on CPU.
+
+These tests launch the real training entry point of a Megatron-LM checkout under
+torchrun with gloo (``PACI_MEGATRON_CPU=1``: :func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`),
+mock data and a tiny GPT. They need a checkout, named by the environment variable
+``MEGATRON_LM_PATH`` (tested with the tag core_v0.16.1 and core_v0.14.0, matching the
+installed megatron-core range); without it they are skipped with that message. The
+glue is activated the way users get it: by the installed ``paci_megatron.pth`` hook (or,
+in the last test, by ``paci-megatron patch`` on a copy of the checkout).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
+pytestmark = pytest.mark.skipif(
+    not CHECKOUT or not os.path.isfile(os.path.join(CHECKOUT or "", "pretrain_gpt.py")),
+    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (e.g. git tag core_v0.16.1) to run "
+           "Megatron-LM's own pretrain_gpt.py with --pipeline-schedule paci",
+)
+
+TINY = [
+    "--distributed-backend", "gloo", "--transformer-impl", "local",
+    "--attention-backend", "unfused", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+    "--no-rope-fusion", "--mock-data", "--tokenizer-type", "NullTokenizer",
+    "--vocab-size", "4096", "--num-layers", "4", "--hidden-size", "64",
+    "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
+    "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--log-interval", "1", "--eval-iters", "1", "--seed", "1234",
+]
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.E+-]+) \|")
+VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm loss value: ([0-9.E+-]+)")
+DRIFT = re.compile(r"paci \| iteration (\d+) \| drift_max per stage: (\[[0-9, ]*\])")
+
+
+def launch(nproc, *flags, checkout=None, env=None, base=TINY, timeout=420):
+    """Run pretrain_gpt.py under torchrun; returns (returncode, combined output)."""
+    checkout = checkout or CHECKOUT
+    environ = dict(os.environ, PACI_MEGATRON_CPU="1", OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-port", str(_port()), os.path.join(checkout, "pretrain_gpt.py"), *base,
+           *map(str, flags)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=environ, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        pytest.fail(f"pretrain_gpt.py did not finish within {timeout} s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def _port():
+    from paci_megatron.testing import free_port
+
+    return free_port()
+
+
+def ok(nproc, *flags, **kw):
+    rc, out = launch(nproc, *flags, **kw)
+    assert rc == 0, out[-6000:]
+    return out
+
+
+def losses(out):
+    return {int(i): float(v) for i, v in LOSS.findall(out)}
+
+
+def validation(out):
+    return [(int(i), where.strip(), float(v)) for i, where, v in VALID.findall(out)]
+
+
+@pytest.mark.parametrize("pp,expected", [(2, [1, 0]), (4, [1, 1, 1, 0])])
+def test_paci_trains_megatron_lm_with_drift_per_stage(pp, expected):
+    out = ok(pp, "--pipeline-model-parallel-size", pp, "--pipeline-schedule", "paci",
+             "--train-iters", 16, "--eval-interval", 16)
+    # the PACI schedule and optimizer wrapper are the ones Megatron-LM called: every stage
+    # announces them, the drift lines come from the schedule's own telemetry, and each
+    # stage's wrapper counted its local updates (a = m: one per iteration)
+    for s in range(pp):
+        assert f"paci-megatron: stage {s} of {pp}: PACI schedule active (accumulation a = 4 of m = 4" in out
+    drift = {int(i): v for i, v in DRIFT.findall(out)}
+    assert sorted(drift) == list(range(1, 17)) and drift[16] == str(expected)
+    assert (f"stopped at iteration 16 with the PACI schedule: train_step calls per stage "
+            f"{[16] * pp}, local updates per stage {[16] * pp}, drift_max per stage {expected}") in out
+    loss = losses(out)
+    assert sorted(loss) == list(range(1, 17))
+    first, last = sum(loss[i] for i in range(1, 5)) / 4, sum(loss[i] for i in range(13, 17)) / 4
+    assert last < first - 0.1, loss
+    assert "--pipeline-schedule paci (rerun mode disabled)" in out
+
+
+def test_accumulation_one_gives_drift_bound_per_stage():
+    out = ok(4, "--pipeline-model-parallel-size", 4, "--pipeline-schedule", "paci",
+             "--paci-accumulation", 1, "--train-iters", 4, "--eval-interval", 4)
+    drift = {int(i): v for i, v in DRIFT.findall(out)}
+    assert drift[4] == "[3, 2, 1, 0]"
+    assert "local updates per stage [16, 16, 16, 16]" in out
+
+
+def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():
+    common = ["--pipeline-model-parallel-size", 2, "--train-iters", 6, "--eval-interval", 3]
+    plain = ok(2, *common)
+    explicit = ok(2, *common, "--pipeline-schedule", "1f1b")
+    assert "paci-megatron" not in plain and "pipeline_schedule" not in plain  # hook idle
+    assert "pipeline_schedule ............................... 1f1b" in explicit
+    assert "paci |" not in explicit and "PACI schedule active" not in explicit
+    assert len(losses(plain)) == 6
+    assert losses(explicit) == losses(plain)  # every printed digit
+    assert validation(explicit) == validation(plain) and len(validation(plain)) == 4
+
+
+def test_paci_checkpoint_saves_drained_and_resumes(tmp_path):
+    common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+              "--train-iters", 12, "--eval-interval", 4]
+    first = ok(2, *common, "--save", tmp_path / "a", "--save-interval", 4, "--exit-interval", 8)
+    assert "stopped at iteration 8 with the PACI schedule" in first
+    assert (tmp_path / "a" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    resumed = ok(2, *common, "--load", tmp_path / "a")
+    assert "starting at iteration 8, version 8" in resumed
+    whole = ok(2, *common, "--save", tmp_path / "b", "--save-interval", 4)
+    a, b = losses(resumed), losses(whole)
+    # Megatron-LM does not reset its loss average after a process's first logged
+    # iteration, so iteration 10 of the resumed run prints the mean of 9 and 10
+    assert a[9] == b[9] and a[11] == b[11] and a[12] == b[12]
+    assert a[10] == pytest.approx((b[9] + b[10]) / 2, rel=1e-6)
+    assert [v for v in validation(resumed) if v[0] == 12] == [v for v in validation(whole) if v[0] == 12]
+
+
+def test_refusals_stop_megatron_lm_before_training():
+    tied = [f for f in TINY if f != "--untie-embeddings-and-output-weights"]
+    rc, out = launch(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+                     "--train-iters", 4, "--rerun-mode", "validate_results",
+                     "--calculate-per-token-loss", "--paci-accumulation", 3, base=tied)
+    assert rc != 0
+    assert "paci-megatron: this run cannot start (4 problem(s))" in out
+    for text in ("add --untie-embeddings-and-output-weights",
+                 "--calculate-per-token-loss reduces token counts across pipeline stages: remove it",
+                 "use --rerun-mode disabled",
+                 "--paci-accumulation 3 does not divide the 4 micro-batches"):
+        assert text in out
+    assert not LOSS.search(out) and "[before the start of training step]" not in out
+
+
+def test_patched_checkout_activates_without_the_hook(tmp_path):
+    copy = tmp_path / "Megatron-LM"
+    copy.mkdir()
+    for name in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py"):
+        if os.path.exists(os.path.join(CHECKOUT, name)):
+            shutil.copy(os.path.join(CHECKOUT, name), copy / name)
+    shutil.copytree(os.path.join(CHECKOUT, "megatron"), copy / "megatron",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    from paci_megatron.cli import main
+
+    assert main(["patch", str(copy)]) == 0
+    # the .pth hook is switched off: only the edit in megatron/training/__init__.py acts
+    env = {"PACI_MEGATRON_DISABLE": "1"}
+    plain = ok(2, "--pipeline-model-parallel-size", 2, "--train-iters", 4, "--eval-interval", 4,
+               checkout=str(copy), env=env)
+    assert "pipeline_schedule ............................... 1f1b" in plain
+    assert "PACI schedule active" not in plain
+    out = ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+             "--train-iters", 4, "--eval-interval", 4, checkout=str(copy), env=env)
+    assert "paci-megatron: stage 1 of 2: PACI schedule active" in out
+    assert losses(out).keys() == {1, 2, 3, 4}
+    assert main(["patch", str(copy), "--revert"]) == 0
+    target = os.path.join("megatron", "training", "__init__.py")
+    with open(os.path.join(CHECKOUT, target), "rb") as f:
+        assert (copy / target).read_bytes() == f.read()
