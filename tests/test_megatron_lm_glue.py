@@ -1,0 +1,329 @@
+"""The Megatron-LM glue without a Megatron-LM checkout: hook, arguments, refusals, patches,
+the ``paci-megatron`` command and the CPU-mode pieces for ``megatron.training``."""
+
+import argparse
+import os
+import subprocess
+import sys
+import sysconfig
+import types
+
+import pytest
+
+from paci_megatron import cli, hook, megatron_lm
+from paci_megatron.megatron_lm import Glue, add_arguments, check_args
+
+
+# --------------------------------------------------------------------------- hook
+@pytest.mark.parametrize("argv,env,expected", [
+    (["pretrain_gpt.py", "--pipeline-schedule", "paci"], {}, (True, False)),
+    (["pretrain_gpt.py", "--pipeline-schedule=1f1b"], {}, (True, False)),
+    (["pretrain_gpt.py", "--pipeline-model-parallel-size", "2"], {}, (False, False)),
+    (["--pipeline-schedule"], {}, (False, False)),  # argv[0] is the program, not a flag
+    (["x.py"], {"PACI_MEGATRON_CPU": "1"}, (False, True)),
+    (["x.py"], {"PACI_MEGATRON_CPU": "0"}, (False, False)),
+    (["x.py", "--pipeline-schedule", "paci"], {"PACI_MEGATRON_CPU": "yes",
+                                               "PACI_MEGATRON_DISABLE": "1"}, (False, False)),
+])
+def test_hook_activates_only_for_its_flag_or_cpu_mode(argv, env, expected):
+    assert hook.wanted(argv, env) == expected
+
+
+def test_post_import_hook_patches_the_module_from_where_python_finds_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "paci_fake_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text("def f():\n    return 'original'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+
+    def patch(module):
+        seen.append(module.__file__)
+        original = module.f
+        module.f = lambda: "patched " + original()
+
+    finder = hook.PostImportHook()
+    finder.register("paci_fake_pkg.mod", patch)
+    sys.meta_path.insert(0, finder)
+    try:
+        import paci_fake_pkg.mod as mod
+
+        assert mod.f() == "patched original"
+        assert seen == [str(pkg / "mod.py")]
+        late = []
+        finder.register("paci_fake_pkg.mod", lambda m: late.append(m))  # already imported
+        assert late == [mod]
+        assert mod.__spec__.loader.get_source("paci_fake_pkg.mod").startswith("def f")
+    finally:
+        sys.meta_path.remove(finder)
+        for name in ("paci_fake_pkg.mod", "paci_fake_pkg"):
+            sys.modules.pop(name, None)
+
+
+def _loaded(*args, env=None):
+    code = ("import sys; print(int('paci_megatron.megatron_lm' in sys.modules), "
+            "int('paci_megatron.cpu' in sys.modules))")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PACI_MEGATRON")}
+    environ.update(env or {})
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=environ, cwd="/", timeout=120, check=True).stdout.split()
+    return tuple(map(int, out))
+
+
+def test_installed_pth_activates_the_glue_only_when_asked():
+    pth = os.path.join(sysconfig.get_paths()["purelib"], "paci_megatron.pth")
+    assert os.path.exists(pth), (
+        f"{pth} is missing: `pip install .` installs it; editable installs need "
+        "`paci-megatron install-hook`")
+    assert _loaded() == (0, 0)
+    assert _loaded("--pipeline-schedule", "paci") == (1, 0)
+    assert _loaded(env={"PACI_MEGATRON_CPU": "1"}) == (0, 1)
+    assert _loaded("--pipeline-schedule", "paci", env={"PACI_MEGATRON_DISABLE": "1"}) == (0, 0)
+
+
+# --------------------------------------------------------------------------- arguments
+def test_arguments_default_to_megatrons_own_schedule():
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert (args.pipeline_schedule, args.paci_accumulation, args.paci_drain_interval,
+            args.paci_max_drift, args.paci_memory_mode, args.paci_skip_nonfinite_updates) == (
+        "1f1b", None, 0, None, "activations", False)
+    args = parser.parse_args(["--pipeline-schedule", "paci", "--paci-accumulation", "2",
+                              "--paci-drain-interval", "50", "--paci-memory-mode", "recompute"])
+    assert (args.pipeline_schedule, args.paci_accumulation, args.paci_drain_interval,
+            args.paci_memory_mode) == ("paci", 2, 50, "recompute")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pipeline-schedule", "gpipe"])
+
+
+def megatron_args(**overrides):
+    """The attributes of Megatron-LM's validated arguments that the glue reads."""
+    values = dict(
+        pipeline_schedule="paci", pipeline_model_parallel_size=4, global_batch_size=32,
+        micro_batch_size=2, data_parallel_size=2, untie_embeddings_and_output_weights=True,
+        paci_accumulation=None, paci_drain_interval=0, paci_max_drift=None,
+        paci_memory_mode="activations", paci_skip_nonfinite_updates=False,
+        rerun_mode="validate_results", distributed_timeout_minutes=10, fp16=False, bf16=True,
+        calculate_per_token_loss=False, virtual_pipeline_model_parallel_size=None, fp8=None,
+        mtp_num_layers=None, overlap_p2p_comm=False, rampup_batch_size=None,
+        overlap_param_gather=False, cuda_graph_impl="none", use_torch_fsdp2=False,
+    )
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_a_valid_paci_run_passes_and_disables_the_rerun_machine():
+    args = megatron_args()
+    assert check_args(args, argv=["pretrain_gpt.py", "--pipeline-schedule", "paci"]) == []
+    assert args.rerun_mode == "disabled"
+    explicit = megatron_args(rerun_mode="disabled")
+    assert check_args(explicit, argv=["x", "--rerun-mode", "disabled"]) == []
+
+
+def test_1f1b_leaves_megatron_arguments_alone():
+    args = megatron_args(pipeline_schedule="1f1b", untie_embeddings_and_output_weights=False,
+                         fp16=True)
+    assert check_args(args, argv=["x"]) == []
+    assert args.rerun_mode == "validate_results"
+    stray = megatron_args(pipeline_schedule="1f1b", paci_accumulation=2, paci_drain_interval=5)
+    assert check_args(stray, argv=["x"]) == [
+        "--paci-accumulation, --paci-drain-interval only apply with --pipeline-schedule paci: "
+        "add it or remove them"]
+
+
+@pytest.mark.parametrize("overrides,argv,expected", [
+    ({"untie_embeddings_and_output_weights": False}, [], "add --untie-embeddings-and-output-weights"),
+    ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
+    ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
+    ({"virtual_pipeline_model_parallel_size": 2}, [], "virtual pipeline stages"),
+    ({"mtp_num_layers": 1}, [], "multi-token prediction (--mtp-num-layers)"),
+    ({"fp8": "hybrid"}, [], "remove --fp8-format"),
+    ({}, ["--rerun-mode", "validate_results"], "use --rerun-mode disabled"),
+    ({"rerun_mode": "report_stats"}, ["--rerun-mode=report_stats"], "--rerun-mode report_stats re-runs"),
+    ({"rampup_batch_size": ["16", "16", "1000"]}, [], "--rampup-batch-size changes"),
+    ({"overlap_param_gather": True}, [], "--overlap-param-gather gathers updated parameters"),
+    ({"use_torch_fsdp2": True}, [], "--use-torch-fsdp2 is not supported"),
+    ({"cuda_graph_impl": "local"}, [], "remove --cuda-graph-impl"),
+    ({"overlap_p2p_comm": True}, [], "--overlap-p2p-communication is not supported"),
+    ({"paci_accumulation": 3}, [], "--paci-accumulation 3 does not divide the 8 micro-batches"),
+    ({"paci_max_drift": 1, "paci_accumulation": 1}, [], "exceeds --paci-max-drift 1: use --paci-accumulation 4"),
+    ({"paci_drain_interval": -1}, [], "--paci-drain-interval -1: must be >= 0"),
+])
+def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
+    problems = check_args(megatron_args(**overrides), argv=["pretrain_gpt.py", *argv])
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_refusals_are_reported_together_once_before_training(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    calls = []
+    validate = megatron_lm._validated(lambda args, defaults=None: calls.append(args))
+    args = megatron_args(untie_embeddings_and_output_weights=False, fp16=True)
+    with pytest.raises(SystemExit) as stop:
+        validate(args, {})
+    assert stop.value.code == 2 and calls == [args]  # Megatron's own validation ran first
+    err = capsys.readouterr().err
+    assert "paci-megatron: this run cannot start (2 problem(s))" in err
+    assert "--untie-embeddings-and-output-weights" in err and "--fp16" in err
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(SystemExit):
+        validate(megatron_args(fp16=True), {})
+    assert capsys.readouterr().err == ""  # printed by rank 0 only
+
+
+# --------------------------------------------------------------------------- patches
+def fake_training_module(events):
+    """A stand-in for megatron.training.training whose functions record their calls."""
+    m = types.ModuleType("fake_megatron_training")
+
+    def record(name, result=None):
+        def fn(*a, **k):
+            events.append((name, a, k))
+            return result
+        return fn
+
+    m.setup_model_and_optimizer = record("setup", (["chunk"], "megatron-optimizer", "sched"))
+    m.get_forward_backward_func = record("get_fbf", "megatron-1f1b")
+    m.finalize_model_grads = record("finalize", "finalized")
+    m.train_step = record("train_step", "step-result")
+    m.training_log = record("training_log", "log-result")
+    m.evaluate = record("evaluate", "eval-result")
+    m.save_checkpoint_and_time = record("save", None)
+    m.checkpoint_and_decide_exit = record("decide_exit", False)
+    m.train = record("train", (10, 0.0))
+    return m
+
+
+class FakeSchedule:
+    def __init__(self, events):
+        self.events = events
+
+    def drain(self):
+        self.events.append(("drain", (), {}))
+
+
+def test_patched_training_module_is_megatrons_own_under_1f1b(monkeypatch):
+    monkeypatch.setattr(megatron_lm, "glue", Glue())
+    events = []
+    m = fake_training_module(events)
+    megatron_lm._patch_training(m)
+    megatron_lm._patch_training(m)  # idempotent: no double wrapping
+    assert not hasattr(m.train_step.__paci_original__, "__paci_original__")
+    assert m.get_forward_backward_func(schedule_pg_collection="pg") == "megatron-1f1b"
+    assert m.setup_model_and_optimizer("mp", "mt") == (["chunk"], "megatron-optimizer", "sched")
+    assert m.finalize_model_grads(["chunk"], 7) == "finalized"
+    assert m.evaluate("x") == "eval-result" and m.train() == (10, 0.0)
+    assert [e[0] for e in events] == ["get_fbf", "setup", "finalize", "evaluate", "train"]
+    assert events[0][2] == {"schedule_pg_collection": "pg"} and events[2][1] == (["chunk"], 7)
+
+
+def test_patched_training_module_runs_paci_and_drains_where_it_must(monkeypatch):
+    glue = Glue()
+    monkeypatch.setattr(megatron_lm, "glue", glue)
+    monkeypatch.setattr(megatron_lm, "_print_summary", lambda: None)
+    events = []
+    m = fake_training_module(events)
+    megatron_lm._patch_training(m)
+    glue.active = True
+    glue.args = argparse.Namespace(paci_drain_interval=2, log_interval=0)
+    with pytest.raises(RuntimeError, match="before setup_model_and_optimizer"):
+        m.get_forward_backward_func()
+    glue.schedule = FakeSchedule(events)
+    assert m.get_forward_backward_func(schedule_pg_collection="pg") is glue.schedule
+    names = lambda: [e[0] for e in events]  # noqa: E731
+    m.evaluate()
+    m.save_checkpoint_and_time(4)
+    assert names() == ["drain", "evaluate", "drain", "save"]
+    events.clear()
+    assert m.checkpoint_and_decide_exit() is False
+    assert names() == ["decide_exit"]  # no exit: nothing drained
+    events.clear()
+    m.train_step()
+    m.train_step()
+    m.train_step()
+    assert names() == ["train_step", "train_step", "drain", "train_step"] and glue.iteration == 3
+    events.clear()
+    m.train()
+    assert names() == ["train", "drain"]  # drained at the end of training
+    with pytest.raises(ValueError, match="remove --calculate-per-token-loss"):
+        m.finalize_model_grads(["chunk"], num_tokens=5)
+
+
+def test_exit_decision_drains_before_megatron_exits(monkeypatch):
+    glue = Glue()
+    monkeypatch.setattr(megatron_lm, "glue", glue)
+    monkeypatch.setattr(megatron_lm, "_print_summary", lambda: None)
+    events = []
+    m = fake_training_module(events)
+    m.checkpoint_and_decide_exit = lambda *a, **k: events.append(("decide_exit",)) or True
+    megatron_lm._patch_training(m)
+    glue.active, glue.schedule = True, FakeSchedule(events)
+    glue.args = argparse.Namespace(paci_drain_interval=0, log_interval=0)
+    assert m.checkpoint_and_decide_exit() is True
+    assert [e[0] for e in events] == ["decide_exit", "drain"]
+
+
+# --------------------------------------------------------------------------- the command
+INIT = '''# Copyright line
+"""Package docstring
+over two lines."""
+
+import torch
+
+from .global_vars import get_args
+'''
+
+
+def test_patch_inserts_two_marked_lines_after_the_docstring_and_reverts_exactly(tmp_path, capsys):
+    target = tmp_path / "megatron" / "training" / "__init__.py"
+    target.parent.mkdir(parents=True)
+    target.write_text(INIT)
+    assert cli.main(["patch", str(tmp_path), "--diff"]) == 0
+    assert target.read_text() == INIT  # --diff writes nothing
+    assert "+paci_megatron.hook.activate(glue=True)" in capsys.readouterr().out
+    assert cli.main(["patch", str(tmp_path)]) == 0
+    lines = target.read_text().splitlines()
+    assert lines[3:5] == [line.rstrip("\n") for line in cli.PATCH_LINES]
+    assert lines[:3] == INIT.splitlines()[:3] and lines[5:] == INIT.splitlines()[3:]
+    assert cli.main(["patch", str(tmp_path)]) == 0
+    assert "already patched" in capsys.readouterr().out
+    assert target.read_text().count("paci-megatron") == 2
+    assert cli.main(["patch", str(tmp_path), "--revert"]) == 0
+    assert target.read_text() == INIT
+
+
+def test_patch_refuses_a_folder_that_is_not_a_checkout(tmp_path, capsys):
+    assert cli.main(["patch", str(tmp_path)]) == 2
+    assert "is not a Megatron-LM checkout: megatron/training/__init__.py not found" in capsys.readouterr().err
+
+
+def test_install_hook_writes_the_pth_file(tmp_path):
+    path = cli.install_hook(str(tmp_path))
+    with open(os.path.join(os.path.dirname(cli.__file__), "paci_megatron.pth")) as f:
+        assert open(path).read() == f.read()
+    assert "--pipeline-schedule" in open(path).read()
+
+
+# --------------------------------------------------------------------------- CPU mode
+def test_cuda_is_reported_to_megatron_training_only():
+    from paci_megatron.cpu import _megatron_training_sees_cuda
+
+    is_available = _megatron_training_sees_cuda(lambda: False)
+    inside = {"__name__": "megatron.training.initialize", "f": is_available}
+    exec("result = f()", inside)
+    outside = {"__name__": "torch._dynamo.utils", "f": is_available}
+    exec("result = f()", outside)
+    assert inside["result"] is True and outside["result"] is False
+
+
+def test_checkout_datasets_package_finds_the_installed_compiled_helper(tmp_path):
+    from paci_megatron.cpu import _use_installed_dataset_helper
+
+    pkg = types.SimpleNamespace(__path__=[str(tmp_path)])
+    _use_installed_dataset_helper(pkg)
+    assert len(pkg.__path__) == 2 and pkg.__path__[0] == str(tmp_path)
+    assert any(n.startswith("helpers_cpp") for n in os.listdir(pkg.__path__[1]))
+    (tmp_path / "helpers_cpp.so").write_text("")
+    own = types.SimpleNamespace(__path__=[str(tmp_path)])
+    _use_installed_dataset_helper(own)
+    assert own.__path__ == [str(tmp_path)]  # a checkout with its own build keeps it
