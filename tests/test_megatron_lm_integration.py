@@ -177,3 +177,39 @@ def test_patched_checkout_activates_without_the_hook(tmp_path):
     target = os.path.join("megatron", "training", "__init__.py")
     with open(os.path.join(CHECKOUT, target), "rb") as f:
         assert (copy / target).read_bytes() == f.read()
+
+
+def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation():
+    """The paper recipe's flags, parsed and validated by Megatron-LM itself (16 ranks, as on
+    2 nodes) and then by PACI's checks, without launching anything."""
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "examples", "megatron_lm")
+    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM=CHECKOUT, DATA_PREFIX="/data/owt_text_document")
+    cmd = subprocess.run(["bash", os.path.join(recipes, "gpt2_medium_pp8.sh")], env=environ,
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    import shlex
+
+    argv = shlex.split(cmd)
+    argv = argv[argv.index(os.path.join(CHECKOUT, "pretrain_gpt.py")) + 1:]
+    code = ("from megatron.training.arguments import parse_args, validate_args\n"
+            "args = parse_args(); validate_args(args)\n"
+            "print('validated', args.pipeline_schedule, args.rerun_mode, args.data_parallel_size,"
+            " args.global_batch_size // (args.micro_batch_size * args.data_parallel_size))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=CHECKOUT, capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, PACI_MEGATRON_CPU="1", WORLD_SIZE="16", RANK="0",
+                                   LOCAL_RANK="0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validated paci disabled 2 32" in proc.stdout
+
+
+def test_tiny_cpu_recipe_trains_with_paci():
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "examples", "megatron_lm")
+    proc = subprocess.run(["bash", os.path.join(recipes, "tiny_gpt_cpu.sh"), "--train-iters", "6",
+                           "--eval-interval", "6", "--lr-warmup-iters", "1"],
+                          env=dict(os.environ, MEGATRON_LM=CHECKOUT, PP="2"),
+                          capture_output=True, text=True, timeout=420)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "drift_max per stage: [1, 0]" in out and "local updates per stage [6, 6]" in out

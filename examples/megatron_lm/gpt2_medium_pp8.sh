@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPT-2 Medium (345M) on 8 pipeline stages with Megatron-LM's own pretrain_gpt.py: the
+# PACI paper's setup (arXiv 2606.07881). One node with 8 GPUs; for 2 nodes (PP 8 x DP 2)
+# see gpt2_medium_pp8_dp2.slurm.
+#
+#   MEGATRON_LM=/path/to/Megatron-LM DATA_PREFIX=/data/owt/owt_text_document \
+#       bash examples/megatron_lm/gpt2_medium_pp8.sh          # PACI
+#   SCHEDULE=1f1b bash examples/megatron_lm/gpt2_medium_pp8.sh # Megatron's 1F1B baseline
+#
+# Everything PACI needs is the one flag --pipeline-schedule paci (pip install
+# paci-megatron next to megatron-core). Environment knobs:
+#   SCHEDULE      paci | 1f1b                          (default paci)
+#   GLOBAL_BATCH  256 | 128 (sequences of 1024 tokens) (default 256)
+#   LR            peak learning rate                    (default 3e-4 at batch 256,
+#                                                        1.5e-4 at 128: linear scaling)
+#   TRAIN_ITERS   iterations                            (default 20000)
+#   MICRO_BATCH   micro-batch size                      (default 4: m = GLOBAL_BATCH/4/DP)
+#   NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  torchrun's rendezvous
+#   CHECKPOINTS   --save/--load folder                  (default runs/gpt2m_${SCHEDULE})
+#   DRY_RUN=1     print the command instead of running it
+# Extra arguments are passed on to pretrain_gpt.py.
+set -euo pipefail
+
+SCHEDULE=${SCHEDULE:-paci}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+if [[ -z "${LR:-}" ]]; then
+  LR=$(python3 -c "print(f'{3e-4 * ${GLOBAL_BATCH} / 256:g}')")
+fi
+MIN_LR=$(python3 -c "print(f'{${LR} / 10:g}')")   # cosine down to 10% of the peak
+TRAIN_ITERS=${TRAIN_ITERS:-20000}
+MICRO_BATCH=${MICRO_BATCH:-4}
+NPROC=${NPROC:-8}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+CHECKPOINTS=${CHECKPOINTS:-runs/gpt2m_${SCHEDULE}}
+MEGATRON_LM=${MEGATRON_LM:?set MEGATRON_LM to your Megatron-LM checkout}
+DATA_PREFIX=${DATA_PREFIX:?set DATA_PREFIX to OpenWebText preprocessed by Megatron (see prepare_openwebtext.sh)}
+TOKENIZER_DIR=${TOKENIZER_DIR:-$(dirname "$DATA_PREFIX")}
+
+ARGS=(
+  # model: GPT-2 Medium, untied input/output embeddings (PACI refuses tied ones with PP > 1)
+  --num-layers 24 --hidden-size 1024 --num-attention-heads 16
+  --seq-length 1024 --max-position-embeddings 1024
+  --position-embedding-type learned_absolute
+  --untie-embeddings-and-output-weights
+  # parallelism: 8 pipeline stages (3 layers each); DP = world / 8
+  --pipeline-model-parallel-size 8 --tensor-model-parallel-size 1
+  --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+  --pipeline-schedule "$SCHEDULE"
+  # optimiser: AdamW (0.9, 0.95), weight decay 0.1, 1% warm-up, cosine to 10%
+  --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
+  --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction 0.01
+  --train-iters "$TRAIN_ITERS"
+  --bf16
+  # data: OpenWebText, GPT-2 BPE
+  --data-path "$DATA_PREFIX" --split 949,50,1
+  --tokenizer-type GPT2BPETokenizer
+  --vocab-file "$TOKENIZER_DIR/gpt2-vocab.json" --merge-file "$TOKENIZER_DIR/gpt2-merges.txt"
+  # logging, evaluation, checkpoints (PACI drains the pipeline before each)
+  --log-interval 10 --log-throughput --eval-interval 500 --eval-iters 20
+  --save "$CHECKPOINTS" --load "$CHECKPOINTS" --save-interval 2000
+  --distributed-backend nccl
+)
+
+CMD=(torchrun --nproc-per-node "$NPROC" --nnodes "$NNODES" --node-rank "$NODE_RANK"
+     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+     "$MEGATRON_LM/pretrain_gpt.py" "${ARGS[@]}" "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${CMD[@]}"; echo
+else
+  exec "${CMD[@]}"
+fi

@@ -1,0 +1,76 @@
+"""The Megatron-LM launch recipes in examples/megatron_lm: syntax, the paper's settings,
+and the PACI/1F1B pairs differing only in the schedule."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "examples", "megatron_lm")
+
+
+def dry_run(script, **env):
+    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM="/opt/Megatron-LM",
+                   DATA_PREFIX="/data/owt/owt_text_document", **env)
+    out = subprocess.run(["bash", os.path.join(RECIPES, script)], env=environ, text=True,
+                         capture_output=True, timeout=60, check=True).stdout
+    return shlex.split(out)
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("script", sorted(os.listdir(RECIPES)))
+def test_every_recipe_is_valid_bash(script):
+    subprocess.run(["bash", "-n", os.path.join(RECIPES, script)], check=True, timeout=30)
+
+
+def test_gpt2_medium_recipe_has_the_papers_settings():
+    argv = dry_run("gpt2_medium_pp8.sh")
+    assert argv[0] == "torchrun" and "/opt/Megatron-LM/pretrain_gpt.py" in argv
+    expected = {
+        "--num-layers": "24", "--hidden-size": "1024", "--num-attention-heads": "16",
+        "--seq-length": "1024", "--pipeline-model-parallel-size": "8",
+        "--global-batch-size": "256", "--adam-beta1": "0.9", "--adam-beta2": "0.95",
+        "--weight-decay": "0.1", "--lr": "0.0003", "--min-lr": "3e-05",
+        "--lr-warmup-fraction": "0.01", "--lr-decay-style": "cosine",
+        "--pipeline-schedule": "paci", "--data-path": "/data/owt/owt_text_document",
+        "--tokenizer-type": "GPT2BPETokenizer", "--nproc-per-node": "8",
+    }
+    assert {k: flag(argv, k) for k in expected} == expected
+    assert "--bf16" in argv and "--untie-embeddings-and-output-weights" in argv
+    small = dry_run("gpt2_medium_pp8.sh", GLOBAL_BATCH="128")
+    assert (flag(small, "--global-batch-size"), flag(small, "--lr"), flag(small, "--min-lr")) == (
+        "128", "0.00015", "1.5e-05")
+
+
+def test_the_1f1b_baseline_differs_only_in_the_schedule_and_checkpoint_folder():
+    paci = dry_run("gpt2_medium_pp8.sh")
+    base = dry_run("gpt2_medium_pp8_1f1b.sh")
+    assert flag(base, "--pipeline-schedule") == "1f1b"
+    diff = [(a, b) for a, b in zip(paci, base) if a != b]
+    assert len(paci) == len(base) and sorted(diff) == [
+        ("paci", "1f1b"), ("runs/gpt2m_paci", "runs/gpt2m_1f1b"),
+        ("runs/gpt2m_paci", "runs/gpt2m_1f1b")]
+
+
+def test_slurm_recipe_runs_pp8_by_dp2_on_two_nodes():
+    text = open(os.path.join(RECIPES, "gpt2_medium_pp8_dp2.slurm")).read()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+    assert "export NPROC=8 NNODES=$SLURM_NNODES" in text and "gpt2_medium_pp8.sh" in text
+    baseline = open(os.path.join(RECIPES, "gpt2_medium_pp8_dp2_1f1b.slurm")).read()
+    assert "export SCHEDULE=1f1b" in baseline and "gpt2_medium_pp8_dp2.slurm" in baseline
+    argv = dry_run("gpt2_medium_pp8.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
+    assert (flag(argv, "--nnodes"), flag(argv, "--node-rank"), flag(argv, "--master-addr")) == (
+        "2", "1", "node0")
+
+
+def test_tiny_cpu_recipe_asks_for_cpu_mode_and_paci():
+    text = open(os.path.join(RECIPES, "tiny_gpt_cpu.sh")).read()
+    assert "export PACI_MEGATRON_CPU=1" in text
+    argv = dry_run("tiny_gpt_cpu.sh")
+    assert flag(argv, "--pipeline-schedule") == "paci" and flag(argv, "--distributed-backend") == "gloo"
+    assert flag(dry_run("tiny_gpt_cpu.sh", SCHEDULE="1f1b"), "--pipeline-schedule") == "1f1b"
