@@ -3,8 +3,9 @@
 These tests launch the real training entry point of a Megatron-LM checkout under
 torchrun with gloo (``PACI_MEGATRON_CPU=1``: :func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`),
 mock data and a tiny GPT. They need a checkout, named by the environment variable
-``MEGATRON_LM_PATH`` (tested with the tag core_v0.16.1 and core_v0.14.0, matching the
-installed megatron-core range); without it they are skipped with that message. The
+``MEGATRON_LM_PATH`` (tested with the tags core_v0.16.1 and core_v0.14.0); without it
+they are skipped with that message. Distributed-optimizer checkpoints are not loaded
+here: on CPU, Megatron's torch-Adam fallback cannot reload them, with or without PACI. The
 glue is activated the way users get it: by the installed ``paci_megatron.pth`` hook (or,
 in the last test, by ``paci-megatron patch`` on a copy of the checkout).
 """
@@ -213,3 +214,13 @@ def test_tiny_cpu_recipe_trains_with_paci():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "drift_max per stage: [1, 0]" in out and "local updates per stage [6, 6]" in out
+
+
+def test_paci_with_distributed_optimizer_bf16_and_data_parallelism():
+    out = ok(4, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+             "--use-distributed-optimizer", "--bf16", "--train-iters", 6, "--eval-interval", 6)
+    # two data-parallel replicas of a 2-stage pipeline: each stage's wrapper reduces its
+    # grads over its own DP group and updates once per iteration
+    assert "stopped at iteration 6 with the PACI schedule: train_step calls per stage [6, 6], " \
+           "local updates per stage [6, 6], drift_max per stage [1, 0]" in out
+    assert len(losses(out)) == 6 and "using world size: 4, data-parallel size: 2" in out
