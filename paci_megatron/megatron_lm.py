@@ -273,7 +273,8 @@ class Glue:
         schedule: the stage's :class:`~paci_megatron.schedule.PACISchedule`.
         start_iteration: the iteration training started (or resumed) from.
         train_steps: ``train_step`` calls made under PACI in this process.
-        drains: drains requested (evaluation, saving, exit, interval).
+        drains: drains done, by reason (``evaluation``, ``checkpoint``, ``exit``,
+            ``interval``, ``end of training``).
     """
 
     def __init__(self) -> None:
@@ -284,7 +285,7 @@ class Glue:
         self.start_iteration = 0
         self.start_version = 0
         self.train_steps = 0
-        self.drains = 0
+        self.drains: Dict[str, int] = {}
 
     @property
     def iteration(self) -> int:
@@ -295,7 +296,7 @@ class Glue:
         """Drain the PACI pipeline (every rank calls it at the same point)."""
         if self.active and self.schedule is not None:
             self.schedule.drain()
-            self.drains += 1
+            self.drains[why] = self.drains.get(why, 0) + 1
 
     def wrap_optimizer(self, model, optimizer, opt_param_scheduler):
         """Wrap Megatron's optimizer and create the stage's schedule (after loading)."""
@@ -436,7 +437,7 @@ def _print_summary() -> None:
         f"paci-megatron: stopped at iteration {glue.iteration} with the PACI schedule: "
         f"train_step calls per stage {[r['calls'] for r in rows]}, local updates per stage "
         f"{[r['updates'] for r in rows]}, drift_max per stage "
-        f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}")
+        f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}")
 
 
 def _patch_training(module) -> None:

@@ -245,6 +245,7 @@ def test_patched_training_module_runs_paci_and_drains_where_it_must(monkeypatch)
     events.clear()
     m.train()
     assert names() == ["train", "drain"]  # drained at the end of training
+    assert glue.drains == {"evaluation": 1, "checkpoint": 1, "interval": 1, "end of training": 1}
     with pytest.raises(ValueError, match="remove --calculate-per-token-loss"):
         m.finalize_model_grads(["chunk"], num_tokens=5)
 

@@ -93,7 +93,8 @@ def test_paci_trains_megatron_lm_with_drift_per_stage(pp, expected):
     drift = {int(i): v for i, v in DRIFT.findall(out)}
     assert sorted(drift) == list(range(1, 17)) and drift[16] == str(expected)
     assert (f"stopped at iteration 16 with the PACI schedule: train_step calls per stage "
-            f"{[16] * pp}, local updates per stage {[16] * pp}, drift_max per stage {expected}") in out
+            f"{[16] * pp}, local updates per stage {[16] * pp}, drift_max per stage {expected}, "
+            "drains {'evaluation': 1, 'end of training': 1}") in out
     loss = losses(out)
     assert sorted(loss) == list(range(1, 17))
     first, last = sum(loss[i] for i in range(1, 5)) / 4, sum(loss[i] for i in range(13, 17)) / 4
