@@ -394,17 +394,22 @@ def _report_and_exit(problems: List[str]) -> None:
     sys.exit(2)
 
 
+def _accept(args) -> None:
+    """Check validated arguments (exit with the problems) and record the schedule."""
+    problems = check_args(args)
+    if problems:
+        _report_and_exit(problems)
+    glue.args = args
+    glue.active = getattr(args, "pipeline_schedule", "1f1b") == "paci"
+    if glue.active and _rank() == 0:
+        print(f"paci-megatron: --pipeline-schedule paci (rerun mode {args.rerun_mode})",
+              flush=True)
+
+
 def _validated(original):
     def validate_args(args, *a, **k):
         result = original(args, *a, **k)
-        problems = check_args(args)
-        if problems:
-            _report_and_exit(problems)
-        glue.args = args
-        glue.active = args.pipeline_schedule == "paci"
-        if glue.active and _rank() == 0:
-            print(f"paci-megatron: --pipeline-schedule paci (rerun mode {args.rerun_mode})",
-                  flush=True)
+        _accept(args)
         return result
 
     return validate_args
@@ -445,6 +450,10 @@ def _patch_training(module) -> None:
 
     def make_setup(original):
         def setup_model_and_optimizer(*a, **k):
+            args = module.get_args() if hasattr(module, "get_args") else None
+            if args is not None and glue.args is not args:
+                # arguments that did not pass through validate_args (e.g. --yaml-cfg)
+                _accept(args)
             model, optimizer, scheduler = original(*a, **k)
             if glue.active:
                 optimizer = glue.wrap_optimizer(model, optimizer, scheduler)

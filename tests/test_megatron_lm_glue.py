@@ -328,3 +328,22 @@ def test_checkout_datasets_package_finds_the_installed_compiled_helper(tmp_path)
     own = types.SimpleNamespace(__path__=[str(tmp_path)])
     _use_installed_dataset_helper(own)
     assert own.__path__ == [str(tmp_path)]  # a checkout with its own build keeps it
+
+
+def test_arguments_that_skipped_validate_args_are_checked_before_the_model_is_built(
+        monkeypatch, capsys):
+    glue = Glue()
+    monkeypatch.setattr(megatron_lm, "glue", glue)
+    monkeypatch.setenv("RANK", "0")
+    events = []
+    m = fake_training_module(events)
+    bad = megatron_args(fp16=True)
+    m.get_args = lambda: bad  # e.g. arguments from --yaml-cfg, never seen by validate_args
+    megatron_lm._patch_training(m)
+    with pytest.raises(SystemExit):
+        m.setup_model_and_optimizer()
+    assert events == [] and "--fp16 uses dynamic loss scaling" in capsys.readouterr().err
+    good = megatron_args(pipeline_schedule="1f1b")
+    m.get_args = lambda: good
+    assert m.setup_model_and_optimizer()[1] == "megatron-optimizer"
+    assert glue.args is good and not glue.active
