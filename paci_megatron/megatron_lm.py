@@ -51,15 +51,9 @@ PATCHED: Dict[str, Sequence[str]] = {
     "megatron.training.arguments": ("_add_distributed_args", "validate_args"),
     "megatron.training.initialize": ("validate_args",),
     "megatron.training.training": (
-        "setup_model_and_optimizer",
-        "get_forward_backward_func",
-        "finalize_model_grads",
-        "train_step",
-        "training_log",
-        "evaluate",
-        "save_checkpoint_and_time",
-        "checkpoint_and_decide_exit",
-        "train",
+        "setup_model_and_optimizer", "get_forward_backward_func", "finalize_model_grads",
+        "train_step", "training_log", "evaluate", "save_checkpoint_and_time",
+        "checkpoint_and_decide_exit", "train",
     ),
 }
 
@@ -445,102 +439,115 @@ def _print_summary() -> None:
         f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}")
 
 
-def _patch_training(module) -> None:
+# Each maker takes Megatron-LM's module and its original function and returns the
+# replacement; under 1f1b every replacement calls the original unchanged.
+def _setup_model_and_optimizer(module, original):
+    def setup_model_and_optimizer(*a, **k):
+        args = module.get_args() if hasattr(module, "get_args") else None
+        if args is not None and glue.args is not args:
+            _accept(args)  # arguments that skipped validate_args (e.g. --yaml-cfg)
+        model, optimizer, scheduler = original(*a, **k)
+        if glue.active:
+            optimizer = glue.wrap_optimizer(model, optimizer, scheduler)
+        return model, optimizer, scheduler
+
+    return setup_model_and_optimizer
+
+
+def _get_forward_backward_func(module, original):
+    def get_forward_backward_func(*a, **k):
+        if not glue.active:
+            return original(*a, **k)
+        if glue.schedule is None:
+            raise RuntimeError("paci-megatron: the PACI schedule is requested before "
+                               "setup_model_and_optimizer built the optimizer")
+        return glue.schedule
+
+    return get_forward_backward_func
+
+
+def _finalize_model_grads(module, original):
     from .optimizer import finalize_stage_grads
 
-    def make_setup(original):
-        def setup_model_and_optimizer(*a, **k):
-            args = module.get_args() if hasattr(module, "get_args") else None
-            if args is not None and glue.args is not args:
-                # arguments that did not pass through validate_args (e.g. --yaml-cfg)
-                _accept(args)
-            model, optimizer, scheduler = original(*a, **k)
-            if glue.active:
-                optimizer = glue.wrap_optimizer(model, optimizer, scheduler)
-            return model, optimizer, scheduler
+    def finalize_model_grads(model, *a, **k):
+        return (finalize_stage_grads if glue.active else original)(model, *a, **k)
 
-        return setup_model_and_optimizer
+    return finalize_model_grads
 
-    def make_get(original):
-        def get_forward_backward_func(*a, **k):
-            if glue.active:
-                if glue.schedule is None:
-                    raise RuntimeError(
-                        "paci-megatron: the PACI schedule is requested before "
-                        "setup_model_and_optimizer built the optimizer")
-                return glue.schedule
+
+def _train_step(module, original):
+    def train_step(*a, **k):
+        result = original(*a, **k)
+        if glue.active:
+            glue.train_steps += 1
+            interval = glue.args.paci_drain_interval
+            if interval and glue.iteration % interval == 0:
+                glue.drain("interval")
+        return result
+
+    return train_step
+
+
+def _training_log(module, original):
+    def training_log(*a, **k):
+        result = original(*a, **k)
+        interval = glue.args.log_interval if glue.active else 0
+        if interval and glue.iteration % interval == 0:
+            _print_last(glue.log_line())
+        return result
+
+    return training_log
+
+
+def _drain_first(why: str):
+    def make(module, original):
+        def drained_first(*a, **k):
+            glue.drain(why)
             return original(*a, **k)
 
-        return get_forward_backward_func
+        return drained_first
 
-    def make_finalize(original):
-        def finalize_model_grads(model, *a, **k):
-            if glue.active:
-                return finalize_stage_grads(model, *a, **k)
-            return original(model, *a, **k)
+    return make
 
-        return finalize_model_grads
 
-    def make_train_step(original):
-        def train_step(*a, **k):
-            result = original(*a, **k)
-            if glue.active:
-                glue.train_steps += 1
-                n = glue.args.paci_drain_interval
-                if n and glue.iteration % n == 0:
-                    glue.drain("interval")
-            return result
+def _checkpoint_and_decide_exit(module, original):
+    def checkpoint_and_decide_exit(*a, **k):
+        should_exit = original(*a, **k)
+        if should_exit and glue.active:
+            glue.drain("exit")
+            _print_summary()
+        return should_exit
 
-        return train_step
+    return checkpoint_and_decide_exit
 
-    def make_training_log(original):
-        def training_log(*a, **k):
-            result = original(*a, **k)
-            if glue.active and glue.args.log_interval and glue.iteration % glue.args.log_interval == 0:
-                _print_last(glue.log_line())
-            return result
 
-        return training_log
+def _train(module, original):
+    def train(*a, **k):
+        result = original(*a, **k)
+        if glue.active:
+            glue.drain("end of training")
+            _print_summary()
+        return result
 
-    def make_drain_first(why):
-        def make(original):
-            def drained_first(*a, **k):
-                glue.drain(why)
-                return original(*a, **k)
+    return train
 
-            return drained_first
 
-        return make
+_TRAINING_PATCHES = {
+    "setup_model_and_optimizer": _setup_model_and_optimizer,
+    "get_forward_backward_func": _get_forward_backward_func,
+    "finalize_model_grads": _finalize_model_grads,
+    "train_step": _train_step,
+    "training_log": _training_log,
+    "evaluate": _drain_first("evaluation"),
+    "save_checkpoint_and_time": _drain_first("checkpoint"),
+    "checkpoint_and_decide_exit": _checkpoint_and_decide_exit,
+    "train": _train,
+}
 
-    def make_exit(original):
-        def checkpoint_and_decide_exit(*a, **k):
-            should_exit = original(*a, **k)
-            if should_exit and glue.active:
-                glue.drain("exit")
-                _print_summary()
-            return should_exit
 
-        return checkpoint_and_decide_exit
-
-    def make_train(original):
-        def train(*a, **k):
-            result = original(*a, **k)
-            if glue.active:
-                glue.drain("end of training")
-                _print_summary()
-            return result
-
-        return train
-
-    _wrap(module, "setup_model_and_optimizer", make_setup)
-    _wrap(module, "get_forward_backward_func", make_get)
-    _wrap(module, "finalize_model_grads", make_finalize)
-    _wrap(module, "train_step", make_train_step)
-    _wrap(module, "training_log", make_training_log)
-    _wrap(module, "evaluate", make_drain_first("evaluation"))
-    _wrap(module, "save_checkpoint_and_time", make_drain_first("checkpoint"))
-    _wrap(module, "checkpoint_and_decide_exit", make_exit)
-    _wrap(module, "train", make_train)
+def _patch_training(module) -> None:
+    for name, make in _TRAINING_PATCHES.items():
+        _wrap(module, name, lambda original, make=make: make(module, original))
 
 
 def register(hook) -> None:

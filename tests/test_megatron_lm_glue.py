@@ -347,3 +347,12 @@ def test_arguments_that_skipped_validate_args_are_checked_before_the_model_is_bu
     m.get_args = lambda: good
     assert m.setup_model_and_optimizer()[1] == "megatron-optimizer"
     assert glue.args is good and not glue.active
+
+
+def test_patched_names_are_the_documented_ones():
+    assert set(megatron_lm._TRAINING_PATCHES) == set(megatron_lm.PATCHED["megatron.training.training"])
+    events = []
+    m = fake_training_module(events)
+    megatron_lm._patch_training(m)
+    for name in megatron_lm.PATCHED["megatron.training.training"]:
+        assert getattr(m, name).__paci_original__ is not None, name
