@@ -32,7 +32,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "examples", "pretrain_gpt.py")
+RECIPE = os.path.join("examples", "pretrain_gpt.py")  # relative to ROOT, the runs' cwd
 SCHEDULES = ("paci", "1f1b")
 
 
@@ -175,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seconds: Dict[str, Optional[float]] = {}
     for schedule in SCHEDULES:
         log_path = os.path.join(args.runs_dir, f"{schedule}.jsonl")
+        if os.path.abspath(log_path).startswith(ROOT + os.sep):
+            log_path = os.path.relpath(os.path.abspath(log_path), ROOT)
         cmd = recipe_command(schedule, args, log_path)
         commands[schedule] = shlex.join(["torchrun"] + cmd[3:])
         seconds[schedule] = None
@@ -188,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: the {schedule} run failed (exit {rc}); its output is in "
                       f"{os.path.join(args.runs_dir, schedule + '.out')}", file=sys.stderr)
                 return 2
-        curves[schedule] = read_log(log_path, tokens_per_iteration)
+        curves[schedule] = read_log(os.path.join(ROOT, log_path), tokens_per_iteration)
     last = {s: curves[s]["val"][-1] for s in SCHEDULES}
     if last["paci"]["iteration"] != last["1f1b"]["iteration"]:
         print("error: the two logs end at different iterations "
@@ -205,6 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"warm-up {args.lr_warmup_iters}, clip {args.clip_grad:g}: final val gap {gap:+.2%}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core: no Apex/TE
         from schedule_throughput import machine  # noqa: E402 (same folder)
 
         with open(args.output, "w", encoding="utf-8") as f:
