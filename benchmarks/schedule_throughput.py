@@ -19,7 +19,8 @@ rather than the machine's core count; the last stage adds a mean-squared-error l
 Activations ``[--seq-length, --micro-batch-size, --hidden-size]`` travel between stages
 through gloo.
 
-Measured, per rank over the timed iterations only (``time.perf_counter``, seconds):
+Measured, per rank and round over the timed iterations only (``time.perf_counter``,
+seconds):
 
 - ``wall``: from the start of the first timed iteration to the end of the last.
 - ``compute``: time inside the stage's forward and backward functions (the controlled
@@ -30,28 +31,39 @@ Measured, per rank over the timed iterations only (``time.perf_counter``, second
 - ``update``: time in optimizer steps (PACI: ``PACIOptimizer.local_update``; 1F1B:
   ``optimizer.step()``).
 
-Reported per ``(P, m)``:
+A round lasts as long as its slowest rank. Every figure below comes from each schedule's
+fastest round (on a shared machine, the round least disturbed by other processes); the
+JSON also holds every round's time and the ratio over all rounds. Reported per
+``(P, m)``:
 
-- throughput: micro-batches per second, ``m * iterations / max over ranks of wall``;
+- throughput: micro-batches per second, ``m * iterations / wall`` of that round;
   ``ratio`` = PACI / 1F1B, against the ideal ``(m + P - 1) / m`` (1F1B's iteration costs
   ``m + P - 1`` micro-batch slots, PACI's steady state ``m``: PACI paper, arXiv
   2606.07881, and Megatron's flush utilisation ``m / (m + P - 1)``).
-- utilisation: ``compute / wall`` averaged over stages; formula ``m / (m + P - 1)`` for
+- utilisation, averaged over stages: ``busy / wall``, where ``busy`` = ``steps`` (below),
+  the time the stage spends in its forward and backward actions, which is what the
+  simulator counts as busy; and the narrower ``compute / wall`` (the controlled time
+  only, Megatron's per-micro-batch machinery counted as idle). Formula ``m / (m + P - 1)`` for
   1F1B and 1 for PACI in steady state; and the simulator's
   (:mod:`paci_megatron.sim`, fed the same forward / backward times, zero communication
   time) steady-state utilisation, measured as the marginal utilisation between a
   ``K1``- and a ``K2``-iteration simulation, ``(busy(K2) - busy(K1)) / (makespan(K2) -
   makespan(K1))``, so that PACI's one-off fill and drain drop out as they do from the
   measured steady state.
-- schedule overhead per micro-batch, seconds: ``(wall - compute - comm - update) /
-  micro-batches`` per rank, the largest over ranks: everything the schedule does besides
-  computing, communicating and stepping the optimizer (planning, bookkeeping, drift
-  telemetry, Megatron's ``forward_step`` / ``backward_step`` wrappers). A second,
-  independent measure runs ONE stage whose forward and backward cost nothing but a tiny
-  matmul (``--overhead-microbatches`` per iteration) and compares PACI's time per
-  micro-batch with megatron-core's own ``forward_backward_no_pipelining`` loop on the
-  same model: the difference is what PACI adds per micro-batch over Megatron's plain
-  loop.
+- schedule overhead per micro-batch, seconds: ``(wall - steps - comm - update) /
+  micro-batches`` per rank, the largest over ranks, where ``steps`` is the time inside
+  megatron-core's per-micro-batch ``schedules.forward_step`` and
+  ``schedules.backward_step`` (both schedules call these same functions; they hold the
+  model's forward, the loss, autograd's backward and the gradient hooks). What remains is
+  the schedule's own work: planning, bookkeeping of the micro-batches in flight, drift
+  telemetry, and the training loop's ``zero_grad`` calls. The JSON also holds the wider
+  ``outside_compute`` figure, ``(wall - compute - comm - update) / micro-batches``, which
+  adds Megatron's ``forward_step`` / ``backward_step`` machinery around the controlled
+  compute (and this benchmark's own activation accounting). A third, independent measure
+  runs ONE stage whose forward and backward cost nothing but a tiny matmul
+  (``--overhead-microbatches`` per iteration) and compares PACI's time per micro-batch
+  with megatron-core's own ``forward_backward_no_pipelining`` loop on the same model: the
+  difference is what PACI adds per micro-batch over Megatron's plain loop.
 - peak activation bytes per stage: the most bytes autograd held saved for backward at
   once (``torch.autograd.graph.saved_tensors_hooks`` around the model's forward; every
   saved tensor counted with its storage size from its pack until autograd frees it,
@@ -124,6 +136,15 @@ class _TimedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _Held:
+    """A saved tensor in the meter's care; its collection marks autograd's release."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 class ActivationMeter:
     """Bytes autograd holds saved for backward, per schedule: current and peak.
 
@@ -138,13 +159,8 @@ class ActivationMeter:
         self.peak: Dict[str, int] = {}
 
     def hooks(self, schedule: str):
+        """Context manager: account the tensors autograd saves under ``schedule``."""
         meter = self
-
-        class _Held:
-            __slots__ = ("tensor", "__weakref__")
-
-            def __init__(self, tensor):
-                self.tensor = tensor
 
         def release(nbytes: int) -> None:
             meter.live[schedule] -= nbytes
@@ -253,6 +269,30 @@ def _instrument_megatron_p2p() -> None:
     P2PCommunicator._communicate = timed
 
 
+def _instrument_megatron_steps() -> None:
+    """Time megatron-core's per-micro-batch ``forward_step`` and ``backward_step`` (both
+    schedules call them through the ``schedules`` module) under the key "steps"."""
+    import functools
+
+    from megatron.core.pipeline_parallel import schedules
+
+    for name in ("forward_step", "backward_step"):
+        original = getattr(schedules, name)
+        if getattr(original, "_timed", False):
+            continue
+
+        @functools.wraps(original)  # keeps the signature that paci_megatron.compat inspects
+        def timed(*args, _original=original, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _add("steps", time.perf_counter() - t0)
+
+        timed._timed = True
+        setattr(schedules, name, timed)
+
+
 def _timed_method(obj, name: str, key: str) -> None:
     original = getattr(obj, name)
 
@@ -341,11 +381,11 @@ def pipeline_case(rank: int, world: int, kind: str, m: int, args: Dict[str, Any]
     ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=world)
     stage = ps.get_pipeline_model_parallel_rank()
     built = _build_pair(kind, world, stage, args)
+    _instrument_megatron_steps()
     params = [p for model, _, _ in built.values() for p in model[0].parameters()]
     meter = ActivationMeter(exclude=params)
     out: Dict[str, Any] = {"stage": stage}
-    totals = {s: {"wall": 0.0, "compute": 0.0, "comm": 0.0, "update": 0.0, "microbatches": 0}
-              for s in SCHEDULES}
+    rounds: Dict[str, List[Dict[str, float]]] = {s: [] for s in SCHEDULES}
     data = {s: (_sleep_batches(args["seq"], args["mbs"], args["hidden"]) if kind == "sleep"
                 else _gpt_batches(args["seq"], args["mbs"], args["vocab"])) for s in SCHEDULES}
     steps = {s: _timed_forward_step(meter, s, kind) for s in SCHEDULES}
@@ -370,22 +410,14 @@ def pipeline_case(rank: int, world: int, kind: str, m: int, args: Dict[str, Any]
             for _ in range(args["iterations"]):
                 iteration(schedule)
             wall = time.perf_counter() - t0
-            tot = totals[schedule]
-            tot["wall"] += wall
-            for key in ("compute", "comm", "update"):
-                tot[key] += _TIMES.get(f"{schedule}.{key}", 0.0)
-            tot["microbatches"] += m * args["iterations"]
+            record = {"wall": wall}
+            for key in ("compute", "steps", "comm", "update"):
+                record[key] = _TIMES.get(f"{schedule}.{key}", 0.0)
+            rounds[schedule].append(record)
     _CURRENT["schedule"] = None
     for schedule in SCHEDULES:
-        tot = totals[schedule]
-        if kind == "sleep":
-            tot["overhead_per_microbatch_s"] = (
-                (tot["wall"] - tot["compute"] - tot["comm"] - tot["update"]) / tot["microbatches"])
-            tot["utilisation"] = tot["compute"] / tot["wall"]
-        else:  # the GPT's compute is not timed: no utilisation or overhead
-            tot["overhead_per_microbatch_s"] = tot["utilisation"] = tot["compute"] = None
-        tot["peak_activation_bytes"] = meter.peak.get(schedule, 0)
-        out[schedule] = tot
+        out[schedule] = {"rounds": rounds[schedule], "microbatches": m * args["iterations"],
+                         "peak_activation_bytes": meter.peak.get(schedule, 0)}
     _, _, paci = built["paci"]
     out["paci_peak_in_flight"] = paci.peak_in_flight
     out["paci_drift_max"] = paci.telemetry.summary()["max"] if paci.telemetry else None
@@ -459,27 +491,41 @@ def summarise(kind: str, P: int, m: int, ranks: List[dict], forward_s: float,
     from paci_megatron.sim import flush_utilisation
 
     row: Dict[str, Any] = {"kind": kind, "P": P, "m": m}
+    ranks = sorted(ranks, key=lambda r: r["stage"])
     micro = ranks[0]["1f1b"]["microbatches"]
     for s in SCHEDULES:
-        wall = max(r[s]["wall"] for r in ranks)
-        row[f"{s}_throughput_mb_per_s"] = micro / wall
-        row[f"{s}_wall_s"] = wall
+        n_rounds = len(ranks[0][s]["rounds"])
+        # a round lasts as long as its slowest rank; keep the fastest round (least disturbed
+        # by other work on the machine) and take every figure from that round
+        walls = [max(r[s]["rounds"][i]["wall"] for r in ranks) for i in range(n_rounds)]
+        best = min(range(n_rounds), key=walls.__getitem__)
+        per_rank = [r[s]["rounds"][best] for r in ranks]
+        row[f"{s}_round_walls_s"] = walls
+        row[f"{s}_wall_s"] = walls[best]
+        row[f"{s}_throughput_mb_per_s"] = micro / walls[best]
+        row[f"{s}_throughput_all_rounds_mb_per_s"] = micro * n_rounds / sum(walls)
         if kind == "sleep":
-            row[f"{s}_utilisation"] = sum(r[s]["utilisation"] for r in ranks) / len(ranks)
-            row[f"{s}_overhead_per_microbatch_s"] = max(r[s]["overhead_per_microbatch_s"]
-                                                        for r in ranks)
-        else:
-            row[f"{s}_utilisation"] = row[f"{s}_overhead_per_microbatch_s"] = None
-        row[f"{s}_peak_activation_bytes"] = [r[s]["peak_activation_bytes"]
-                                             for r in sorted(ranks, key=lambda r: r["stage"])]
+            row[f"{s}_compute_utilisation"] = (sum(t["compute"] / t["wall"] for t in per_rank)
+                                               / len(ranks))
+            row[f"{s}_outside_compute_per_microbatch_s"] = max(
+                (t["wall"] - t["compute"] - t["comm"] - t["update"]) / micro for t in per_rank)
+        else:  # the GPT's backward compute is not timed
+            row[f"{s}_compute_utilisation"] = None
+            row[f"{s}_outside_compute_per_microbatch_s"] = None
+        row[f"{s}_utilisation"] = sum(t["steps"] / t["wall"] for t in per_rank) / len(ranks)
+        row[f"{s}_overhead_per_microbatch_s"] = max(
+            (t["wall"] - t["steps"] - t["comm"] - t["update"]) / micro for t in per_rank)
+        row[f"{s}_peak_activation_bytes"] = [r[s]["peak_activation_bytes"] for r in ranks]
     row["ratio"] = row["paci_throughput_mb_per_s"] / row["1f1b_throughput_mb_per_s"]
+    row["ratio_all_rounds"] = (row["paci_throughput_all_rounds_mb_per_s"]
+                               / row["1f1b_throughput_all_rounds_mb_per_s"])
     row["ideal_ratio"] = (m + P - 1) / m
     row["ratio_over_ideal"] = row["ratio"] / row["ideal_ratio"]
     row["peak_bytes_max_rel_diff"] = max(
         abs(a - b) / max(a, b, 1) for a, b in zip(row["paci_peak_activation_bytes"],
                                                   row["1f1b_peak_activation_bytes"]))
-    row["paci_peak_in_flight"] = [r["paci_peak_in_flight"]
-                                  for r in sorted(ranks, key=lambda r: r["stage"])]
+    row["paci_peak_in_flight"] = [r["paci_peak_in_flight"] for r in ranks]
+    row["ranks"] = ranks  # every rank's every round, seconds
     if kind == "sleep":
         row["formula_utilisation"] = {"1f1b": flush_utilisation(P, m), "paci": 1.0}
         row["sim_utilisation"] = {s: sim_utilisation(s, P, m, forward_s, backward_s)
@@ -487,9 +533,11 @@ def summarise(kind: str, P: int, m: int, ranks: List[dict], forward_s: float,
         row["sim_vs_formula_max_rel_diff"] = max(
             abs(row["sim_utilisation"][s] - row["formula_utilisation"][s])
             / row["formula_utilisation"][s] for s in SCHEDULES)
-        row["sim_vs_measured_max_rel_diff"] = max(
-            abs(row["sim_utilisation"][s] - row[f"{s}_utilisation"]) / row[f"{s}_utilisation"]
-            for s in SCHEDULES)
+        for measured in ("utilisation", "compute_utilisation"):
+            name = "measured" if measured == "utilisation" else "compute_only"
+            row[f"sim_vs_{name}_max_rel_diff"] = max(
+                abs(row["sim_utilisation"][s] - row[f"{s}_{measured}"]) / row[f"{s}_{measured}"]
+                for s in SCHEDULES)
     return row
 
 
@@ -535,17 +583,23 @@ def markdown(rows: List[dict], overhead: Optional[dict]) -> str:
             f"| {_fmt_bytes(r['1f1b_peak_activation_bytes'])} |")
     sleep = [r for r in rows if r["kind"] == "sleep"]
     if sleep:
-        lines += ["", "| P | m | 1F1B util. measured | sim | formula m/(m+P-1) | PACI util. "
-                  "measured | sim | formula | max rel. diff sim vs measured | sim vs formula |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| P | m | 1F1B util. measured (compute only) | sim | formula m/(m+P-1) "
+                  "| PACI util. measured (compute only) | sim | formula "
+                  "| max rel. diff sim vs measured (compute only) | sim vs formula "
+                  "| outside compute per mb (ms), PACI | 1F1B |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sleep:
             lines.append(
                 f"| {r['P']} | {r['m']} | {r['1f1b_utilisation']:.3f} "
+                f"({r['1f1b_compute_utilisation']:.3f}) "
                 f"| {r['sim_utilisation']['1f1b']:.3f} | {r['formula_utilisation']['1f1b']:.3f} "
-                f"| {r['paci_utilisation']:.3f} | {r['sim_utilisation']['paci']:.3f} "
-                f"| {r['formula_utilisation']['paci']:.3f} "
+                f"| {r['paci_utilisation']:.3f} ({r['paci_compute_utilisation']:.3f}) "
+                f"| {r['sim_utilisation']['paci']:.3f} | {r['formula_utilisation']['paci']:.3f} "
                 f"| {r['sim_vs_measured_max_rel_diff']:.3f} "
-                f"| {r['sim_vs_formula_max_rel_diff']:.3f} |")
+                f"({r['sim_vs_compute_only_max_rel_diff']:.3f}) "
+                f"| {r['sim_vs_formula_max_rel_diff']:.3f} "
+                f"| {_ms(r['paci_outside_compute_per_microbatch_s'])} "
+                f"| {_ms(r['1f1b_outside_compute_per_microbatch_s'])} |")
     if overhead:
         lines += ["", f"One zero-cost stage, {overhead['m']} micro-batches per iteration: "
                   f"megatron-core's no-pipelining loop {overhead['megatron'] * 1e3:.3f} ms per "
@@ -598,16 +652,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="pipeline sizes P of the controlled-time runs (>= 2)")
     p.add_argument("--microbatch-factors", type=_positive, nargs="+", default=[1, 2, 4],
                    help="m = factor x P")
-    p.add_argument("--forward-ms", type=_non_negative, default=20.0)
-    p.add_argument("--backward-ms", type=_non_negative, default=40.0)
+    p.add_argument("--forward-ms", type=_non_negative, default=40.0)
+    p.add_argument("--backward-ms", type=_non_negative, default=80.0)
     p.add_argument("--hidden-size", type=_positive, default=256)
     p.add_argument("--seq-length", type=_positive, default=32)
     p.add_argument("--micro-batch-size", type=_positive, default=4)
     p.add_argument("--warmup", type=_positive, default=1,
                    help="discarded iterations per round and schedule")
-    p.add_argument("--iterations", type=_positive, default=3,
+    p.add_argument("--iterations", type=_positive, default=2,
                    help="timed iterations per round and schedule")
-    p.add_argument("--rounds", type=_positive, default=2, help="alternations 1F1B, PACI")
+    p.add_argument("--rounds", type=_positive, default=3,
+                   help="alternations 1F1B, PACI; figures come from each one's fastest round")
     p.add_argument("--gpt-stages", type=_positive, nargs="*", default=[2, 4],
                    help="pipeline sizes of the tiny-GPT comparison (none: skip it)")
     p.add_argument("--gpt-microbatch-factor", type=_positive, default=2)
