@@ -69,9 +69,15 @@ JSON also holds every round's time and the ratio over all rounds. Reported per
   saved tensor counted with its storage size from its pack until autograd frees it,
   parameters excluded), measured separately for each schedule in the same processes.
 
-``--gpt-stages`` adds the same comparison on the tiny megatron-core GPT (random tokens,
-real compute): there the stages share the machine's cores, so the ratio also measures
-how many stages the cores can run at once.
+The same comparison then runs on the tiny megatron-core GPT (``--gpt-stages``, default 2
+and 4, ``m = --gpt-microbatch-factor x P``; random tokens, real compute; throughput,
+schedule overhead and activation bytes): there the stages share the machine's cores, so
+the ratio also measures how many stages the cores can run at once.
+
+``--check`` exits 1 when a criterion fails on the controlled-time stages: ratio below
+0.95 x ideal, PACI's schedule overhead 1 ms or more per micro-batch, peak activation
+bytes more than 5 % apart, or the simulator more than 5 % from the formula or the
+measured utilisation.
 
 Usage::
 
