@@ -38,7 +38,7 @@ def test_gpt2_medium_recipe_has_the_papers_settings():
         "--weight-decay": "0.1", "--lr": "0.0003", "--min-lr": "3e-05",
         "--lr-warmup-fraction": "0.01", "--lr-decay-style": "cosine",
         "--pipeline-schedule": "paci", "--data-path": "/data/owt/owt_text_document",
-        "--tokenizer-type": "GPT2BPETokenizer", "--nproc-per-node": "8",
+        "--tokenizer-type": "GPT2BPETokenizer", "--nproc-per-node": "8", "--clip-grad": "0.0",
     }
     assert {k: flag(argv, k) for k in expected} == expected
     assert "--bf16" in argv and "--untie-embeddings-and-output-weights" in argv

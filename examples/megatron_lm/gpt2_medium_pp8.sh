@@ -49,8 +49,9 @@ ARGS=(
   --pipeline-model-parallel-size 8 --tensor-model-parallel-size 1
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
   --pipeline-schedule "$SCHEDULE"
-  # optimiser: AdamW (0.9, 0.95), weight decay 0.1, 1% warm-up, cosine to 10%
-  --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
+  # optimiser: AdamW (0.9, 0.95), weight decay 0.1, no gradient clipping, 1% warm-up,
+  # cosine to 10%
+  --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 0.0
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction 0.01
   --train-iters "$TRAIN_ITERS"
   --bf16
