@@ -5,7 +5,7 @@ Usage::
     paci-megatron install-hook            # (re)write paci_megatron.pth into site-packages
     paci-megatron patch PATH              # edit a Megatron-LM checkout (2 lines, see below)
     paci-megatron patch PATH --diff       # only print the change as a unified diff
-    paci-megatron patch PATH --revert     # remove it again
+    paci-megatron patch PATH --revert     # remove it again (with --diff: only print)
     paci-megatron status [PATH]           # what is active: hook file, patched checkout
 
 ``pip install paci-megatron`` already installs the hook file; ``install-hook`` is for
@@ -95,16 +95,20 @@ def patch_checkout(path: str, diff_only: bool = False) -> str:
     return diff
 
 
-def revert_checkout(path: str) -> bool:
-    """Remove the activation edit; returns True if something was removed."""
+def revert_checkout(path: str, diff_only: bool = False) -> str:
+    """Remove the activation edit; returns the unified diff of the removal ("" if the
+    checkout was not patched). With ``diff_only`` nothing is written."""
     target = _target(path)
     with open(target, encoding="utf-8") as f:
         before = f.read()
     after = unpatched_text(before)
-    if after != before:
+    diff = "".join(difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True),
+        fromfile=f"a/{TARGET}", tofile=f"b/{TARGET}", n=0))
+    if not diff_only and after != before:
         with open(target, "w", encoding="utf-8") as f:
             f.write(after)
-    return after != before
+    return diff
 
 
 def _hook_source() -> str:
@@ -139,8 +143,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "install-hook":
             print(f"wrote {install_hook(args.site_packages)}")
         elif args.command == "patch" and args.revert:
-            removed = revert_checkout(args.path)
-            print(f"{'reverted' if removed else 'not patched'}: {os.path.join(args.path, TARGET)}")
+            diff = revert_checkout(args.path, diff_only=args.diff)
+            where = os.path.join(args.path, TARGET)
+            if args.diff:
+                print(diff or f"not patched: {where}", end="" if diff else "\n")
+            else:
+                print(f"{'reverted' if diff else 'not patched'}: {where}")
         elif args.command == "patch":
             diff = patch_checkout(args.path, diff_only=args.diff)
             print(diff or f"already patched: {os.path.join(args.path, TARGET)}", end="" if diff else "\n")

@@ -4,7 +4,7 @@ The installed package puts ``paci_megatron.pth`` in ``site-packages``; Python ru
 one line at interpreter start, which calls :func:`activate`. That costs one scan of
 ``sys.argv`` and one environment lookup, and does nothing else unless
 
-- ``--pipeline-schedule`` is on the command line (Megatron-LM glue,
+- ``--pipeline-schedule`` or a ``--paci-*`` flag is on the command line (Megatron-LM glue,
   :mod:`paci_megatron.megatron_lm`), or
 - ``PACI_MEGATRON_CPU=1`` is set (Megatron-LM's own training loop on CPU with gloo,
   :func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`).
@@ -35,22 +35,30 @@ CPU_ENV = "PACI_MEGATRON_CPU"
 DISABLE_ENV = "PACI_MEGATRON_DISABLE"
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 def wanted(argv: Optional[Sequence[str]] = None, environ=None) -> tuple:
     """Which parts to activate for this command line: ``(glue, cpu)`` booleans.
 
-    ``glue`` is True when ``--pipeline-schedule`` (or ``--pipeline-schedule=...``) is
-    among the arguments; ``cpu`` when ``PACI_MEGATRON_CPU`` is set to 1/true/yes/on.
+    ``glue`` is True when ``--pipeline-schedule`` (or ``--pipeline-schedule=...``) or a
+    ``--paci-*`` flag is among the arguments (a PACI flag without the schedule then gets
+    a clear message instead of argparse's "unrecognized arguments"); ``cpu`` when
+    ``PACI_MEGATRON_CPU`` is set to 1/true/yes/on (other values than those and
+    0/false/no/off are reported on stderr).
     Both are False when ``PACI_MEGATRON_DISABLE`` is set to one of those values.
     """
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
     if str(environ.get(DISABLE_ENV, "")).lower() in _TRUE:
         return False, False
-    glue = any(a == FLAG or a.startswith(FLAG + "=") for a in list(argv)[1:])
-    cpu = str(environ.get(CPU_ENV, "")).lower() in _TRUE
-    return glue, cpu
+    glue = any(a == FLAG or a.startswith(FLAG + "=") or a.startswith("--paci-")
+               for a in list(argv)[1:])
+    value = str(environ.get(CPU_ENV, "")).lower()
+    if value not in _TRUE + _FALSE:
+        print(f"paci-megatron: {CPU_ENV}={environ.get(CPU_ENV)!r} is not understood: set it "
+              "to 1 (CPU mode) or 0", file=sys.stderr, flush=True)
+    return glue, value in _TRUE
 
 
 class _Loader(importlib.abc.Loader):

@@ -92,6 +92,14 @@ def add_arguments(parser):
     Returns:
         ``parser`` (Megatron's argument-group functions return it).
     """
+    taken = [f for f in ("--pipeline-schedule", "--paci-accumulation", "--paci-drain-interval",
+                         "--paci-max-drift", "--paci-memory-mode", "--paci-skip-nonfinite-updates")
+             if f in getattr(parser, "_option_string_actions", {})]
+    if taken:
+        print(f"paci-megatron: this script defines {', '.join(taken)} itself; the PACI glue "
+              "stays off (PACI_MEGATRON_DISABLE=1 silences this)", file=sys.stderr, flush=True)
+        glue.disabled = True
+        return parser
     group = parser.add_argument_group(title="pipeline schedule (paci-megatron)")
     group.add_argument(
         "--pipeline-schedule", choices=SCHEDULES, default="1f1b",
@@ -142,7 +150,10 @@ class _ArgsAsModelConfig:
         self._args = args
         # Megatron-LM always sets it (from --bf16/--fp16) when it builds the config.
         self.pipeline_dtype = "set by Megatron-LM"
-        self.overlap_p2p_comm = getattr(args, "overlap_p2p_comm", False)
+        # Megatron-LM turns p2p overlap on by itself for virtual stages (refused below,
+        # with its own flags) and its non-interleaved schedule ignores it
+        self.overlap_p2p_comm = False
+        self.virtual_pipeline_model_parallel_size = None
 
     def __getattr__(self, name):
         return getattr(self._args, name, None)
@@ -172,8 +183,9 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
         used = [flag for name, flag in _PACI_FLAGS.items()
                 if getattr(args, name, _DEFAULTS[name]) != _DEFAULTS[name]]
         if used:
-            problems.append(f"{', '.join(used)} only apply with --pipeline-schedule paci: "
-                            "add it or remove them")
+            verb, them = ("applies", "it") if len(used) == 1 else ("apply", "them")
+            problems.append(f"{', '.join(used)} only {verb} with --pipeline-schedule paci: "
+                            f"add that or remove {them}")
         return problems
 
     P = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
@@ -230,10 +242,12 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
             "CUDA graphs capture a fixed iteration; PACI's iterations differ in what is in "
             "flight: remove --cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph"
         )
-    if getattr(args, "num_virtual_stages_per_pipeline_rank", None) not in (None, 1):
+    if (getattr(args, "num_virtual_stages_per_pipeline_rank", None) not in (None, 1)
+            or getattr(args, "virtual_pipeline_model_parallel_size", None) not in (None, 1)
+            or getattr(args, "num_layers_per_virtual_pipeline_stage", None)):
         problems.append(
-            "virtual pipeline stages (--num-virtual-stages-per-pipeline-rank) are not "
-            "supported by PACI yet: remove it"
+            "virtual pipeline stages are not supported by PACI yet: remove "
+            "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
         )
     seen = set()
     return [p for p in problems if not (p in seen or seen.add(p))]
@@ -273,6 +287,8 @@ class Glue:
 
     def __init__(self) -> None:
         self.active = False
+        self.disabled = False  # the script defines --pipeline-schedule itself
+        self.evaluation_only = False  # Megatron built no optimizer (--skip-train)
         self.args = None
         self.optimizer = None
         self.schedule = None
@@ -348,7 +364,8 @@ class Glue:
         if self.schedule is not None:
             t = self.schedule.telemetry
             local["drift"] = None if t is None else t.summary()
-            local["updates"] = self.optimizer.version - self.start_version
+            local["skipped"] = len(self.optimizer.skipped_updates)
+            local["updates"] = self.optimizer.version - self.start_version - local["skipped"]
             local["version"] = self.optimizer.version
         group = ps.get_pipeline_model_parallel_group()
         out: List[Any] = [None] * torch.distributed.get_world_size(group)
@@ -390,6 +407,8 @@ def _report_and_exit(problems: List[str]) -> None:
 
 def _accept(args) -> None:
     """Check validated arguments (exit with the problems) and record the schedule."""
+    if glue.disabled:
+        return
     problems = check_args(args)
     if problems:
         _report_and_exit(problems)
@@ -436,7 +455,9 @@ def _print_summary() -> None:
         f"paci-megatron: stopped at iteration {glue.iteration} with the PACI schedule: "
         f"train_step calls per stage {[r['calls'] for r in rows]}, local updates per stage "
         f"{[r['updates'] for r in rows]}, drift_max per stage "
-        f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}")
+        f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}"
+        + (f", skipped non-finite updates per stage {[r.get('skipped', 0) for r in rows]}"
+           if any(r.get("skipped") for r in rows) else ""))
 
 
 # Each maker takes Megatron-LM's module and its original function and returns the
@@ -447,7 +468,9 @@ def _setup_model_and_optimizer(module, original):
         if args is not None and glue.args is not args:
             _accept(args)  # arguments that skipped validate_args (e.g. --yaml-cfg)
         model, optimizer, scheduler = original(*a, **k)
-        if glue.active:
+        if glue.active and optimizer is None:
+            glue.evaluation_only = True  # --skip-train: evaluation alone, no schedule needed
+        elif glue.active:
             optimizer = glue.wrap_optimizer(model, optimizer, scheduler)
         return model, optimizer, scheduler
 
@@ -456,8 +479,8 @@ def _setup_model_and_optimizer(module, original):
 
 def _get_forward_backward_func(module, original):
     def get_forward_backward_func(*a, **k):
-        if not glue.active:
-            return original(*a, **k)
+        if not glue.active or (glue.schedule is None and glue.evaluation_only):
+            return original(*a, **k)  # forward-only evaluation is the same in both
         if glue.schedule is None:
             raise RuntimeError("paci-megatron: the PACI schedule is requested before "
                                "setup_model_and_optimizer built the optimizer")

@@ -185,13 +185,15 @@ class PACIOptimizer:
             if not self.skip_nonfinite_updates:
                 raise NonFiniteGradientError(
                     message + "; the update was not applied. Lower the learning rate or "
-                    "skip such updates with skip_nonfinite_updates=True"
+                    "skip such updates with --paci-skip-nonfinite-updates "
+                    "(PACIOptimizer(skip_nonfinite_updates=True))"
                 )
             warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
             self._zero()
             self.version, self._pending = update_index, 0
             self.skipped_updates.append(update_index)
             self.last_update_successful = False
+            self.last_grad_norm = self.last_num_zeros = None  # no update, no norm
             return False
         self._set_schedule_values(update_index)
         params = [p for chunk in self.model for p in chunk.parameters()]

@@ -175,25 +175,32 @@ class PACISchedule:
             forward_only=forward_only,
         )
         store: List[Any] = []
-        if forward_only:
-            if not self._drained():
-                self.drain()
-            steps, _ = lower(ctx["P"], ctx["stage"], plan_forward_only(ctx["stage"], num_microbatches))
-            for step in steps:
-                if isinstance(step, Comm):
-                    self._communicate(step, ctx)
-                else:
-                    self._forward(step, ctx, store, num_microbatches, train=False,
-                                  collect_non_loss_data=collect_non_loss_data,
-                                  first_val_step=first_val_step)
+        try:
+            if forward_only:
+                if not self._drained():
+                    self.drain()
+                steps, _ = lower(ctx["P"], ctx["stage"],
+                                 plan_forward_only(ctx["stage"], num_microbatches))
+                for step in steps:
+                    if isinstance(step, Comm):
+                        self._communicate(step, ctx)
+                    else:
+                        self._forward(step, ctx, store, num_microbatches, train=False,
+                                      collect_non_loss_data=collect_non_loss_data,
+                                      first_val_step=first_val_step)
+                return store
+            actions, state_after = plan_call(
+                ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
+            )
+            self.optimizer.begin_call()
+            self._run(actions, ctx, store)
+            self.state = state_after
             return store
-        actions, state_after = plan_call(
-            ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
-        )
-        self.optimizer.begin_call()
-        self._run(actions, ctx, store)
-        self.state = state_after
-        return store
+        finally:
+            # Forwards read data only inside a call (recompute mode keeps what each read);
+            # holding the iterator longer would keep a DataLoader's worker processes alive
+            # until interpreter exit, where a SIGTERM handler can make their join hang.
+            ctx["data_iterator"] = None
 
     def drain(self) -> None:
         """Finish every in-flight micro-batch and apply the update they complete.

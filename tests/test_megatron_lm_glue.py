@@ -20,6 +20,7 @@ from paci_megatron.megatron_lm import Glue, add_arguments, check_args
     (["pretrain_gpt.py", "--pipeline-schedule=1f1b"], {}, (True, False)),
     (["pretrain_gpt.py", "--pipeline-model-parallel-size", "2"], {}, (False, False)),
     (["--pipeline-schedule"], {}, (False, False)),  # argv[0] is the program, not a flag
+    (["pretrain_gpt.py", "--paci-accumulation", "2"], {}, (True, False)),
     (["x.py"], {"PACI_MEGATRON_CPU": "1"}, (False, True)),
     (["x.py"], {"PACI_MEGATRON_CPU": "0"}, (False, False)),
     (["x.py", "--pipeline-schedule", "paci"], {"PACI_MEGATRON_CPU": "yes",
@@ -27,6 +28,13 @@ from paci_megatron.megatron_lm import Glue, add_arguments, check_args
 ])
 def test_hook_activates_only_for_its_flag_or_cpu_mode(argv, env, expected):
     assert hook.wanted(argv, env) == expected
+
+
+def test_a_cpu_mode_value_that_is_not_understood_is_reported(capsys):
+    assert hook.wanted(["x.py"], {"PACI_MEGATRON_CPU": "2"}) == (False, False)
+    assert "PACI_MEGATRON_CPU='2' is not understood: set it to 1 (CPU mode) or 0" in capsys.readouterr().err
+    assert hook.wanted(["x.py"], {"PACI_MEGATRON_CPU": "off"}) == (False, False)
+    assert capsys.readouterr().err == ""
 
 
 def test_post_import_hook_patches_the_module_from_where_python_finds_it(tmp_path, monkeypatch):
@@ -128,14 +136,29 @@ def test_1f1b_leaves_megatron_arguments_alone():
     stray = megatron_args(pipeline_schedule="1f1b", paci_accumulation=2, paci_drain_interval=5)
     assert check_args(stray, argv=["x"]) == [
         "--paci-accumulation, --paci-drain-interval only apply with --pipeline-schedule paci: "
-        "add it or remove them"]
+        "add that or remove them"]
+    one = megatron_args(pipeline_schedule="1f1b", paci_max_drift=2)
+    assert check_args(one, argv=["x"]) == [
+        "--paci-max-drift only applies with --pipeline-schedule paci: add that or remove it"]
+
+
+def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
+    monkeypatch.setattr(megatron_lm, "glue", Glue())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline-schedule", default="zero-bubble")
+    add_arguments(parser)
+    assert parser.parse_args([]).pipeline_schedule == "zero-bubble"
+    assert "defines --pipeline-schedule itself; the PACI glue stays off" in capsys.readouterr().err
+    megatron_lm._accept(argparse.Namespace(pipeline_schedule="paci"))  # theirs, not ours
+    assert megatron_lm.glue.disabled and not megatron_lm.glue.active
 
 
 @pytest.mark.parametrize("overrides,argv,expected", [
     ({"untie_embeddings_and_output_weights": False}, [], "add --untie-embeddings-and-output-weights"),
     ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
     ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
-    ({"virtual_pipeline_model_parallel_size": 2}, [], "virtual pipeline stages"),
+    ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],
+     "remove --num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"),
     ({"mtp_num_layers": 1}, [], "multi-token prediction (--mtp-num-layers)"),
     ({"fp8": "hybrid"}, [], "remove --fp8-format"),
     ({}, ["--rerun-mode", "validate_results"], "use --rerun-mode disabled"),
@@ -144,7 +167,6 @@ def test_1f1b_leaves_megatron_arguments_alone():
     ({"overlap_param_gather": True}, [], "--overlap-param-gather gathers updated parameters"),
     ({"use_torch_fsdp2": True}, [], "--use-torch-fsdp2 is not supported"),
     ({"cuda_graph_impl": "local"}, [], "remove --cuda-graph-impl"),
-    ({"overlap_p2p_comm": True}, [], "--overlap-p2p-communication is not supported"),
     ({"paci_accumulation": 3}, [], "--paci-accumulation 3 does not divide the 8 micro-batches"),
     ({"paci_max_drift": 1, "paci_accumulation": 1}, [], "exceeds --paci-max-drift 1: use --paci-accumulation 4"),
     ({"paci_drain_interval": -1}, [], "--paci-drain-interval -1: must be >= 0"),
@@ -289,6 +311,10 @@ def test_patch_inserts_two_marked_lines_after_the_docstring_and_reverts_exactly(
     assert cli.main(["patch", str(tmp_path)]) == 0
     assert "already patched" in capsys.readouterr().out
     assert target.read_text().count("paci-megatron") == 2
+    patched = target.read_text()
+    assert cli.main(["patch", str(tmp_path), "--revert", "--diff"]) == 0
+    assert target.read_text() == patched  # --diff writes nothing, also with --revert
+    assert "-paci_megatron.hook.activate(glue=True)" in capsys.readouterr().out
     assert cli.main(["patch", str(tmp_path), "--revert"]) == 0
     assert target.read_text() == INIT
 
@@ -356,3 +382,17 @@ def test_patched_names_are_the_documented_ones():
     megatron_lm._patch_training(m)
     for name in megatron_lm.PATCHED["megatron.training.training"]:
         assert getattr(m, name).__paci_original__ is not None, name
+
+
+def test_skip_train_evaluates_with_megatrons_schedule(monkeypatch):
+    glue = Glue()
+    monkeypatch.setattr(megatron_lm, "glue", glue)
+    events = []
+    m = fake_training_module(events)
+    m.setup_model_and_optimizer = lambda *a, **k: (["chunk"], None, None)  # --skip-train
+    megatron_lm._patch_training(m)
+    glue.active = True
+    glue.args = megatron_args()
+    m.get_args = lambda: glue.args
+    assert m.setup_model_and_optimizer()[1] is None and glue.evaluation_only
+    assert m.get_forward_backward_func() == "megatron-1f1b"

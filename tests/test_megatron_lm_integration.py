@@ -13,8 +13,10 @@ in the last test, by ``paci-megatron patch`` on a copy of the checkout).
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -43,22 +45,52 @@ DRIFT = re.compile(r"paci \| iteration (\d+) \| drift_max per stage: (\[[0-9, ]*
 
 
 def launch(nproc, *flags, checkout=None, env=None, base=TINY, timeout=420):
-    """Run pretrain_gpt.py under torchrun; returns (returncode, combined output)."""
+    """Run pretrain_gpt.py under torchrun; returns (returncode, combined output).
+
+    On timeout every process the launch started is killed (torchrun puts its workers in
+    sessions of their own, and they start DataLoader workers) and the test fails.
+    """
     checkout = checkout or CHECKOUT
     environ = dict(os.environ, PACI_MEGATRON_CPU="1", OMP_NUM_THREADS="1",
                    PYTHONWARNINGS="ignore", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-port", str(_port()), os.path.join(checkout, "pretrain_gpt.py"), *base,
            *map(str, flags)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=environ, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        pytest.fail(f"pretrain_gpt.py did not finish within {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, out
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=environ, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            proc.wait()
+            log.seek(0)
+            pytest.fail(f"pretrain_gpt.py did not finish within {timeout} s:\n{log.read()[-4000:]}")
+        log.seek(0)
+        return proc.returncode, log.read()
+
+
+def _kill_tree(pid):
+    """SIGKILL ``pid`` and all its descendants (read from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(children.get(p, []))
+    for p in seen:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _port():
@@ -225,3 +257,18 @@ def test_paci_with_distributed_optimizer_bf16_and_data_parallelism():
     assert "stopped at iteration 6 with the PACI schedule: train_step calls per stage [6, 6], " \
            "local updates per stage [6, 6], drift_max per stage [1, 0]" in out
     assert len(losses(out)) == 6 and "using world size: 4, data-parallel size: 2" in out
+
+
+def test_paci_run_with_exit_signal_handler_and_data_workers_exits():
+    # Megatron's SIGTERM handler is inherited by the DataLoader workers; a data iterator
+    # kept alive until interpreter exit would make their join hang
+    out = ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+             "--exit-signal-handler", "--num-workers", 2, "--train-iters", 4,
+             "--eval-interval", 4, timeout=120)
+    assert "stopped at iteration 4 with the PACI schedule" in out
+
+
+def test_skip_train_evaluates_under_paci():
+    out = ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+             "--skip-train", "--train-iters", 4, "--eval-interval", 4)
+    assert "skipping training" in out and [v[0] for v in validation(out)] == [0, 0]

@@ -360,12 +360,21 @@ def _lr_after_loaded_scheduler(m: int = 4, done: int = 5):
         sched.num_steps = saved
     popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
     fb = pm.PACISchedule(popt)
-    it = iter(synthetic_batches(2 * m))
+    it = (batch for batch in synthetic_batches(2 * m))
     for _ in range(2):
         fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
            num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
         sched.step(increment=m * MBS)
-    return {"expected": expected, "used": [lr for _, lr, _ in popt.update_log]}
+    # the schedule does not keep the loop's data iterator (and a DataLoader's workers)
+    # alive between calls
+    import gc
+    import weakref
+
+    alive = weakref.ref(it)
+    del it
+    gc.collect()
+    return {"expected": expected, "used": [lr for _, lr, _ in popt.update_log],
+            "iterator_kept": alive() is not None}
 
 
 def _single_stage(m: int, a: int, iters: int):
