@@ -164,10 +164,11 @@ def test_paci_checkpoint_saves_drained_and_resumes(tmp_path):
     assert "starting at iteration 8, version 8" in resumed
     whole = ok(2, *common, "--save", tmp_path / "b", "--save-interval", 4)
     a, b = losses(resumed), losses(whole)
-    # Megatron-LM does not reset its loss average after a process's first logged
-    # iteration, so iteration 10 of the resumed run prints the mean of 9 and 10
+    # Megatron-LM 0.16 does not reset its loss average after a process's first logged
+    # iteration, so iteration 10 of the resumed run prints the mean of 9 and 10 (0.14
+    # prints iteration 10 alone)
     assert a[9] == b[9] and a[11] == b[11] and a[12] == b[12]
-    assert a[10] == pytest.approx((b[9] + b[10]) / 2, rel=1e-6)
+    assert a[10] == b[10] or a[10] == pytest.approx((b[9] + b[10]) / 2, rel=1e-6)
     assert [v for v in validation(resumed) if v[0] == 12] == [v for v in validation(whole) if v[0] == 12]
 
 
