@@ -82,26 +82,21 @@ def patch_checkout(path: str, diff_only: bool = False) -> str:
     Raises:
         FileNotFoundError: ``path`` holds no ``megatron/training/__init__.py``.
     """
-    target = _target(path)
-    with open(target, encoding="utf-8") as f:
-        before = f.read()
-    after = patched_text(before)
-    diff = "".join(difflib.unified_diff(
-        before.splitlines(keepends=True), after.splitlines(keepends=True),
-        fromfile=f"a/{TARGET}", tofile=f"b/{TARGET}", n=0))
-    if not diff_only and after != before:
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(after)
-    return diff
+    return _edit(path, patched_text, diff_only)
 
 
 def revert_checkout(path: str, diff_only: bool = False) -> str:
     """Remove the activation edit; returns the unified diff of the removal ("" if the
     checkout was not patched). With ``diff_only`` nothing is written."""
+    return _edit(path, unpatched_text, diff_only)
+
+
+def _edit(path: str, change, diff_only: bool) -> str:
+    """Apply ``change`` (text -> text) to the checkout's target file; returns the diff."""
     target = _target(path)
     with open(target, encoding="utf-8") as f:
         before = f.read()
-    after = unpatched_text(before)
+    after = change(before)
     diff = "".join(difflib.unified_diff(
         before.splitlines(keepends=True), after.splitlines(keepends=True),
         fromfile=f"a/{TARGET}", tofile=f"b/{TARGET}", n=0))
