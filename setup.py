@@ -37,10 +37,11 @@ setup(
         "torch>=2.1",
         "megatron-core>=0.14,<0.20",
         "numpy",
-        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.5"],
+        # the example recipes' data preparation (examples/gpt_recipe/data.py)
+        "examples": ["tokenizers>=0.15"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.5", "tokenizers>=0.15"],
         "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # what Megatron-LM's training package imports at start-up besides megatron-core

@@ -52,7 +52,7 @@ def recipe_command(schedule: str, args: argparse.Namespace, log_path: str) -> Li
 
 
 def _free_port() -> int:
-    from paci_megatron.testing import free_port
+    from paci_megatron._testing import free_port
 
     return free_port()
 

@@ -97,8 +97,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _folder in (_ROOT, os.path.join(_ROOT, "examples")):  # paci_megatron, gpt_recipe
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
 SCHEDULES = ("1f1b", "paci")
 
@@ -240,7 +242,7 @@ def _timed_forward_step(meter: ActivationMeter, schedule: str, kind: str):
     the activation meter; ``kind`` "sleep" or "gpt"."""
     from megatron.core import parallel_state as ps
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     def forward_step(data_iterator, model):
         if kind == "gpt":
@@ -320,7 +322,7 @@ def _build_pair(kind: str, P: int, stage: int, args: Dict[str, Any]):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     built = {}
     for schedule in SCHEDULES:
@@ -687,7 +689,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(args.gpt_layers % P for P in args.gpt_stages):
         p.error(f"--gpt-layers {args.gpt_layers} must be divisible by every --gpt-stages value")
 
-    from paci_megatron.testing import run_distributed
+    from paci_megatron._testing import run_distributed
 
     fwd, bwd = args.forward_ms / 1e3, args.backward_ms / 1e3
     common = {"warmup": args.warmup, "iterations": args.iterations, "rounds": args.rounds}

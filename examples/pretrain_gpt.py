@@ -143,7 +143,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but CUDA is not available: use --device cpu")
     if args.load:
-        from paci_megatron.checkpoint import latest_iteration
+        from gpt_recipe.checkpoint import latest_iteration
 
         if latest_iteration(args.load) is None:
             problems.append(f"--load {args.load} holds no checkpoint "
@@ -229,7 +229,7 @@ def setup_distributed(args: argparse.Namespace) -> None:
 
 def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
     """Train/valid datasets and the vocabulary size (padded like Megatron-LM)."""
-    from paci_megatron import data
+    from gpt_recipe import data
 
     data_path = args.data_path
     if not data_path:
@@ -266,7 +266,7 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     import paci_megatron as pm
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     on_gpu = args.device == "cuda"
     config = gpt.transformer_config(
@@ -329,7 +329,7 @@ def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size
     """Validation loss over ``--eval-iters`` iterations of the same validation samples at
     every evaluation (so values compare across evaluations, runs and resumes); drains
     PACI first."""
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     if hasattr(schedule, "drain"):
         schedule.drain()
@@ -362,7 +362,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     """The training loop, shaped like Megatron-LM's ``train`` / ``train_step``."""
     from megatron.core import parallel_state as ps
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
     from paci_megatron.telemetry import gather_drift
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -371,7 +371,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     model, optimizer, scheduler, schedule = build_training(args, vocab, m)
     start_iteration = 0
     if args.load:
-        from paci_megatron.checkpoint import load_checkpoint
+        from gpt_recipe.checkpoint import load_checkpoint
 
         start_iteration = load_checkpoint(args.load, model, optimizer, scheduler,
                                           schedule if hasattr(schedule, "drain") else None)["iteration"]
@@ -388,7 +388,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     records: List[dict] = []
 
     def save(iteration: int) -> None:
-        from paci_megatron.checkpoint import save_checkpoint
+        from gpt_recipe.checkpoint import save_checkpoint
 
         paci = schedule if hasattr(schedule, "drain") else None
         if paci is not None:
@@ -491,7 +491,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     args = parse_args(argv)
     if "RANK" not in os.environ:  # plain `python examples/pretrain_gpt.py`: one process
-        from paci_megatron.testing import free_port
+        from paci_megatron._testing import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

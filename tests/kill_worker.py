@@ -6,13 +6,14 @@ import warnings
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
 def main() -> None:
     import torch
 
     import paci_megatron as pm
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
     from paci_megatron.cpu import enable_cpu_mode, init_distributed_cpu
     from workers import MBS, SEQ, build_tiny_gpt, setup_parallel, synthetic_batches
 

@@ -165,7 +165,7 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
     ("seq", "activation shape changed"),
 ])
 def test_changing_shape_of_the_work_in_flight_is_refused_on_every_stage(what, needle):
-    from paci_megatron.testing import run_distributed
+    from paci_megatron._testing import run_distributed
 
     from workers import midflight_change_case
 

@@ -4,7 +4,7 @@ pipeline schedule: PP = 2 and PP = 4 reproduce the un-pipelined PP = 1 run."""
 import pytest
 import torch
 
-from paci_megatron.testing import run_distributed
+from paci_megatron._testing import run_distributed
 
 from workers import megatron_1f1b_case
 

@@ -1,4 +1,4 @@
-"""Tests for paci_megatron.data: stdlib corpus -> BPE -> Megatron .bin/.idx -> GPTDataset."""
+"""Tests for gpt_recipe.data (examples/): stdlib corpus -> BPE -> Megatron .bin/.idx -> GPTDataset."""
 
 import json
 import os
@@ -20,8 +20,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset  # noqa: E402
 from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
 
-from paci_megatron import data  # noqa: E402
-from paci_megatron.data import (  # noqa: E402
+from gpt_recipe import data  # noqa: E402
+from gpt_recipe.data import (  # noqa: E402
     EOD_TOKEN,
     CorpusTokenizer,
     build_gpt_datasets,
@@ -328,7 +328,7 @@ def test_missing_data_path_is_a_clear_error(corpus, tmp_path):
         build_gpt_datasets(missing, record.tokenizer_path, SEQ, 10, 1, seed=1)
     message = str(info.value)
     assert missing + ".bin" in message and missing + ".idx" in message
-    assert f"python -m paci_megatron.data --output-prefix {missing}" in message
+    assert f"python examples/prepare_data.py --output-prefix {missing}" in message
     with pytest.raises(FileNotFoundError, match=r"here\.bin"):
         build_gpt_datasets(
             ["1", record.prefix, "1", missing], record.tokenizer_path, SEQ, 10, 1, seed=1
@@ -352,7 +352,7 @@ _WORKER = textwrap.dedent(
     dist.init_process_group(
         "gloo", init_method="file://" + cache + ".store", rank=rank, world_size=2
     )
-    from paci_megatron.data import build_gpt_datasets
+    from gpt_recipe.data import build_gpt_datasets
     train, valid = build_gpt_datasets(
         prefix, tok, 32, 100, 10, seed=11, split="80,20,0", cache_dir=cache
     )
@@ -371,7 +371,8 @@ _WORKER = textwrap.dedent(
 def test_torch_distributed_gloo_two_ranks(corpus, tmp_path):
     record, _ = corpus
     cache = str(tmp_path / "cache")
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO_ROOT, os.path.join(REPO_ROOT, "examples"), os.environ.get("PYTHONPATH", "")]))
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(rank), record.prefix, record.tokenizer_path, cache,

@@ -94,7 +94,7 @@ def _kill_tree(pid):
 
 
 def _port():
-    from paci_megatron.testing import free_port
+    from paci_megatron._testing import free_port
 
     return free_port()
 

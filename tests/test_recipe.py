@@ -16,7 +16,7 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from paci_megatron.data import prepare_corpus
+    from gpt_recipe.data import prepare_corpus
 
     prefix = tmp_path_factory.mktemp("corpus") / "stdlib"
     return prepare_corpus(prefix, max_bytes=2_000_000, vocab_size=512).prefix

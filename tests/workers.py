@@ -46,7 +46,7 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
                    overlap: bool = False, recompute=None):
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     seed_all(seed)
     cfg = gpt.transformer_config(
@@ -63,7 +63,7 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
 
 def build_scheduler(opt, iters: int, m: int):
     """Warm-up over the first iteration, then cosine decay: every update gets another lr."""
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     return gpt.build_scheduler(opt, lr=1e-2, min_lr=1e-3, train_samples=iters * m * MBS,
                                warmup_samples=m * MBS, decay_style="cosine", weight_decay=0.0)
@@ -74,7 +74,7 @@ def train_steps(model, opt, fb, it, iters: int, m: int, sched=None, drain_each=F
                 between_calls=None):
     """Megatron-LM's train_step loop: zero grads, forward_backward_func, optimizer.step,
     scheduler.step. Returns ``[(loss dicts of the call, optimizer.step() result)]``."""
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     history = []
     for _ in range(iters):
@@ -118,7 +118,7 @@ def gpt_schedule_case(rank: int, world: int, bf16: bool, iters: int, m: int) -> 
     """Megatron 1F1B vs PACI (drained / continuous, a = m and a = 1) on one tiny GPT."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     pp = world
     setup_parallel(pp)
@@ -329,7 +329,7 @@ def silent_peer_case(rank: int, world: int, m: int):
     fb = pm.PACISchedule(pm.PACIOptimizer(opt, model), pm.PACIConfig(p2p_timeout_s=3))
     t0 = time.monotonic()
     try:
-        fb(forward_step_func=__import__("paci_megatron.gpt").gpt.forward_step,
+        fb(forward_step_func=__import__("gpt_recipe.model").model.forward_step,
            data_iterator=iter(synthetic_batches(m)), model=model, num_microbatches=m,
            seq_length=SEQ, micro_batch_size=MBS)
     except pm.PACICommunicationError as err:
@@ -348,7 +348,7 @@ def _lr_after_loaded_scheduler(m: int = 4, done: int = 5):
     """A scheduler restored at iteration `done` (and a fresh PACI state): update k uses
     the lr Megatron uses in iteration done + k, not the schedule's start."""
     import paci_megatron as pm
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     _, model, opt = build_tiny_gpt(1, bf16=False)
     sched = build_scheduler(opt, 10, m)
@@ -381,7 +381,7 @@ def _single_stage(m: int, a: int, iters: int):
     import paci_megatron as pm
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     batches = synthetic_batches(m * iters, seed=7)
     # reference: one optimizer step per a micro-batches
@@ -407,7 +407,7 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     setup_parallel(pp, tp)
     dp_rank = ps.get_data_parallel_rank()
@@ -465,8 +465,8 @@ def _train_run(run, it, iters: int, m: int) -> None:
 def resume_case(rank: int, world: int, bf16: bool, n: int, k: int, m: int, ckpt_dir: str):
     """Train n, drain, save, stop; load into a fresh model and train k more; compare
     with an uninterrupted run that drains at the same iteration."""
-    from paci_megatron import gpt
-    from paci_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+    from gpt_recipe import model as gpt
+    from gpt_recipe.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 
     setup_parallel(world)
     batches = synthetic_batches(m * (n + k), seed=3)
@@ -564,7 +564,7 @@ def crash_during_save_case(rank: int, world: int, n: int, k: int, m: int, ckpt_d
     """Save at n, train k more, then die in the middle of writing the next checkpoint."""
     import os
 
-    from paci_megatron.checkpoint import save_checkpoint
+    from gpt_recipe.checkpoint import save_checkpoint
 
     setup_parallel(world)
     batches = synthetic_batches(m * (n + k), seed=3)
@@ -587,8 +587,8 @@ def crash_during_save_case(rank: int, world: int, n: int, k: int, m: int, ckpt_d
 
 def resume_after_crash_case(rank: int, world: int, n: int, k: int, m: int, ckpt_dir: str):
     """Load the latest good checkpoint and train k more; also the uninterrupted run."""
-    from paci_megatron import gpt
-    from paci_megatron.checkpoint import latest_iteration, load_checkpoint
+    from gpt_recipe import model as gpt
+    from gpt_recipe.checkpoint import latest_iteration, load_checkpoint
 
     setup_parallel(world)
     batches = synthetic_batches(m * (n + k), seed=3)
@@ -612,7 +612,7 @@ def midflight_change_case(rank: int, world: int, what: str):
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
 
-    from paci_megatron import gpt
+    from gpt_recipe import model as gpt
 
     setup_parallel(world)
     _, model, opt = build_tiny_gpt(world, bf16=False)

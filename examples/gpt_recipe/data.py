@@ -20,8 +20,8 @@ The pipeline has three steps, all offline and all on CPU:
 
 Command line::
 
-    python -m paci_megatron.data --output-prefix data/stdlib
-    python -m paci_megatron.data --output-prefix data/mine --input notes/ --vocab-size 8192
+    python examples/prepare_data.py --output-prefix data/stdlib
+    python examples/prepare_data.py --output-prefix data/mine --input notes/ --vocab-size 8192
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ TOKENIZER_FILENAME = "tokenizer.json"
 _MANIFEST_SUFFIX = ".manifest.json"
 _CACHE_DIRNAME = "index_cache"
 _FORMAT_VERSION = 1
-_CLI = "python -m paci_megatron.data"
+_CLI = "python examples/prepare_data.py"
 
 # Directory names never descended into when collecting the stdlib corpus.  Test suites
 # (``test``, ``tests``, ``idle_test``, e.g. ``lib2to3/tests``, ``ctypes/test``) contain
@@ -968,7 +968,7 @@ def build_gpt_datasets(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: prepare a corpus and print what was written.
 
-    ``python -m paci_megatron.data --output-prefix PATH [--input FILE_OR_DIR ...]
+    ``python examples/prepare_data.py --output-prefix PATH [--input FILE_OR_DIR ...]
     [--vocab-size N] [--max-bytes N] [--tokenizer-model TOKENIZER_JSON] [--suffix .txt]
     [--force]``
 
@@ -1041,7 +1041,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(f"  use: --data-path {record.prefix}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

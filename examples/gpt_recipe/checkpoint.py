@@ -98,7 +98,7 @@ def save_checkpoint(
     """
     from megatron.core import parallel_state as ps
 
-    from . import compat
+    from paci_megatron import compat
 
     if any(type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)):
         raise NotImplementedError(
