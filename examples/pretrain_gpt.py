@@ -30,6 +30,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+if __name__ == "__main__":  # from a clone without installing: the repository's package
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from paci_megatron.config import PACIConfig, check_arguments  # noqa: E402
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -64,23 +69,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("parallelism")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-schedule", choices=["1f1b", "paci"], default="1f1b",
-                   help="1f1b: Megatron's own schedule; paci: asynchronous, no flush")
-    g.add_argument("--paci-accumulation", type=int, default=None,
-                   help="backward micro-batches per local update (default: the "
-                   "micro-batches of one iteration)")
-    g.add_argument("--paci-max-drift", type=int, default=None,
-                   help="refuse settings whose drift bound exceeds this")
-    g.add_argument("--paci-skip-nonfinite-updates", action="store_true",
-                   help="skip (and report) a stage's update whose gradients hold NaN/Inf "
-                   "instead of stopping")
-    g.add_argument("--paci-trace", default=None,
-                   help="write the run's real timeline (every forward, backward and local "
-                   "update of every stage) as a Chrome/Perfetto trace to this file")
-    g.add_argument("--paci-memory-mode", choices=["activations", "recompute"],
-                   default="activations",
-                   help="recompute: keep only each stage's input and recompute the forward "
-                   "with the current weights at backward time")
     g.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda if available")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
@@ -96,6 +84,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--eval-iters", type=int, default=4)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-json", default=None)
+    PACIConfig.add_arguments(p)  # --pipeline-schedule and every --paci-* flag
     g = p.add_argument_group("checkpointing (Megatron-LM names)")
     g.add_argument("--save", default=None, help="checkpoint directory to write")
     g.add_argument("--save-interval", type=int, default=None,
@@ -115,7 +104,6 @@ POSITIVE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_lengt
                   "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
                   "eval_interval", "log_interval", "pipeline_model_parallel_size",
                   "tensor_model_parallel_size", "make_vocab_size_divisible_by")
-PACI_FLAGS = ("paci_accumulation", "paci_max_drift", "paci_skip_nonfinite_updates", "paci_trace")
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -172,27 +160,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     except ValueError:
         problems.append(f"--split {args.split}: give three non-negative train,valid,test "
                         "shares with train and valid above 0 (evaluation needs validation data)")
-    if args.pipeline_schedule == "paci":
-        from paci_megatron import PACIConfig, PACIConfigError, validate_setup
-
-        try:
-            validate_setup(
-                PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift,
-                           memory_mode=args.paci_memory_mode,
-                           p2p_timeout_s=args.distributed_timeout_minutes * 60),
-                num_microbatches=args.global_batch_size // (mbs * dp),
-                pipeline_model_parallel_size=pp,
-                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            )
-        except PACIConfigError as err:
-            problems.extend(err.problems)
-    else:
-        used = [f for f in PACI_FLAGS if getattr(args, f) not in (None, False)]
-        if args.paci_memory_mode != "activations":
-            used.append("paci_memory_mode")
-        if used:
-            names = ", ".join("--" + f.replace("_", "-") for f in used)
-            problems.append(f"{names} only apply with --pipeline-schedule paci")
+    problems += check_arguments(args, num_microbatches=args.global_batch_size // (mbs * dp),
+                                pipeline_model_parallel_size=pp)
     if problems:
         _refuse(problems)
 
@@ -298,11 +267,9 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     )
     config.grad_scale_func = optimizer.scale_loss
     if args.pipeline_schedule == "paci":
+        paci = PACIConfig.from_args(args)
         optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler,
-                                     skip_nonfinite_updates=args.paci_skip_nonfinite_updates)
-        paci = pm.PACIConfig(accumulation=args.paci_accumulation, max_drift=args.paci_max_drift,
-                             memory_mode=args.paci_memory_mode,
-                             p2p_timeout_s=args.distributed_timeout_minutes * 60)
+                                     skip_nonfinite_updates=paci.skip_nonfinite_updates)
         pm.validate_setup(
             paci, num_microbatches=num_microbatches,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size, model_config=config,
@@ -311,7 +278,6 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
         schedule = pm.PACISchedule(
             optimizer, paci,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            record_timeline=bool(args.paci_trace),
         )
     else:
         config.finalize_model_grads_func = finalize_model_grads
@@ -436,6 +402,8 @@ def train(args: argparse.Namespace) -> List[dict]:
                           micro_batch_size=args.micro_batch_size, forward_only=False)
         optimizer.step()
         scheduler.step(increment=args.global_batch_size)
+        if args.paci_drain_interval and iteration % args.paci_drain_interval == 0:
+            schedule.drain()
         if losses:
             window_losses.append(average_losses(losses))
         tokens += args.global_batch_size * args.seq_length
@@ -468,22 +436,14 @@ def train(args: argparse.Namespace) -> List[dict]:
     if hasattr(schedule, "drain"):
         schedule.drain()
     if args.paci_trace:
-        write_trace(args.paci_trace, schedule.timeline, is_writer)
+        from paci_megatron.telemetry import write_run_trace
+
+        written = write_run_trace(args.paci_trace, schedule.timeline)  # a collective
+        if written is not None:
+            print(f"> trace of {written} actions written to {args.paci_trace}", flush=True)
     if log:
         log.close()
     return records
-
-
-def write_trace(path: str, timeline: list, is_writer: bool) -> None:
-    """Gather every rank's timeline and write one Chrome trace (a collective)."""
-    from paci_megatron.sim import write_chrome_trace
-
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, timeline)
-    if is_writer:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_chrome_trace([ev for events in gathered for ev in events], path)
-        print(f"> trace of {sum(len(e) for e in gathered)} actions written to {path}", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -507,5 +467,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

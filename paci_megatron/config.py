@@ -1,18 +1,29 @@
-"""PACI settings and the validation of a Megatron setup against PACI's rules.
+"""PACI's settings, their command-line flags, and every refusal of a setup PACI cannot run.
 
-All checks live here and raise one error type, :class:`PACIConfigError`, listing every
-violation at once with what to change (docs/design.md, "What stays stage-local, what is
-refused").
+:class:`PACIConfig` is the one home of PACI's settings: each field that has a flag declares
+it once (:func:`PACIConfig.add_arguments` adds them all to a parser, with
+``--pipeline-schedule``; :func:`PACIConfig.from_args` reads them back), and both front ends
+(``examples/pretrain_gpt.py`` and the Megatron-LM glue) use it, so a flag cannot exist on
+one side only. :data:`REFUSALS` is the table of ``(condition, message)`` checks, whichever
+front end asks; :func:`validate_setup` and :func:`check_arguments` evaluate it and raise /
+return every violation at once with what to change (docs/design.md, "What stays
+stage-local, what is refused").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .plan import drift_bound
 
-__all__ = ["PACIConfig", "PACIConfigError", "validate_setup", "divisors"]
+__all__ = ["SCHEDULES", "MEMORY_MODES", "PACIConfig", "PACIConfigError", "Setup", "REFUSALS",
+           "validate_setup", "check_arguments", "divisors"]
+
+SCHEDULES = ("1f1b", "paci")
+MEMORY_MODES = ("activations", "recompute")
+GROUP_TITLE = "pipeline schedule (paci-megatron)"
 
 
 class PACIConfigError(ValueError):
@@ -24,41 +35,252 @@ class PACIConfigError(ValueError):
         super().__init__(f"PACI cannot run this configuration ({len(problems)} problem(s)):\n{lines}")
 
 
+def _flag(default: Any, flag: str, help: str, **argparse_kw: Any):
+    """A :class:`PACIConfig` field with its command-line flag (``--paci-*``)."""
+    return field(default=default, metadata={"flag": flag, "help": help, **argparse_kw})
+
+
 @dataclass
 class PACIConfig:
-    """Settings of the PACI schedule.
+    """Settings of the PACI schedule; fields with a flag are PACI's command line.
 
     Attributes:
         accumulation: ``a``, backward micro-batches each stage accumulates before its own
-            optimizer update; ``None`` = the micro-batches of one iteration (``a = m``,
-            one update per stage per iteration: the global batch keeps its meaning).
+            optimizer update (``--paci-accumulation``); ``None`` = the micro-batches of one
+            iteration (``a = m``, one update per stage per iteration: the global batch
+            keeps its meaning).
+        drain_interval: also drain every this many iterations (``--paci-drain-interval``;
+            0: only before evaluation, checkpoint saving and exit).
         max_drift: refuse a configuration whose drift bound ``ceil((P-1-s)/a)`` exceeds
             this on any stage (``--paci-max-drift``); ``None`` = no limit.
-        check_drift: raise if a measured drift ever exceeds the bound (always on in tests).
-        p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
-            then the stage raises an error naming the peer and the micro-batch (default
-            600 s, Megatron-LM's default ``--distributed-timeout-minutes``).
         memory_mode: ``"activations"`` keeps each in-flight micro-batch's activations, as
             1F1B does; ``"recompute"`` keeps only the stage input (plus the data the
             forward read) and recomputes the forward at backward time with the weights
-            current then (the reference implementation's memory mode): activation memory
-            of one micro-batch per stage, at the cost of a second forward.
+            current then (``--paci-memory-mode``): activation memory of one micro-batch
+            per stage, at the cost of a second forward.
+        skip_nonfinite_updates: skip (and report) a stage's update whose gradients hold
+            NaN/Inf instead of stopping (``--paci-skip-nonfinite-updates``).
+        trace: write the run's timeline (every forward, backward and update of every
+            stage) as a Chrome / Perfetto trace to this path (``--paci-trace``).
+        p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
+            then the stage raises an error naming the peer and the micro-batch (front
+            ends take it from ``--distributed-timeout-minutes``; default 600 s).
+        check_drift: raise if a measured drift ever exceeds the bound.
     """
 
-    accumulation: Optional[int] = None
-    max_drift: Optional[int] = None
-    check_drift: bool = True
+    accumulation: Optional[int] = _flag(
+        None, "--paci-accumulation", type=int,
+        help="backward micro-batches each stage accumulates per local update (default: the "
+             "micro-batches of one iteration); must divide them")
+    drain_interval: int = _flag(
+        0, "--paci-drain-interval", type=int,
+        help="drain the pipeline every N iterations (default 0: only before evaluation, "
+             "checkpoint saving and exit)")
+    max_drift: Optional[int] = _flag(
+        None, "--paci-max-drift", type=int,
+        help="refuse settings whose drift bound ceil((P-1)/a) exceeds this")
+    memory_mode: str = _flag(
+        "activations", "--paci-memory-mode", choices=MEMORY_MODES,
+        help="activations: keep each in-flight micro-batch's activations (as 1F1B); "
+             "recompute: keep the stage input only and recompute the forward at backward")
+    skip_nonfinite_updates: bool = _flag(
+        False, "--paci-skip-nonfinite-updates", action="store_true",
+        help="skip (and report) a stage's update whose gradients hold NaN/Inf instead of "
+             "stopping")
+    trace: Optional[str] = _flag(
+        None, "--paci-trace",
+        help="write the run's timeline (every forward, backward and local update of every "
+             "stage) as a Chrome/Perfetto trace to this file")
     p2p_timeout_s: float = 600.0
-    memory_mode: str = "activations"
+    check_drift: bool = True
 
     def resolve_accumulation(self, num_microbatches: int) -> int:
         """``a`` for an iteration of ``num_microbatches`` micro-batches."""
         return self.accumulation if self.accumulation is not None else num_microbatches
 
+    @staticmethod
+    def flag_fields() -> List[Tuple[str, str, Any]]:
+        """``(field name, flag, default)`` of every setting that has a flag."""
+        return [(f.name, f.metadata["flag"], f.default) for f in fields(PACIConfig)
+                if "flag" in f.metadata]
+
+    @staticmethod
+    def dest(flag: str) -> str:
+        """argparse's attribute name of a flag (``--paci-max-drift`` -> ``paci_max_drift``)."""
+        return flag[2:].replace("-", "_")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add ``--pipeline-schedule {1f1b,paci}`` and every ``--paci-*`` flag to ``parser``,
+        in one argument group. Returns ``parser``."""
+        group = parser.add_argument_group(title=GROUP_TITLE)
+        group.add_argument(
+            "--pipeline-schedule", choices=SCHEDULES, default="1f1b",
+            help="1f1b: Megatron's own pipeline schedule (unchanged); paci: asynchronous 1F1B "
+                 "without flush, each stage updating after --paci-accumulation backwards")
+        for f in fields(PACIConfig):
+            if "flag" in f.metadata:
+                kw = {k: v for k, v in f.metadata.items() if k != "flag"}
+                group.add_argument(f.metadata["flag"], default=f.default, **kw)
+        return parser
+
+    @classmethod
+    def from_args(cls, args: Any) -> "PACIConfig":
+        """Build from parsed arguments (any object with the flags' attributes).
+
+        Missing attributes take the field defaults (a namespace that skipped the parser,
+        such as one built from ``--yaml-cfg``); ``--distributed-timeout-minutes`` sets
+        :attr:`p2p_timeout_s`.
+        """
+        values = {name: getattr(args, cls.dest(flag), default)
+                  for name, flag, default in cls.flag_fields()}
+        minutes = getattr(args, "distributed_timeout_minutes", None)
+        if minutes is not None:
+            values["p2p_timeout_s"] = 60.0 * float(minutes)
+        return cls(**values)
+
 
 def divisors(n: int) -> List[int]:
     """Positive divisors of ``n`` in increasing order."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the refusals look at: PACI's settings and the Megatron setup around them.
+
+    Attributes:
+        paci: the :class:`PACIConfig`. m: micro-batches per iteration. P: pipeline stages.
+        tied: input embedding and output layer share weights.
+        model_config: megatron-core ``TransformerConfig`` (or an object with its attribute
+            names), or None.
+        training_args: Megatron-LM's parsed arguments (flags that exist only there), or None.
+    """
+
+    paci: PACIConfig
+    m: int
+    P: int
+    tied: bool = False
+    model_config: Any = None
+    training_args: Any = None
+
+    @property
+    def a(self) -> int:
+        """The accumulation factor (1 where ``m`` is not valid)."""
+        return self.paci.resolve_accumulation(self.m) if self.m >= 1 else 1
+
+    def cfg(self, name: str, default: Any = None) -> Any:
+        """``model_config.<name>`` (``default`` without a model config or attribute)."""
+        return getattr(self.model_config, name, default) if self.model_config is not None else default
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """``training_args.<name>`` (``default`` without training arguments or attribute)."""
+        return getattr(self.training_args, name, default) if self.training_args is not None else default
+
+
+def _max_drift_fix(s: Setup) -> str:
+    fits = [d for d in divisors(s.m) if drift_bound(s.P, 0, d) <= s.paci.max_drift]
+    if fits:
+        return f"use --paci-accumulation {fits[0]} (or any of {fits})"
+    return (f"no accumulation factor dividing m = {s.m} achieves it; the smallest bound is "
+            f"{drift_bound(s.P, 0, s.m)}: raise --paci-max-drift or use --pipeline-schedule 1f1b")
+
+
+def _virtual(s: Setup) -> bool:
+    return (s.cfg("virtual_pipeline_model_parallel_size") not in (None, 1)
+            or s.arg("num_virtual_stages_per_pipeline_rank") not in (None, 1)
+            or s.arg("virtual_pipeline_model_parallel_size") not in (None, 1)
+            or bool(s.arg("num_layers_per_virtual_pipeline_stage")))
+
+
+def _valid_shape(s: Setup) -> bool:
+    return s.m >= 1 and s.a >= 1 and s.P >= 1
+
+
+Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
+
+#: Every refusal: ``(condition, message)``, evaluated in order on a :class:`Setup`.
+REFUSALS: Sequence[Refusal] = (
+    (lambda s: s.m < 1,
+     lambda s: f"num_microbatches is {s.m}: need at least 1 (check --global-batch-size)"),
+    (lambda s: s.m >= 1 and s.a < 1,
+     lambda s: f"--paci-accumulation is {s.a}: must be >= 1"),
+    (lambda s: s.m >= 1 and s.a >= 1 and s.m % s.a != 0,
+     lambda s: f"--paci-accumulation {s.a} does not divide the {s.m} micro-batches of an "
+               f"iteration (fewer micro-batches than one accumulation window needs, or windows "
+               f"that end mid-iteration): choose one of {divisors(s.m)}, or change "
+               f"--global-batch-size"),
+    (lambda s: s.P < 1, lambda s: f"pipeline size is {s.P}: must be >= 1"),
+    (lambda s: s.paci.max_drift is not None and s.paci.max_drift < 0,
+     lambda s: f"--paci-max-drift {s.paci.max_drift}: must be >= 0"),
+    (lambda s: (s.paci.max_drift is not None and s.paci.max_drift >= 0 and _valid_shape(s)
+                and drift_bound(s.P, 0, s.a) > s.paci.max_drift),
+     lambda s: f"drift bound ceil((P-1)/a) = {drift_bound(s.P, 0, s.a)} on stage 0 exceeds "
+               f"--paci-max-drift {s.paci.max_drift}: {_max_drift_fix(s)}"),
+    (lambda s: not s.paci.p2p_timeout_s > 0,
+     lambda s: f"the pipeline send/receive timeout is {s.paci.p2p_timeout_s} s: must be > 0 "
+               "(--distributed-timeout-minutes)"),
+    (lambda s: s.paci.memory_mode not in MEMORY_MODES,
+     lambda s: f"memory mode {s.paci.memory_mode!r} is unknown: use 'activations' or "
+               "'recompute' (--paci-memory-mode)"),
+    (lambda s: s.paci.drain_interval is not None and s.paci.drain_interval < 0,
+     lambda s: f"--paci-drain-interval {s.paci.drain_interval}: must be >= 0"),
+    (lambda s: s.tied and s.P > 1,
+     lambda s: "tied input embedding and output weights across pipeline stages need a "
+               "gradient all-reduce between the first and last stage at every update: add "
+               "--untie-embeddings-and-output-weights"),
+    (lambda s: s.model_config is not None and s.P > 1 and s.cfg("pipeline_dtype") is None,
+     lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
+               "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "
+               "(Megatron-LM sets it from --bf16)"),
+    (lambda s: bool(s.cfg("calculate_per_token_loss")),
+     lambda s: "--calculate-per-token-loss reduces token counts across pipeline stages: "
+               "remove it (PACI averages the loss per micro-batch)"),
+    (lambda s: bool(s.cfg("fp16")),
+     lambda s: "--fp16 uses dynamic loss scaling that needs every stage to agree on overflow: "
+               "use --bf16 (or fp32)"),
+    (_virtual,
+     lambda s: "virtual pipeline stages are not supported by PACI yet: remove "
+               "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
+               "(--virtual-pipeline-model-parallel-size)"),
+    (lambda s: bool(s.cfg("variable_seq_lengths")),
+     lambda s: "variable sequence lengths are not supported by PACI yet: use a fixed --seq-length"),
+    (lambda s: bool(s.cfg("fp8")),
+     lambda s: "FP8 keeps a cached FP8 copy of each weight that a local update leaves stale: "
+               "remove --fp8-format (use --bf16)"),
+    (lambda s: bool(s.cfg("mtp_num_layers")),
+     lambda s: "multi-token prediction (--mtp-num-layers) is not supported by PACI"),
+    (lambda s: bool(s.cfg("overlap_p2p_comm")),
+     lambda s: "--overlap-p2p-communication is not supported by PACI: remove it"),
+    (lambda s: bool(s.cfg("delay_wgrad_compute")),
+     lambda s: "--delay-wgrad-compute is not supported by PACI: remove it"),
+    (lambda s: bool(s.cfg("defer_embedding_wgrad_compute")),
+     lambda s: "--defer-embedding-wgrad-compute is not supported by PACI: remove it"),
+    # flags that exist only in Megatron-LM's training loop
+    (lambda s: s.arg("rerun_mode") not in (None, "disabled"),
+     lambda s: f"--rerun-mode {s.arg('rerun_mode')} re-runs whole iterations and all-reduces "
+               "over the world after each one; under PACI the updates happen inside the schedule "
+               "and cannot be re-run: use --rerun-mode disabled (the default with "
+               "--pipeline-schedule paci)"),
+    (lambda s: bool(s.arg("rampup_batch_size")),
+     lambda s: "--rampup-batch-size changes the micro-batches per iteration, and with them the "
+               "accumulation window: remove it with PACI"),
+    (lambda s: bool(s.arg("overlap_param_gather")),
+     lambda s: "--overlap-param-gather gathers updated parameters in forward hooks that the "
+               "training loop arms once per iteration, but PACI updates inside the iteration: "
+               "remove it (the distributed optimizer still works without it)"),
+) + tuple(
+    (lambda s, name=name: bool(s.arg(name)),
+     lambda s, flag=flag: f"{flag} is not supported by PACI: use --use-distributed-optimizer")
+    for flag, name in (("--use-torch-fsdp2", "use_torch_fsdp2"),
+                       ("--use-megatron-fsdp", "use_megatron_fsdp"),
+                       ("--use-custom-fsdp", "use_custom_fsdp"))
+) + (
+    (lambda s: (s.arg("cuda_graph_impl", "none") not in (None, "none")
+                or bool(s.arg("enable_cuda_graph")) or bool(s.arg("external_cuda_graph"))),
+     lambda s: "CUDA graphs capture a fixed iteration; PACI's iterations differ in what is in "
+               "flight: remove --cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph"),
+)
 
 
 def validate_setup(
@@ -68,8 +290,9 @@ def validate_setup(
     pipeline_model_parallel_size: int,
     model_config=None,
     share_embeddings_and_output_weights: bool = False,
+    training_args=None,
 ) -> int:
-    """Check a Megatron setup against PACI's rules before training starts.
+    """Check a Megatron setup against every entry of :data:`REFUSALS` before training.
 
     Args:
         paci: the :class:`PACIConfig`.
@@ -79,6 +302,7 @@ def validate_setup(
         share_embeddings_and_output_weights: True if the input embedding and output
             layer share weights (Megatron's default unless
             ``--untie-embeddings-and-output-weights``).
+        training_args: Megatron-LM's parsed arguments, for its own flags (or None).
 
     Returns:
         The accumulation factor ``a`` to use.
@@ -86,92 +310,37 @@ def validate_setup(
     Raises:
         PACIConfigError: listing every violation and the flag to change.
     """
-    problems: List[str] = []
-    m, P = num_microbatches, pipeline_model_parallel_size
-    a = paci.resolve_accumulation(m) if m >= 1 else 1
-    if m < 1:
-        problems.append(f"num_microbatches is {m}: need at least 1 (check --global-batch-size)")
-    if a < 1:
-        problems.append(f"--paci-accumulation is {a}: must be >= 1")
-    elif m >= 1 and m % a != 0:
-        problems.append(
-            f"--paci-accumulation {a} does not divide the {m} micro-batches of an iteration "
-            f"(fewer micro-batches than one accumulation window needs, or windows that end "
-            f"mid-iteration): choose one of {divisors(m)}, or change --global-batch-size"
-        )
-    if P < 1:
-        problems.append(f"pipeline size is {P}: must be >= 1")
-    if paci.max_drift is not None and paci.max_drift < 0:
-        problems.append(f"--paci-max-drift {paci.max_drift}: must be >= 0")
-    elif paci.max_drift is not None and a >= 1 and P >= 1 and m >= 1:
-        worst = drift_bound(P, 0, a)
-        if worst > paci.max_drift:
-            fits = [d for d in divisors(m) if drift_bound(P, 0, d) <= paci.max_drift]
-            if fits:
-                fix = f"use --paci-accumulation {fits[0]} (or any of {fits})"
-            else:
-                fix = (f"no accumulation factor dividing m = {m} achieves it; the smallest "
-                       f"bound is {drift_bound(P, 0, m)}: raise --paci-max-drift or use "
-                       "--pipeline-schedule 1f1b")
-            problems.append(
-                f"drift bound ceil((P-1)/a) = {worst} on stage 0 exceeds --paci-max-drift "
-                f"{paci.max_drift}: {fix}"
-            )
-    if not paci.p2p_timeout_s > 0:
-        problems.append(f"the pipeline send/receive timeout is {paci.p2p_timeout_s} s: must be "
-                        "> 0 (--distributed-timeout-minutes)")
-    if paci.memory_mode not in ("activations", "recompute"):
-        problems.append(
-            f"memory mode {paci.memory_mode!r} is unknown: use 'activations' or 'recompute' "
-            "(--paci-memory-mode)"
-        )
-    if share_embeddings_and_output_weights and P > 1:
-        problems.append(
-            "tied input embedding and output weights across pipeline stages need a gradient "
-            "all-reduce between the first and last stage at every update: add "
-            "--untie-embeddings-and-output-weights"
-        )
-    c = model_config
-    if c is not None:
-        if P > 1 and getattr(c, "pipeline_dtype", None) is None:
-            problems.append(
-                "the model config has no pipeline_dtype, the dtype of activations sent "
-                "between stages: set TransformerConfig(pipeline_dtype=torch.float32 or "
-                "torch.bfloat16) (Megatron-LM sets it from --bf16)"
-            )
-        if getattr(c, "calculate_per_token_loss", False):
-            problems.append(
-                "--calculate-per-token-loss reduces token counts across pipeline stages: "
-                "remove it (PACI averages the loss per micro-batch)"
-            )
-        if getattr(c, "fp16", False):
-            problems.append(
-                "--fp16 uses dynamic loss scaling that needs every stage to agree on overflow: "
-                "use --bf16 (or fp32)"
-            )
-        if getattr(c, "virtual_pipeline_model_parallel_size", None) not in (None, 1):
-            problems.append(
-                "virtual pipeline stages (--num-layers-per-virtual-pipeline-stage / "
-                "--virtual-pipeline-model-parallel-size) are not supported by PACI yet: remove it"
-            )
-        if getattr(c, "variable_seq_lengths", False):
-            problems.append(
-                "variable sequence lengths are not supported by PACI yet: use a fixed "
-                "--seq-length"
-            )
-        if getattr(c, "fp8", None):
-            problems.append(
-                "FP8 keeps a cached FP8 copy of each weight that a local update leaves stale: "
-                "remove --fp8-format (use --bf16)"
-            )
-        if getattr(c, "mtp_num_layers", None):
-            problems.append("multi-token prediction (--mtp-num-layers) is not supported by PACI")
-        if getattr(c, "overlap_p2p_comm", False):
-            problems.append("--overlap-p2p-communication is not supported by PACI: remove it")
-        if getattr(c, "delay_wgrad_compute", False):
-            problems.append("--delay-wgrad-compute is not supported by PACI: remove it")
-        if getattr(c, "defer_embedding_wgrad_compute", False):
-            problems.append("--defer-embedding-wgrad-compute is not supported by PACI: remove it")
+    setup = Setup(paci, num_microbatches, pipeline_model_parallel_size,
+                  share_embeddings_and_output_weights, model_config, training_args)
+    problems = [message(setup) for condition, message in REFUSALS if condition(setup)]
     if problems:
         raise PACIConfigError(problems)
-    return a
+    return setup.a
+
+
+def check_arguments(args: Any, *, num_microbatches: int, pipeline_model_parallel_size: int,
+                    model_config=None, training_args=None) -> List[str]:
+    """A front end's check of parsed arguments: the problems (empty when the run may start).
+
+    With ``--pipeline-schedule paci``: every refusal of :func:`validate_setup` (tied
+    embeddings from ``--untie-embeddings-and-output-weights``). Otherwise the only problem
+    is a ``--paci-*`` flag given without ``--pipeline-schedule paci``.
+    """
+    if getattr(args, "pipeline_schedule", "1f1b") != "paci":
+        used = [flag for _, flag, default in PACIConfig.flag_fields()
+                if getattr(args, PACIConfig.dest(flag), default) != default]
+        if not used:
+            return []
+        verb, them = ("applies", "it") if len(used) == 1 else ("apply", "them")
+        return [f"{', '.join(used)} only {verb} with --pipeline-schedule paci: "
+                f"add that or remove {them}"]
+    try:
+        validate_setup(
+            PACIConfig.from_args(args), num_microbatches=num_microbatches,
+            pipeline_model_parallel_size=pipeline_model_parallel_size, model_config=model_config,
+            share_embeddings_and_output_weights=not getattr(
+                args, "untie_embeddings_and_output_weights", False),
+            training_args=training_args)
+    except PACIConfigError as err:
+        return err.problems
+    return []

@@ -22,7 +22,10 @@ Megatron-LM. Right after Python executes Megatron-LM's modules it rebinds (MEGAT
     stage-local :func:`~paci_megatron.optimizer.finalize_stage_grads`; ``evaluate``,
     ``save_checkpoint_and_time``, the exit decision and the end of ``train`` drain the
     pipeline first; ``train_step`` counts iterations (and drains every
-    ``--paci-drain-interval``); ``training_log`` adds a line with the drift per stage.
+    ``--paci-drain-interval``); ``training_log`` adds a line with the drift per stage;
+    the end of training writes ``--paci-trace``.
+
+PACI's flags and refusals are :mod:`paci_megatron.config`'s, the same as the example's.
 
 With ``--pipeline-schedule 1f1b`` (or without the flag) every rebound function calls
 Megatron-LM's original unchanged. All patched names are listed in :data:`PATCHED`.
@@ -35,7 +38,6 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 __all__ = [
-    "SCHEDULES",
     "PATCHED",
     "add_arguments",
     "check_args",
@@ -43,8 +45,6 @@ __all__ = [
     "Glue",
     "glue",
 ]
-
-SCHEDULES = ("1f1b", "paci")
 
 #: Megatron-LM module -> names this module rebinds there (documentation and tests).
 PATCHED: Dict[str, Sequence[str]] = {
@@ -57,80 +57,25 @@ PATCHED: Dict[str, Sequence[str]] = {
     ),
 }
 
-_PACI_FLAGS = {
-    "paci_accumulation": "--paci-accumulation",
-    "paci_drain_interval": "--paci-drain-interval",
-    "paci_max_drift": "--paci-max-drift",
-    "paci_memory_mode": "--paci-memory-mode",
-    "paci_skip_nonfinite_updates": "--paci-skip-nonfinite-updates",
-}
-_DEFAULTS = {
-    "paci_accumulation": None,
-    "paci_drain_interval": 0,
-    "paci_max_drift": None,
-    "paci_memory_mode": "activations",
-    "paci_skip_nonfinite_updates": False,
-}
-
 
 def add_arguments(parser):
-    """Add ``--pipeline-schedule`` and the PACI arguments to Megatron-LM's parser.
-
-    Arguments (all in the group "pipeline schedule (paci-megatron)"):
-        --pipeline-schedule {1f1b,paci}: ``1f1b`` (default) is Megatron's own schedule,
-            unchanged; ``paci`` is the asynchronous schedule with stage-local updates.
-        --paci-accumulation A: backward micro-batches per local update (default: the
-            micro-batches of one iteration, ``a = m``); must divide ``m``.
-        --paci-drain-interval N: also drain the pipeline every N iterations (default 0:
-            only before evaluation, checkpoint saving and exit).
-        --paci-max-drift D: refuse settings whose drift bound ``ceil((P-1)/a)`` exceeds D.
-        --paci-memory-mode {activations,recompute}: keep in-flight activations (as 1F1B
-            does) or recompute the forward at backward time.
-        --paci-skip-nonfinite-updates: skip a stage's update whose grads hold NaN/Inf
-            (and report it) instead of stopping.
+    """Add ``--pipeline-schedule`` and PACI's flags (:meth:`PACIConfig.add_arguments`) to
+    Megatron-LM's parser, unless the script defines one of them itself (the glue then
+    stays off and says so).
 
     Returns:
         ``parser`` (Megatron's argument-group functions return it).
     """
-    taken = [f for f in ("--pipeline-schedule", "--paci-accumulation", "--paci-drain-interval",
-                         "--paci-max-drift", "--paci-memory-mode", "--paci-skip-nonfinite-updates")
-             if f in getattr(parser, "_option_string_actions", {})]
+    from .config import PACIConfig
+
+    flags = ["--pipeline-schedule"] + [flag for _, flag, _ in PACIConfig.flag_fields()]
+    taken = [f for f in flags if f in getattr(parser, "_option_string_actions", {})]
     if taken:
         print(f"paci-megatron: this script defines {', '.join(taken)} itself; the PACI glue "
               "stays off (PACI_MEGATRON_DISABLE=1 silences this)", file=sys.stderr, flush=True)
         glue.disabled = True
         return parser
-    group = parser.add_argument_group(title="pipeline schedule (paci-megatron)")
-    group.add_argument(
-        "--pipeline-schedule", choices=SCHEDULES, default="1f1b",
-        help="1f1b: Megatron's own pipeline schedule (unchanged); paci: asynchronous 1F1B "
-             "without flush, each stage updating after --paci-accumulation backwards",
-    )
-    group.add_argument(
-        "--paci-accumulation", type=int, default=None,
-        help="backward micro-batches each stage accumulates per local update (default: "
-             "the micro-batches of one iteration); must divide them",
-    )
-    group.add_argument(
-        "--paci-drain-interval", type=int, default=0,
-        help="drain the pipeline every N iterations (default 0: only before evaluation, "
-             "checkpoint saving and exit)",
-    )
-    group.add_argument(
-        "--paci-max-drift", type=int, default=None,
-        help="refuse settings whose drift bound ceil((P-1)/a) exceeds this",
-    )
-    group.add_argument(
-        "--paci-memory-mode", choices=("activations", "recompute"), default="activations",
-        help="activations: keep each in-flight micro-batch's activations (as 1F1B); "
-             "recompute: keep the stage input only and recompute the forward at backward",
-    )
-    group.add_argument(
-        "--paci-skip-nonfinite-updates", action="store_true",
-        help="skip (and report) a stage's update whose gradients hold NaN/Inf instead of "
-             "stopping",
-    )
-    return parser
+    return PACIConfig.add_arguments(parser)
 
 
 def _given(argv: Sequence[str], flag: str) -> bool:
@@ -162,6 +107,9 @@ class _ArgsAsModelConfig:
 def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
     """Problems that stop a Megatron-LM run before training, each naming the flag to change.
 
+    The refusals themselves are :data:`paci_megatron.config.REFUSALS`, evaluated on the
+    arguments (as a model config, and for Megatron-LM's own flags).
+
     Args:
         args: Megatron-LM's parsed and validated arguments (``argparse.Namespace``).
         argv: the command line (default ``sys.argv``), to tell flags given explicitly
@@ -174,83 +122,15 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
     Side effect: under ``paci`` with no ``--rerun-mode`` on the command line, sets
     ``args.rerun_mode = "disabled"``.
     """
-    from .config import PACIConfig, PACIConfigError, validate_setup
+    from .config import check_arguments
 
     argv = list(sys.argv if argv is None else argv)
-    schedule = getattr(args, "pipeline_schedule", "1f1b")
-    problems: List[str] = []
-    if schedule != "paci":
-        used = [flag for name, flag in _PACI_FLAGS.items()
-                if getattr(args, name, _DEFAULTS[name]) != _DEFAULTS[name]]
-        if used:
-            verb, them = ("applies", "it") if len(used) == 1 else ("apply", "them")
-            problems.append(f"{', '.join(used)} only {verb} with --pipeline-schedule paci: "
-                            f"add that or remove {them}")
-        return problems
-
-    P = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    m = _num_microbatches(args)
-    paci = PACIConfig(
-        accumulation=args.paci_accumulation,
-        max_drift=args.paci_max_drift,
-        memory_mode=args.paci_memory_mode,
-        p2p_timeout_s=60.0 * float(getattr(args, "distributed_timeout_minutes", 10) or 10),
-    )
-    try:
-        validate_setup(
-            paci,
-            num_microbatches=m,
-            pipeline_model_parallel_size=P,
-            model_config=_ArgsAsModelConfig(args),
-            share_embeddings_and_output_weights=not getattr(
-                args, "untie_embeddings_and_output_weights", False),
-        )
-    except PACIConfigError as err:
-        problems.extend(err.problems)
-
-    if args.paci_drain_interval is not None and args.paci_drain_interval < 0:
-        problems.append(f"--paci-drain-interval {args.paci_drain_interval}: must be >= 0")
-    mode = getattr(args, "rerun_mode", "disabled")
-    if not _given(argv, "--rerun-mode"):
+    if getattr(args, "pipeline_schedule", "1f1b") == "paci" and not _given(argv, "--rerun-mode"):
         args.rerun_mode = "disabled"
-    elif mode != "disabled":
-        problems.append(
-            f"--rerun-mode {mode} re-runs whole iterations and all-reduces over the world "
-            "after each one; under PACI the updates happen inside the schedule and cannot "
-            "be re-run: use --rerun-mode disabled (the default with --pipeline-schedule paci)"
-        )
-    if getattr(args, "rampup_batch_size", None):
-        problems.append(
-            "--rampup-batch-size changes the micro-batches per iteration, and with them "
-            "the accumulation window: remove it with PACI"
-        )
-    if getattr(args, "overlap_param_gather", False):
-        problems.append(
-            "--overlap-param-gather gathers updated parameters in forward hooks that the "
-            "training loop arms once per iteration, but PACI updates inside the iteration: "
-            "remove it (the distributed optimizer still works without it)"
-        )
-    for flag, name in (("--use-torch-fsdp2", "use_torch_fsdp2"),
-                       ("--use-megatron-fsdp", "use_megatron_fsdp"),
-                       ("--use-custom-fsdp", "use_custom_fsdp")):
-        if getattr(args, name, False):
-            problems.append(f"{flag} is not supported by PACI: use --use-distributed-optimizer")
-    graphs = getattr(args, "cuda_graph_impl", "none")
-    if (graphs not in (None, "none") or getattr(args, "enable_cuda_graph", False)
-            or getattr(args, "external_cuda_graph", False)):
-        problems.append(
-            "CUDA graphs capture a fixed iteration; PACI's iterations differ in what is in "
-            "flight: remove --cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph"
-        )
-    if (getattr(args, "num_virtual_stages_per_pipeline_rank", None) not in (None, 1)
-            or getattr(args, "virtual_pipeline_model_parallel_size", None) not in (None, 1)
-            or getattr(args, "num_layers_per_virtual_pipeline_stage", None)):
-        problems.append(
-            "virtual pipeline stages are not supported by PACI yet: remove "
-            "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"
-        )
-    seen = set()
-    return [p for p in problems if not (p in seen or seen.add(p))]
+    return check_arguments(
+        args, num_microbatches=_num_microbatches(args),
+        pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+        model_config=_ArgsAsModelConfig(args), training_args=args)
 
 
 def _rank() -> int:
@@ -296,11 +176,19 @@ class Glue:
         self.start_version = 0
         self.train_steps = 0
         self.drains: Dict[str, int] = {}
+        self.trace_written = False
 
     @property
     def iteration(self) -> int:
         """The training iteration the schedule has completed (Megatron's count)."""
         return self.start_iteration + self.train_steps
+
+    @property
+    def paci(self):
+        """PACI's settings from Megatron-LM's arguments (:meth:`PACIConfig.from_args`)."""
+        from .config import PACIConfig
+
+        return PACIConfig.from_args(self.args)
 
     def drain(self, why: str) -> None:
         """Drain the PACI pipeline (every rank calls it at the same point)."""
@@ -317,28 +205,24 @@ class Glue:
         from .schedule import PACISchedule
 
         args = self.args
+        paci = self.paci
         wrapped = PACIOptimizer(
             optimizer, model, opt_param_scheduler=opt_param_scheduler,
             distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
-            skip_nonfinite_updates=bool(args.paci_skip_nonfinite_updates),
+            skip_nonfinite_updates=paci.skip_nonfinite_updates,
         )
         m = get_num_microbatches()
-        a = args.paci_accumulation or m
+        a = paci.resolve_accumulation(m)
         self.start_iteration = int(getattr(args, "iteration", 0) or 0)
         self.start_version = self.start_iteration * m // a
-        paci = PACIConfig(
-            accumulation=args.paci_accumulation,
-            max_drift=args.paci_max_drift,
-            memory_mode=args.paci_memory_mode,
-            p2p_timeout_s=60.0 * float(getattr(args, "distributed_timeout_minutes", 10) or 10),
-        )
         self.optimizer = wrapped
         self.schedule = PACISchedule(
             wrapped, paci,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            share_embeddings_and_output_weights=not getattr(
+                args, "untie_embeddings_and_output_weights", False),
         )
         # Checkpoints are only written drained (save_checkpoint_and_time drains first).
-        self.schedule.restore_drained(self.start_iteration * m, a)
+        self.schedule.load_state_dict(PACISchedule.drained_state(self.start_iteration * m, a))
         from megatron.core import parallel_state as ps
 
         P = ps.get_pipeline_model_parallel_world_size()
@@ -349,7 +233,7 @@ class Glue:
             print(f"paci-megatron: stage {s} of {P}: PACI schedule active "
                   f"(accumulation a = {a} of m = {m} micro-batches, drift bound "
                   f"{drift_bound(P, s, a)}, starting at iteration {self.start_iteration}, "
-                  f"version {wrapped.version})", flush=True)
+                  f"version {self.schedule.state.version})", flush=True)
         return wrapped
 
     def stage_summaries(self) -> List[Dict[str, Any]]:
@@ -365,8 +249,9 @@ class Glue:
             t = self.schedule.telemetry
             local["drift"] = None if t is None else t.summary()
             local["skipped"] = len(self.optimizer.skipped_updates)
-            local["updates"] = self.optimizer.version - self.start_version - local["skipped"]
-            local["version"] = self.optimizer.version
+            version = self.schedule.state.version
+            local["updates"] = version - self.start_version - local["skipped"]
+            local["version"] = version
         group = ps.get_pipeline_model_parallel_group()
         out: List[Any] = [None] * torch.distributed.get_world_size(group)
         torch.distributed.all_gather_object(out, local, group=group)
@@ -458,6 +343,14 @@ def _print_summary() -> None:
         f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}"
         + (f", skipped non-finite updates per stage {[r.get('skipped', 0) for r in rows]}"
            if any(r.get("skipped") for r in rows) else ""))
+    path = glue.paci.trace
+    if path and glue.schedule is not None and not glue.trace_written:
+        from .telemetry import write_run_trace
+
+        written = write_run_trace(path, glue.schedule.timeline)  # a collective: every rank
+        glue.trace_written = True
+        if written is not None:
+            print(f"paci-megatron: trace of {written} actions written to {path}", flush=True)
 
 
 # Each maker takes Megatron-LM's module and its original function and returns the
@@ -503,7 +396,7 @@ def _train_step(module, original):
         result = original(*a, **k)
         if glue.active:
             glue.train_steps += 1
-            interval = glue.args.paci_drain_interval
+            interval = glue.paci.drain_interval
             if interval and glue.iteration % interval == 0:
                 glue.drain("interval")
         return result

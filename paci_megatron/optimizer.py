@@ -16,8 +16,10 @@ local update"):
    stage's TP group (TP x DP x CP with the distributed optimizer) only;
 4. zeroes the stage's grad buffers.
 
-The training loop's own ``optimizer.step()``, ``optimizer.zero_grad()`` and
-``model_chunk.zero_grad_buffer()`` neither step again nor wipe a partly accumulated window.
+The training loop's own ``optimizer.step()`` and ``optimizer.zero_grad()`` neither step
+again nor wipe a partly accumulated window (the schedule guards the chunks'
+``zero_grad_buffer()`` likewise). The schedule tells each update which window it closes
+(:class:`Window`); the stage's version lives in the schedule's state alone.
 
 In-place updates and in-flight autograd graphs: parameters that in-flight graphs saved
 are updated in place, which bumps their autograd version counter and would make the
@@ -30,13 +32,14 @@ run on the CURRENT (updated) weights, as PACI specifies; no copies are kept.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import compat
 
-__all__ = ["PACIOptimizer", "NonFiniteGradientError", "finalize_stage_grads"]
+__all__ = ["PACIOptimizer", "Window", "NonFiniteGradientError", "finalize_stage_grads"]
 
 
 def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **unused) -> None:
@@ -73,6 +76,38 @@ class NonFiniteGradientError(FloatingPointError):
     """A stage's accumulated gradients hold NaN or Inf at a local update."""
 
 
+@dataclass(frozen=True)
+class Window:
+    """The accumulation window a local update closes (given by the schedule).
+
+    Attributes:
+        update: ``k``, the stage's update number (1-based).
+        first_microbatch: index of the window's first micro-batch (``(k - 1) a`` in a run
+            that never changed ``a``).
+        size: backward micro-batches in the window (``a``; fewer for a drain's last).
+        samples_per_microbatch: micro batch size x DP size, in samples.
+        num_microbatches: micro-batches per training iteration (``m``), for messages.
+        stage: the pipeline stage, for messages.
+    """
+
+    update: int
+    first_microbatch: int
+    size: int
+    samples_per_microbatch: int
+    num_microbatches: int
+    stage: int = 0
+
+    def describe(self) -> str:
+        """``"update 3 (micro-batches 16..23, iteration 3)"``."""
+        last = self.first_microbatch + self.size - 1
+        text = f"update {self.update} (micro-batches {self.first_microbatch}..{last}"
+        if self.num_microbatches:
+            first_it = self.first_microbatch // self.num_microbatches + 1
+            last_it = last // self.num_microbatches + 1
+            text += f", iteration {first_it}" + (f"..{last_it}" if last_it != first_it else "")
+        return text + ")"
+
+
 class PACIOptimizer:
     """Stage-local optimizer for PACI around a megatron-core optimizer.
 
@@ -82,22 +117,24 @@ class PACIOptimizer:
         model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
         opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` (optional); when
             given, update ``k`` uses its learning rate / weight decay at the sample count
-            where the window of update ``k`` began: ``S0 + (k - 1 - v0) * a * mbs * DP``,
-            with ``S0`` the scheduler's count and ``v0`` the version when the schedule
-            first ran (0 and 0 for a fresh run; a loaded scheduler resumes the same way).
-            The training loop keeps stepping the scheduler as Megatron does.
+            where the window of update ``k`` began: ``S0 + (j_k - j0) * mbs * DP``, with
+            ``j_k`` the window's first micro-batch and ``(S0, j0)`` the scheduler's count
+            and the stage's backwarded micro-batches when the schedule first ran (0 and 0
+            for a fresh run; a loaded scheduler resumes the same way). The training loop
+            keeps stepping the scheduler as Megatron does.
         distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
             (its grad stats are then reduced over the stage's TP x DP x CP group).
         skip_nonfinite_updates: when a window's gradients hold NaN/Inf, skip that update
             (and say so) instead of raising :class:`NonFiniteGradientError`.
 
     Attributes:
-        version: updates applied by this stage (``v_s``).
-        samples_per_microbatch: micro batch size x DP size, in samples; set by the
-            schedule on its first call (needed for learning rates per update).
+        version: updates applied by this stage (``v_s``), read from the schedule's
+            :class:`~paci_megatron.plan.StageState` (0 before a schedule is attached).
         last_grad_norm: the stage-local grad norm of the last update (None before).
         last_num_zeros: zeros in the grads of the last update (None unless logged).
         last_update_successful: False if the last update found inf/NaN and was skipped.
+        update_log: ``(update, lr, grad norm)`` of every applied update.
+        skipped_updates: the update numbers skipped for non-finite gradients.
     """
 
     def __init__(
@@ -111,10 +148,6 @@ class PACIOptimizer:
         self.optimizer = optimizer
         self.model = list(model)
         self.opt_param_scheduler = opt_param_scheduler
-        self.version = 0
-        self.samples_per_microbatch: Optional[int] = None
-        self.accumulation: Optional[int] = None
-        self.num_microbatches: Optional[int] = None  # per iteration, set by the schedule
         self.skip_nonfinite_updates = skip_nonfinite_updates
         self.skipped_updates: List[int] = []
         self.last_grad_norm: Optional[float] = None
@@ -130,39 +163,31 @@ class PACIOptimizer:
         group = compat.stage_grad_stats_group(distributed_optimizer)
         for inner in compat.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group
-        self._zero_grad_buffers: List[Callable[[], None]] = []
-        for chunk in self.model:
-            original = chunk.zero_grad_buffer
-            self._zero_grad_buffers.append(original)
-            chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(original)
-        self._pending = 0
-        # (scheduler sample count, version) when the schedule first ran: windows are
-        # counted from there, so a resumed run continues the LR schedule where it stopped
+        # the chunks' own zero_grad_buffer (the schedule guards the attribute afterwards)
+        self._zero_grad_buffers: List[Callable[[], None]] = [c.zero_grad_buffer for c in self.model]
+        self._stage_state: Optional[Callable[[], Any]] = None
+        # (scheduler sample count, backwarded micro-batches) when the schedule first ran:
+        # windows are counted from there, so a resumed run continues the LR schedule
         self._lr_origin: Optional[Tuple[int, int]] = None
 
-    # -- called by the schedule ---------------------------------------------------------
-    def begin_call(self) -> None:
-        """Called by the schedule at the start of each training call (drained or not)."""
-        if self._lr_origin is None and self.opt_param_scheduler is not None:
-            self._lr_origin = (int(self.opt_param_scheduler.num_steps), self.version)
-
-    def restore_version(self, version: int) -> None:
-        """Set the stage's version after loading a checkpoint (before the next call)."""
-        self.version = int(version)
-        self._pending = 0
-        self._lr_origin = None
-
-    def note_backward(self) -> None:
-        """Count one backward micro-batch into the current accumulation window."""
-        self._pending += 1
-
     @property
-    def pending(self) -> int:
-        """Backward micro-batches accumulated since the last update."""
-        return self._pending
+    def version(self) -> int:
+        """Updates applied by this stage (the schedule's record; 0 without one)."""
+        return self._stage_state().version if self._stage_state is not None else 0
 
-    def local_update(self, update_index: int) -> bool:
-        """Apply this stage's update number ``update_index`` (1-based). See module doc.
+    # -- called by the schedule ---------------------------------------------------------
+    def attach(self, stage_state: Callable[[], Any]) -> None:
+        """Called once by the schedule: where the stage's version is recorded."""
+        self._stage_state = stage_state
+
+    def begin_call(self, backwarded: int) -> None:
+        """Called at the start of each training call with the stage's backwarded
+        micro-batches; the first call fixes the learning-rate origin."""
+        if self._lr_origin is None and self.opt_param_scheduler is not None:
+            self._lr_origin = (int(self.opt_param_scheduler.num_steps), int(backwarded))
+
+    def local_update(self, window: Window) -> bool:
+        """Apply this stage's update that closes ``window``. See module doc.
 
         Returns:
             True if the step was applied, False if it was skipped (non-finite gradients
@@ -171,17 +196,10 @@ class PACIOptimizer:
         Raises:
             NonFiniteGradientError: the window's gradients hold NaN/Inf on this stage (or
                 on a DP/TP peer of it); names the stage, update, micro-batches, iteration.
-            RuntimeError: ``update_index`` is not ``version + 1`` (the schedule and the
-                optimizer disagree about the stage's version).
         """
-        if update_index != self.version + 1:
-            raise RuntimeError(
-                f"update {update_index} requested but the stage has applied {self.version} "
-                "updates: the schedule and the optimizer are out of step"
-            )
         finalize_stage_grads(self.model)
         if self._nonfinite_grads():
-            message = self._nonfinite_message(update_index)
+            message = f"stage {window.stage}: NaN/Inf in the gradients of {window.describe()}"
             if not self.skip_nonfinite_updates:
                 raise NonFiniteGradientError(
                     message + "; the update was not applied. Lower the learning rate or "
@@ -190,12 +208,11 @@ class PACIOptimizer:
                 )
             warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
             self._zero()
-            self.version, self._pending = update_index, 0
-            self.skipped_updates.append(update_index)
+            self.skipped_updates.append(window.update)
             self.last_update_successful = False
             self.last_grad_norm = self.last_num_zeros = None  # no update, no norm
             return False
-        self._set_schedule_values(update_index)
+        self._set_schedule_values(window)
         params = [p for chunk in self.model for p in chunk.parameters()]
         versions = [p._version for p in params]
         try:
@@ -203,12 +220,10 @@ class PACIOptimizer:
         finally:
             compat.set_version_counters(params, versions)
         self._zero()
-        self.version = update_index
-        self._pending = 0
         self.last_update_successful = bool(ok)
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
         self.last_num_zeros = None if num_zeros is None else float(num_zeros)
-        self.update_log.append((update_index, self.last_lr, self.last_grad_norm))
+        self.update_log.append((window.update, self.last_lr, self.last_grad_norm))
         return bool(ok)
 
     def _nonfinite_grads(self) -> bool:
@@ -226,39 +241,22 @@ class PACIOptimizer:
                                      group=compat.stage_grad_stats_group(True))
         return flag.item() > 0
 
-    def _nonfinite_message(self, update_index: int) -> str:
-        from megatron.core import parallel_state as ps
-
-        where = f"stage {ps.get_pipeline_model_parallel_rank()}"
-        if self.accumulation is None:
-            return f"{where}: NaN/Inf in the gradients of update {update_index}"
-        first = (update_index - 1) * self.accumulation
-        last = first + self.accumulation - 1
-        text = f"{where}: NaN/Inf in the gradients of update {update_index} (micro-batches {first}..{last}"
-        if self.num_microbatches:
-            text += f", iteration {first // self.num_microbatches + 1}"
-            if last // self.num_microbatches != first // self.num_microbatches:
-                text += f"..{last // self.num_microbatches + 1}"
-        return text + ")"
-
     def _zero(self) -> None:
         for zero in self._zero_grad_buffers:
             zero()
         self.optimizer.zero_grad()
 
-    def _set_schedule_values(self, update_index: int) -> None:
+    def _set_schedule_values(self, window: Window) -> None:
         sched = self.opt_param_scheduler
         if sched is None:
             groups = self.optimizer.param_groups
             self.last_lr = groups[0]["lr"] if groups else None
             return
-        if self.samples_per_microbatch is None or self.accumulation is None or self._lr_origin is None:
+        if self._lr_origin is None:
             raise RuntimeError("the PACI schedule must run before a local update")
-        samples0, version0 = self._lr_origin
+        samples0, microbatch0 = self._lr_origin
         saved = sched.num_steps
-        sched.num_steps = samples0 + (
-            (update_index - 1 - version0) * self.accumulation * self.samples_per_microbatch
-        )
+        sched.num_steps = samples0 + (window.first_microbatch - microbatch0) * window.samples_per_microbatch
         try:
             # the scheduler's own assignment of lr / weight decay to every param group, at
             # that sample count (its formula differs between megatron-core releases)
@@ -267,15 +265,6 @@ class PACIOptimizer:
             sched.num_steps = saved
         groups = self.optimizer.param_groups
         self.last_lr = groups[0]["lr"] if groups else None
-
-    def _guarded_zero_grad_buffer(self, original: Callable[[], None]) -> Callable[[], None]:
-        def zero_grad_buffer() -> None:
-            # A training loop zeroes grad buffers at every iteration start; under PACI a
-            # window spans iterations, so keep a partly accumulated window.
-            if self._pending == 0:
-                original()
-
-        return zero_grad_buffer
 
     # -- called by a Megatron training loop ----------------------------------------------
     def step(self) -> Tuple[bool, Optional[float], Optional[float]]:
@@ -287,9 +276,8 @@ class PACIOptimizer:
         return self.last_update_successful, self.last_grad_norm, self.last_num_zeros
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """No-op while a window is partly accumulated; the update zeroes grads itself."""
-        if self._pending == 0:
-            self.optimizer.zero_grad(set_to_none)
+        """Does nothing: each local update zeroes the stage's gradients itself, and zeroing
+        here, between two calls, would wipe a window that spans them."""
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (param_groups, state_dict, sharded_state_dict, get_loss_scale,

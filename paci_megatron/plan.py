@@ -21,7 +21,10 @@ call (together with the receive of that call's first activation, as Megatron's
 same call on both stages: no point-to-point operation is left unmatched between calls.
 
 Actions have a compact text form that round-trips: ``2F5`` (stage 2 forwards
-micro-batch 5), ``0B3``, ``1U2`` (stage 1 applies its 2nd update).
+micro-batch 5), ``0B3``, ``1U2`` (stage 1 applies its 2nd update). So do the steps of a
+lowered plan (:func:`lower`): exchanges (``1:send_forward_recv_backward(act5,grad3)``) and
+the mark of a backward that closes an accumulation window (``1SYNC``).
+:func:`validate_plan` checks whole plans and shows a violation in the stages' grid.
 """
 
 from __future__ import annotations
@@ -42,8 +45,14 @@ __all__ = [
     "drift_bound",
     "warmup_microbatches",
     "measure_drift",
+    "advance",
     "Comm",
+    "GradSync",
     "lower",
+    "format_steps",
+    "parse_steps",
+    "PlanError",
+    "validate_plan",
     "simulate_p2p",
     "P2PError",
     "format_actions",
@@ -138,6 +147,42 @@ def _check(num_stages: int, stage: int, num_microbatches: int, accumulation: int
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     if accumulation < 1:
         raise ValueError(f"accumulation factor a must be >= 1, got {accumulation}")
+
+
+def advance(num_stages: int, state: StageState, action: Action, accumulation: int) -> StageState:
+    """The stage's state after ``action``: the transition rules every plan obeys.
+
+    ``F j`` forwards the next micro-batch (``j == forwarded``) and keeps at most ``P - s``
+    in flight; ``B j`` backwards the oldest in flight (``j == backwarded``) into an open
+    window (``pending < a``); ``U k`` applies update ``k = version + 1`` to a full window
+    (``pending == a``), or to a partial one once nothing is in flight (a drain's last).
+
+    Raises:
+        ValueError: the action is not legal in ``state``; the message says why.
+    """
+    s, j = action.stage, action.index
+    if action.kind is Kind.FORWARD:
+        if j != state.forwarded:
+            raise ValueError(f"forward of micro-batch {j}, but the next to forward is "
+                             f"{state.forwarded}")
+        if state.in_flight + 1 > num_stages - s:
+            raise ValueError(f"forward of micro-batch {j} puts {state.in_flight + 1} in flight, "
+                             f"more than P - s = {num_stages - s}")
+        return replace(state, forwarded=j + 1)
+    if action.kind is Kind.BACKWARD:
+        if j != state.backwarded or j >= state.forwarded:
+            raise ValueError(f"backward of micro-batch {j}, but the oldest in flight is "
+                             + (str(state.backwarded) if state.in_flight else "none"))
+        if state.pending >= accumulation:
+            raise ValueError(f"backward of micro-batch {j} after a full window of "
+                             f"{accumulation} without its update")
+        return replace(state, backwarded=j + 1, pending=state.pending + 1)
+    if j != state.version + 1:
+        raise ValueError(f"update {j} after update {state.version}")
+    if state.pending != accumulation and not (state.pending and state.in_flight == 0):
+        raise ValueError(f"update {j} of a window of {state.pending} backwards (a = "
+                         f"{accumulation}) with {state.in_flight} micro-batches in flight")
+    return replace(state, pending=0, version=j)
 
 
 def _backward(stage: int, state: StageState, accumulation: int, out: List[Action]) -> StageState:
@@ -281,6 +326,67 @@ class Comm:
         parts = [f"{t[0]}{t[1]}" for t in (self.send, self.recv) if t is not None]
         return f"{self.stage}:{self.op}({','.join(parts)})"
 
+    @staticmethod
+    def from_str(text: str) -> "Comm":
+        """Parse the text form (``"1:send_forward_recv_backward(act5,grad3)"``).
+
+        An activation is sent by the ``send_forward*`` calls and received otherwise; a
+        gradient is sent by the ``send_backward*`` calls and received otherwise.
+
+        Raises:
+            ValueError: not a :class:`Comm`'s text form.
+        """
+        m = _COMM_RE.match(text.strip())
+        if not m or m.group(2) not in _COMM_OPS:
+            raise ValueError(f"not an exchange: {text!r} (expected e.g. "
+                             "'1:send_forward_recv_backward(act5,grad3)')")
+        stage, op, send, recv = int(m.group(1)), m.group(2), None, None
+        for kind, j in re.findall(r"(act|grad)(\d+)", m.group(3)):
+            if op.startswith("send_forward" if kind == "act" else "send_backward"):
+                send = (kind, int(j))
+            else:
+                recv = (kind, int(j))
+        return Comm(stage, op, send, recv)
+
+
+_COMM_RE = re.compile(r"^(\d+):(\w+)\(((?:(?:act|grad)\d+,?){1,2})\)$")
+_COMM_OPS = ("recv_forward", "send_forward", "send_forward_recv_backward",
+             "send_backward_recv_forward", "send_backward", "recv_backward")
+
+
+@dataclass(frozen=True)
+class GradSync:
+    """Lowered step: the next backward closes an accumulation window.
+
+    That backward runs with the data-parallel gradient reduction enabled (Megatron's
+    ``enable_grad_sync`` before the last micro-batch's backward; the others run in
+    ``no_sync``), and the stage's update follows it. Text form ``"1SYNC"``.
+    """
+
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}SYNC"
+
+
+Step = Union[Action, Comm, GradSync]
+
+
+def format_steps(steps: Sequence[Step]) -> str:
+    """Space-separated text form of a lowered plan (actions, exchanges, ``SYNC`` marks)."""
+    return " ".join(str(x) for x in steps)
+
+
+def parse_steps(text: str) -> List[Step]:
+    """Inverse of :func:`format_steps`. Raises ``ValueError`` on a malformed token."""
+    out: List[Step] = []
+    for tok in text.split():
+        if tok.endswith("SYNC") and tok[:-4].isdigit():
+            out.append(GradSync(int(tok[:-4])))
+        else:
+            out.append(Comm.from_str(tok) if ":" in tok else Action.from_str(tok))
+    return out
+
 
 def _comm(stage, op, send, recv, num_stages) -> Optional[Comm]:
     first, last = stage == 0, stage == num_stages - 1
@@ -308,25 +414,26 @@ def lower(
     actions: Sequence[Action],
     carry: Optional[int] = None,
     final: bool = False,
-) -> Tuple[List[Union[Action, Comm]], Optional[int]]:
+) -> Tuple[List[Step], Optional[int]]:
     """Interleave a stage's actions with the p2p calls they imply, in Megatron's pairing.
 
     Before ``F j``: receive activation ``j`` (sending a carried gradient with it, as
     ``send_backward_recv_forward``). After ``F j``: send activation ``j``, receiving the
     gradient of the backward that follows, if any (``send_forward_recv_backward``).
     Before ``B k`` whose gradient has not arrived: send a carried gradient, then
-    ``recv_backward``. After ``B k``: its input gradient is carried to the next call
-    that can take it. ``final`` (a drain) sends the last carried gradient alone.
+    ``recv_backward``. A :class:`GradSync` precedes every backward followed by an update.
+    After ``B k``: its input gradient is carried to the next call that can take it.
+    ``final`` (a drain) sends the last carried gradient alone.
 
     Args:
         carry: micro-batch whose input gradient is still to be sent (from the previous
             call), or None.
 
     Returns:
-        ``(steps, carry_out)``: actions and :class:`Comm` in execution order, and the
-        micro-batch whose gradient is carried into the next call.
+        ``(steps, carry_out)``: actions, :class:`Comm` and :class:`GradSync` in execution
+        order, and the micro-batch whose gradient is carried into the next call.
     """
-    steps: List[Union[Action, Comm]] = []
+    steps: List[Step] = []
     received = set()
 
     def add(comm):
@@ -355,6 +462,8 @@ def lower(
                     add(_comm(stage, "send_backward", ("grad", carry), None, num_stages))
                     carry = None
                 add(_comm(stage, "recv_backward", None, ("grad", act.index), num_stages))
+            if i + 1 < len(actions) and actions[i + 1].kind is Kind.UPDATE:
+                steps.append(GradSync(stage))
             steps.append(act)
             if stage > 0:
                 carry = act.index
@@ -425,3 +534,81 @@ def simulate_p2p(comms: Dict[int, Sequence[Comm]]) -> None:
     stuck = {s: str(comms[s][pos[s]]) for s in comms if pos[s] < len(comms[s])}
     if stuck:
         raise P2PError(f"deadlock or unmatched operations: {stuck}")
+
+
+class PlanError(ValueError):
+    """A plan breaks PACI's rules; the message shows the stages' actions around the fault."""
+
+
+def validate_plan(num_stages: int, accumulation: int, plans: Dict[int, Sequence[Step]],
+                  start: Optional[Dict[int, StageState]] = None) -> Dict[int, StageState]:
+    """Check every stage's plan (actions, or lowered steps) from ``start`` on.
+
+    Each action must be legal in its stage's state (:func:`advance`: micro-batches in
+    order, at most ``P - s`` in flight, updates after every ``a`` backwards), every drift
+    within ``ceil((P-1-s)/a)``, and, where the plans hold exchanges, those must pair up
+    (:func:`simulate_p2p`). Like torch's pipelining validator, the error prints the grid
+    of the stages' actions with the faulty one marked ``>>``.
+
+    Args:
+        num_stages: ``P``. accumulation: ``a``.
+        plans: ``{stage: steps}``; :class:`Comm` and :class:`GradSync` steps are allowed.
+        start: each stage's state before its plan (default: a fresh run).
+
+    Returns:
+        Each stage's state after its plan.
+
+    Raises:
+        PlanError: the first violation found, with the grid.
+    """
+    actions = {s: [x for x in plans[s] if isinstance(x, Action)] for s in plans}
+    states = dict(start or {})
+    for s in sorted(plans):
+        state = states.get(s, StageState())
+        at_forward: Dict[int, int] = {}
+        for i, act in enumerate(actions[s]):
+            problem = None
+            if act.stage != s:
+                problem = f"action of stage {act.stage} in the plan of stage {s}"
+            else:
+                try:
+                    state = advance(num_stages, state, act, accumulation)
+                except ValueError as err:
+                    problem = str(err)
+            if problem is None and act.kind is Kind.FORWARD:
+                at_forward[act.index] = state.version
+            elif problem is None and act.kind is Kind.BACKWARD and act.index in at_forward:
+                drift = state.version - at_forward.pop(act.index)
+                if drift > drift_bound(num_stages, s, accumulation):
+                    problem = (f"micro-batch {act.index} crossed {drift} updates, above the "
+                               f"bound {drift_bound(num_stages, s, accumulation)}")
+            if problem is not None:
+                raise PlanError(f"stage {s}, action {i} ({act}): {problem}\n"
+                                + _grid(actions, {s: i}))
+        states[s] = state
+    comms = {s: [x for x in plans[s] if isinstance(x, Comm)] for s in plans}
+    if any(comms.values()):
+        try:
+            simulate_p2p(comms)
+        except P2PError as err:
+            raise PlanError(f"exchanges: {err}\n" + _grid(actions, {})) from err
+    return states
+
+
+def _grid(actions: Dict[int, List[Action]], marks: Dict[int, int], context: int = 4) -> str:
+    """Stages as columns, action positions as rows (around the marks), marked ``>>``."""
+    stages = sorted(actions)
+    length = max((len(a) for a in actions.values()), default=0)
+    lo, hi = 0, length
+    if marks:
+        lo = max(min(marks.values()) - context, 0)
+        hi = min(max(marks.values()) + context + 1, length)
+    width = max([len(str(a)) for acts in actions.values() for a in acts] + [7]) + 3
+    lines = ["step " + "".join(f"   stage {s}".ljust(width) for s in stages).rstrip()]
+    for row in range(lo, hi):
+        cells = []
+        for s in stages:
+            text = str(actions[s][row]) if row < len(actions[s]) else ""
+            cells.append(((">> " if marks.get(s) == row else "   ") + text).ljust(width))
+        lines.append(f"{row:>4} " + "".join(cells).rstrip())
+    return "\n".join(lines)

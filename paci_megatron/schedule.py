@@ -27,25 +27,27 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import compat
 from .config import PACIConfig, PACIConfigError, validate_setup
-from .optimizer import PACIOptimizer
+from .optimizer import PACIOptimizer, Window
 from .p2p import PipelineP2P
 from .plan import (
     Action,
     Comm,
+    GradSync,
     Kind,
     StageState,
+    advance,
     lower,
     plan_call,
     plan_drain,
     plan_forward_only,
 )
-from .telemetry import DriftTelemetry
+from .telemetry import DriftTelemetry, TimelineEvent
 
 __all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
 
@@ -57,12 +59,45 @@ class PACICommunicationError(RuntimeError):
     """
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one call of the schedule works with; fixed for the call.
+
+    ``recv_shapes`` / ``send_shapes`` are lists of ``(seq, micro batch, hidden)`` shapes of
+    the tensors that cross stages; ``samples_per_microbatch`` is micro batch x DP.
+    """
+
+    model: Any
+    config: Any
+    p2p: PipelineP2P
+    num_stages: int
+    stage: int
+    recv_shapes: Sequence[Any]
+    send_shapes: Sequence[Any]
+    model_type: Any
+    dp_rank: int
+    samples_per_microbatch: int
+    num_microbatches: int
+    forward_step_func: Optional[Callable] = None
+    data_iterator: Any = None
+
+    @property
+    def first(self) -> bool:
+        """This stage holds the embedding (reads data, sends no gradient)."""
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        """This stage computes the loss (sends no activation)."""
+        return self.stage == self.num_stages - 1
+
+
 class _InFlight:
     """A forwarded, not yet backwarded micro-batch: what its backward needs.
 
     ``output_tensor`` holds the autograd graph (memory mode "activations"); in memory
     mode "recompute" it is None and ``replay`` holds the data the forward read and the
-    RNG state it started from.
+    RNG state it started from. ``version``: the stage's version at the forward.
     """
 
     __slots__ = ("index", "input_tensor", "output_tensor", "version", "replay")
@@ -80,18 +115,21 @@ class PACISchedule:
 
     Args:
         optimizer: the stage's :class:`PACIOptimizer`.
-        paci_config: :class:`PACIConfig` (accumulation factor, drift checks).
+        paci_config: :class:`PACIConfig` (accumulation factor, drift checks, timeouts).
         share_embeddings_and_output_weights: whether the model ties its input embedding
             and output layer (refused with P > 1).
+        record_trace: keep every executed action in :attr:`trace`.
+        record_timeline: keep a :class:`~paci_megatron.telemetry.TimelineEvent` per
+            executed action in :attr:`timeline` (also on with ``paci_config.trace``).
 
     Attributes:
-        state: the planner's :class:`~paci_megatron.plan.StageState` of this stage.
+        state: the stage's :class:`~paci_megatron.plan.StageState`, updated action by
+            action: the one record of its version (updates applied) and pending window.
         telemetry: the stage's :class:`~paci_megatron.telemetry.DriftTelemetry`.
         trace: every executed :class:`~paci_megatron.plan.Action`, in order, when
             ``record_trace`` is True (tests and pictures).
-        timeline: with ``record_timeline``, a :class:`~paci_megatron.sim.SimEvent` per
-            executed forward, backward and update, in wall-clock seconds since the first
-            call (write it with :func:`paci_megatron.sim.write_chrome_trace`).
+        timeline: the recorded events, in wall-clock seconds since the first action
+            (write them with :func:`paci_megatron.telemetry.write_chrome_trace`).
         peak_in_flight: most micro-batches this stage has held in flight at once.
     """
 
@@ -112,15 +150,15 @@ class PACISchedule:
         self.record_trace = record_trace
         self.trace: List[Action] = []
         self.peak_in_flight = 0
-        self.record_timeline = record_timeline
-        self.timeline: List[Any] = []  # paci_megatron.sim.SimEvent, wall-clock seconds
+        self.record_timeline = record_timeline or bool(self.paci_config.trace)
+        self.timeline: List[TimelineEvent] = []
         self._t0: Optional[float] = None
         self._in_flight: Deque[_InFlight] = deque()
         self._carry: Optional[int] = None  # micro-batch whose input grad is still to be sent
         self._inbox: Dict[Tuple[str, int], Any] = {}  # received ("act"|"grad", j) tensors
         self._outbox: Dict[Tuple[str, int], Any] = {}  # produced tensors not yet sent
         self._no_sync_ctx = None
-        self._ctx: Optional[Dict[str, Any]] = None
+        self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
         self._validated_for: Optional[int] = None
 
     # ------------------------------------------------------------------ public API
@@ -162,45 +200,44 @@ class PACISchedule:
             PACICommunicationError: a send or receive failed or timed out.
             DriftBoundError: a measured drift exceeded ``ceil((P-1-s)/a)``.
         """
-        ctx = self._context(
-            model=model,
-            data_iterator=data_iterator,
-            forward_step_func=forward_step_func,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            decoder_seq_length=decoder_seq_length,
-            adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
-            p2p_communicator=p2p_communicator,
-            num_microbatches=num_microbatches,
-            forward_only=forward_only,
-        )
+        if isinstance(model, list):
+            if len(model) != 1:
+                raise PACIConfigError(
+                    [f"PACI runs one model chunk per stage, got {len(model)}: remove virtual "
+                     "pipeline stages"])
+            model = model[0]
+        if isinstance(data_iterator, list):
+            data_iterator = data_iterator[0]
+        run = self._prepare(model, num_microbatches, forward_only, seq_length, micro_batch_size,
+                            decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator)
+        run = dataclasses.replace(run, forward_step_func=forward_step_func,
+                                  data_iterator=data_iterator)
         store: List[Any] = []
         try:
             if forward_only:
                 if not self._drained():
                     self.drain()
-                steps, _ = lower(ctx["P"], ctx["stage"],
-                                 plan_forward_only(ctx["stage"], num_microbatches))
+                steps, _ = lower(run.num_stages, run.stage,
+                                 plan_forward_only(run.stage, num_microbatches))
                 for step in steps:
                     if isinstance(step, Comm):
-                        self._communicate(step, ctx)
+                        self._communicate(step, run)
                     else:
-                        self._forward(step, ctx, store, num_microbatches, train=False,
+                        self._forward(step, run, store, num_microbatches, train=False,
                                       collect_non_loss_data=collect_non_loss_data,
                                       first_val_step=first_val_step)
                 return store
             actions, state_after = plan_call(
-                ctx["P"], ctx["stage"], num_microbatches, self.accumulation, self.state
-            )
-            self.optimizer.begin_call()
-            self._run(actions, ctx, store)
-            self.state = state_after
+                run.num_stages, run.stage, num_microbatches, self.accumulation, self.state)
+            self.optimizer.begin_call(self.state.backwarded)
+            self._execute(actions, run, store)
+            assert self.state == state_after, (self.state, state_after)
             return store
         finally:
             # Forwards read data only inside a call (recompute mode keeps what each read);
             # holding the iterator longer would keep a DataLoader's worker processes alive
             # until interpreter exit, where a SIGTERM handler can make their join hang.
-            ctx["data_iterator"] = None
+            self._run = dataclasses.replace(run, data_iterator=None)
 
     def drain(self) -> None:
         """Finish every in-flight micro-batch and apply the update they complete.
@@ -210,13 +247,11 @@ class PACISchedule:
         automatically by ``forward_only`` calls), checkpoint saving, the end of training
         and any change of schedule. A no-op before the first training call.
         """
-        if self._ctx is None or self.accumulation is None:
+        if self._run is None or self.accumulation is None:
             return
-        actions, state_after = plan_drain(
-            self._ctx["P"], self._ctx["stage"], self.accumulation, self.state
-        )
-        self._run(actions, self._ctx, [], final=True)
-        self.state = state_after
+        actions, _ = plan_drain(self._run.num_stages, self._run.stage, self.accumulation,
+                                self.state)
+        self._execute(actions, self._run, [], final=True)
 
     @property
     def in_flight(self) -> int:
@@ -245,42 +280,45 @@ class PACISchedule:
         return {
             "state": dataclasses.asdict(self.state),
             "accumulation": self.accumulation,
-            "version": self.optimizer.version,
             "telemetry": None if telemetry is None else {
                 "num_stages": telemetry.num_stages, "stage": telemetry.stage,
                 "histogram": dict(telemetry.histogram), "total": telemetry.total,
             },
         }
 
-    def restore_drained(self, microbatches: int, accumulation: int) -> None:
-        """Resume from a checkpoint written on a drained pipeline, before the first call.
-
-        A drained stage that has trained ``microbatches`` micro-batches (iterations x m)
-        has forwarded and backwarded each of them and applied ``microbatches / a``
-        updates: that is its whole PACI state (what Megatron-LM's own checkpoint does not
-        store). Drift telemetry starts afresh.
+    @staticmethod
+    def drained_state(microbatches: int, accumulation: int) -> Dict[str, Any]:
+        """The :meth:`state_dict` of a drained stage that trained ``microbatches``
+        micro-batches in windows of ``accumulation`` (what a checkpoint that does not
+        store PACI's state, such as Megatron-LM's, implies); drift telemetry starts afresh.
 
         Raises:
-            ValueError: ``accumulation`` does not divide ``microbatches``, or the schedule
-                has already run.
+            ValueError: ``accumulation`` does not divide ``microbatches``.
         """
-        if self._ctx is not None or self.state != StageState():
-            raise ValueError("restore_drained() must come before the schedule's first call")
         if accumulation < 1 or microbatches < 0 or microbatches % accumulation:
             raise ValueError(
                 f"a drained pipeline that trained {microbatches} micro-batches cannot have "
                 f"updated every {accumulation} of them")
-        version = microbatches // accumulation
-        self.state = StageState(forwarded=microbatches, backwarded=microbatches, pending=0,
-                                version=version)
-        self.optimizer.restore_version(version)
+        state = StageState(forwarded=microbatches, backwarded=microbatches, pending=0,
+                           version=microbatches // accumulation)
+        return {"state": dataclasses.asdict(state), "accumulation": accumulation,
+                "telemetry": None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` into a fresh schedule (before its first call)."""
-        self.state = StageState(**state["state"])
+        """Resume from :meth:`state_dict` (or :meth:`drained_state`): before the first call.
+
+        Raises:
+            ValueError: the schedule has already run, or the state is not drained.
+        """
+        if self._run is not None or self.state != StageState():
+            raise ValueError("load_state_dict() must come before the schedule's first call")
+        restored = StageState(**state["state"])
+        if restored.in_flight or restored.pending:
+            raise ValueError(f"a checkpoint's PACI state must be drained, got {restored}")
+        self.state = restored
         self.accumulation = state["accumulation"]
-        self.optimizer.restore_version(state["version"])
-        t = state["telemetry"]
+        self.telemetry = None
+        t = state.get("telemetry")
         if t is not None:
             self.telemetry = DriftTelemetry(t["num_stages"], t["stage"],
                                             check=self.paci_config.check_drift)
@@ -288,20 +326,16 @@ class PACISchedule:
             self.telemetry.total = t["total"]
 
     # ------------------------------------------------------------------ setup
-    def _context(self, *, model, data_iterator, num_microbatches, forward_only, **kw):
-        if isinstance(model, list):
-            if len(model) != 1:
-                raise PACIConfigError(
-                    [f"PACI runs one model chunk per stage, got {len(model)}: remove virtual "
-                     "pipeline stages"]
-                )
-            model = model[0]
-        if isinstance(data_iterator, list):
-            data_iterator = data_iterator[0]
+    def _prepare(self, model, num_microbatches, forward_only, seq_length, micro_batch_size,
+                 decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator) -> _Run:
+        """The call's :class:`_Run`; validates the setup when ``m`` changes (training)."""
         config = compat.get_model_config(model)
-        p2p = (self._ctx or {}).get("p2p")
-        if p2p is None:
-            pp_group = getattr(kw["p2p_communicator"], "pp_group", None)
+        p2p = self._run.p2p if self._run is not None else None
+        if p2p is None:  # the first call: bind to the optimizer and guard the grad buffers
+            self.optimizer.attach(lambda: self.state)
+            for chunk in self.optimizer.model:
+                chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(chunk.zero_grad_buffer)
+            pp_group = getattr(p2p_communicator, "pp_group", None)
             if pp_group is None:
                 from megatron.core import parallel_state as ps
 
@@ -309,116 +343,111 @@ class PACISchedule:
             p2p = PipelineP2P(pp_group, config.pipeline_dtype, self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
         if not forward_only and self._validated_for != num_microbatches:
-            if not self._drained() and self.accumulation is not None:
-                a_new = self.paci_config.resolve_accumulation(num_microbatches)
-                if a_new != self.accumulation:
-                    raise PACIConfigError(
-                        [f"the accumulation factor changed from {self.accumulation} to {a_new} "
-                         "with micro-batches in flight: call drain() before changing "
-                         "the number of micro-batches"]
-                    )
-            self.accumulation = validate_setup(
-                self.paci_config,
-                num_microbatches=num_microbatches,
-                pipeline_model_parallel_size=P,
-                model_config=config,
-                share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-            )
-            self._validated_for = num_microbatches
+            self._validate(num_microbatches, P, config)
         if self.telemetry is None:
             self.telemetry = DriftTelemetry(P, stage, check=self.paci_config.check_drift)
-        shapes = compat.get_tensor_shapes(
-            seq_length=kw["seq_length"],
-            micro_batch_size=kw["micro_batch_size"],
-            decoder_seq_length=kw["decoder_seq_length"],
-            config=config,
-        )
+        shapes = compat.get_tensor_shapes(seq_length=seq_length, micro_batch_size=micro_batch_size,
+                                          decoder_seq_length=decoder_seq_length, config=config)
         recv_shapes, send_shapes = shapes, shapes
-        if kw["adjust_tensor_shapes_fn"] is not None:
-            recv_shapes, send_shapes = kw["adjust_tensor_shapes_fn"](recv_shapes, send_shapes)
-        if not self._drained() and self._ctx is not None and self._ctx["send_shapes"] != send_shapes:
+        if adjust_tensor_shapes_fn is not None:
+            recv_shapes, send_shapes = adjust_tensor_shapes_fn(recv_shapes, send_shapes)
+        if not self._drained() and self._run is not None and self._run.send_shapes != send_shapes:
             raise PACIConfigError(
-                [f"activation shape changed from {self._ctx['send_shapes']} to {send_shapes} "
+                [f"activation shape changed from {self._run.send_shapes} to {send_shapes} "
                  "with micro-batches in flight: call drain() before changing --seq-length or "
-                 "--micro-batch-size"]
-            )
+                 "--micro-batch-size"])
         dp, dp_rank = 1, 0
         if torch.distributed.is_initialized():
             from megatron.core import parallel_state as ps
 
             dp = ps.get_data_parallel_world_size(with_context_parallel=False)
             dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
-        self.optimizer.samples_per_microbatch = kw["micro_batch_size"] * dp
-        if self.accumulation is not None:
-            self.optimizer.accumulation = self.accumulation
-        if not forward_only:
-            self.optimizer.num_microbatches = num_microbatches
-        self._ctx = dict(
-            model=model,
-            config=config,
-            p2p=p2p,
-            P=P,
-            stage=stage,
-            first=stage == 0,
-            last=stage == P - 1,
-            data_iterator=data_iterator,
-            forward_step_func=kw["forward_step_func"],
-            recv_shapes=recv_shapes,
-            send_shapes=send_shapes,
-            model_type=compat.get_model_type(model),
-            dp_rank=dp_rank,
-        )
-        return self._ctx
+        previous_m = self._run.num_microbatches if self._run is not None else num_microbatches
+        return _Run(model=model, config=config, p2p=p2p, num_stages=P, stage=stage,
+                    recv_shapes=recv_shapes, send_shapes=send_shapes,
+                    model_type=compat.get_model_type(model), dp_rank=dp_rank,
+                    samples_per_microbatch=micro_batch_size * dp,
+                    num_microbatches=previous_m if forward_only else num_microbatches)
+
+    def _validate(self, num_microbatches: int, num_stages: int, config) -> None:
+        if not self._drained() and self.accumulation is not None:
+            a_new = self.paci_config.resolve_accumulation(num_microbatches)
+            if a_new != self.accumulation:
+                raise PACIConfigError(
+                    [f"the accumulation factor changed from {self.accumulation} to {a_new} "
+                     "with micro-batches in flight: call drain() before changing "
+                     "the number of micro-batches"])
+        self.accumulation = validate_setup(
+            self.paci_config, num_microbatches=num_microbatches,
+            pipeline_model_parallel_size=num_stages, model_config=config,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights)
+        self._validated_for = num_microbatches
+
+    def _guarded_zero_grad_buffer(self, original: Callable[[], None]) -> Callable[[], None]:
+        def zero_grad_buffer() -> None:
+            # A training loop zeroes grad buffers at every iteration start; under PACI a
+            # window spans iterations, so keep a partly accumulated window.
+            if self.state.pending == 0:
+                original()
+
+        return zero_grad_buffer
 
     # ------------------------------------------------------------------ execution
-    def _run(self, actions: List[Action], ctx: Dict[str, Any], store: List[Any],
-             final: bool = False) -> None:
-        """Execute one stage's actions with the p2p calls :func:`plan.lower` puts around
-        them; ``final`` (a drain) also sends the last gradient."""
-        steps, self._carry = lower(ctx["P"], ctx["stage"], actions, self._carry, final)
-        computes = [st for st in steps if not isinstance(st, Comm)]
-        next_of = {id(a): (computes[i + 1] if i + 1 < len(computes) else None)
-                   for i, a in enumerate(computes)}
+    def _execute(self, actions: List[Action], run: _Run, store: List[Any],
+                 final: bool = False) -> None:
+        """Execute one stage's actions with the steps :func:`plan.lower` puts around them
+        (exchanges, grad-sync marks); ``final`` (a drain) also sends the last gradient."""
+        steps, self._carry = lower(run.num_stages, run.stage, actions, self._carry, final)
+        closes_window = False
         for step in steps:
             if isinstance(step, Comm):
-                self._communicate(step, ctx)
+                self._communicate(step, run)
+                continue
+            if isinstance(step, GradSync):
+                closes_window = True
                 continue
             if self.record_trace:
                 self.trace.append(step)
-            start, version = time.perf_counter(), self.optimizer.version
+            start, version = time.perf_counter(), self.state.version
             if step.kind is Kind.FORWARD:
-                self._forward(step, ctx, store, self.accumulation, train=True)
+                self._forward(step, run, store, self.accumulation, train=True)
             elif step.kind is Kind.BACKWARD:
-                nxt = next_of[id(step)]
-                self._backward(step, ctx, closes_window=nxt is not None and nxt.kind is Kind.UPDATE)
+                self._backward(step, run, closes_window)
+                closes_window = False
             else:
-                self.optimizer.local_update(step.index)
+                self._update(step, run)
+            self.state = advance(run.num_stages, self.state, step, self.accumulation)
             if self.record_timeline:
-                self._record(step, ctx, start, version)
+                self._record(step, run, start, version)
         if final:
-            self._set_grad_sync(ctx, enabled=True)
+            self._set_grad_sync(run, enabled=True)
 
-    def _record(self, step: Action, ctx: Dict[str, Any], start: float, version: int) -> None:
-        from .sim import SimEvent
+    def _update(self, action: Action, run: _Run) -> None:
+        window_start = self.state.backwarded - self.state.pending
+        self.optimizer.local_update(Window(
+            update=action.index, first_microbatch=window_start, size=self.state.pending,
+            samples_per_microbatch=run.samples_per_microbatch,
+            num_microbatches=run.num_microbatches, stage=run.stage))
 
+    def _record(self, step: Action, run: _Run, start: float, version: int) -> None:
         if self._t0 is None:
             self._t0 = start
-        self.timeline.append(SimEvent(ctx["stage"], step.kind, step.index, start - self._t0,
-                                      time.perf_counter() - self._t0, version,
-                                      replica=ctx.get("dp_rank", 0)))
+        self.timeline.append(TimelineEvent(run.stage, step.kind, step.index, start - self._t0,
+                                           time.perf_counter() - self._t0, version,
+                                           replica=run.dp_rank))
 
-    def _communicate(self, comm: Comm, ctx: Dict[str, Any]) -> None:
+    def _communicate(self, comm: Comm, run: _Run) -> None:
         """One exchange with a neighbour; errors name stage, peer, micro-batch and action."""
         payload = self._outbox.pop(comm.send, None) if comm.send is not None else None
         out0 = payload[0] if isinstance(payload, list) else payload
         recv_prev = recv_next = None
         if comm.recv is not None:
             if comm.recv[0] == "act":
-                recv_prev = ctx["recv_shapes"][0]
+                recv_prev = run.recv_shapes[0]
             else:
-                recv_next = ctx["send_shapes"][0]
+                recv_next = run.send_shapes[0]
         try:
-            from_prev, from_next = ctx["p2p"].exchange(
+            from_prev, from_next = run.p2p.exchange(
                 send_next=out0 if comm.send is not None and comm.send[0] == "act" else None,
                 send_prev=out0 if comm.send is not None and comm.send[0] == "grad" else None,
                 recv_prev_shape=recv_prev,
@@ -431,7 +460,7 @@ class PACISchedule:
             if comm.recv is not None:
                 what.append(f"receiving the {_name(comm.recv)}")
             raise PACICommunicationError(
-                f"stage {ctx['stage']} of {ctx['P']}: {' and '.join(what)} "
+                f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} "
                 f"({comm.op}) with stage {comm.peer()} failed: {exc}"
             ) from exc
         got = from_prev if from_prev is not None else from_next
@@ -441,96 +470,93 @@ class PACISchedule:
             # Megatron frees the sent activation's storage; backward needs only its grad_fn.
             from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
-            deallocate_output_tensor(out0, ctx["config"].deallocate_pipeline_outputs)
+            deallocate_output_tensor(out0, run.config.deallocate_pipeline_outputs)
 
-    def _forward(self, action, ctx, store, loss_divisor, *, train,
+    def _forward(self, action, run: _Run, store, loss_divisor, *, train,
                  collect_non_loss_data=False, first_val_step=None) -> None:
         j = action.index
         input_tensor = self._inbox.pop(("act", j), None)
         recompute = train and self.paci_config.memory_mode == "recompute"
-        data_iterator, rng = ctx["data_iterator"], None
+        data_iterator, rng = run.data_iterator, None
         if recompute:
             # keep only the stage input, the data this forward reads and the RNG state;
             # the backward recomputes the forward with the weights current at that time
-            data_iterator = _Recording(ctx["data_iterator"])
+            data_iterator = _Recording(run.data_iterator)
             rng = _rng_state()
         with torch.no_grad() if recompute else contextlib.nullcontext():
-            output_tensor = self._forward_step(ctx, j, input_tensor, data_iterator, store,
+            output_tensor = self._forward_step(run, j, input_tensor, data_iterator, store,
                                                loss_divisor, collect_non_loss_data,
                                                bool(first_val_step) if not train and j == 0 else False)
-        if not ctx["last"]:
+        if not run.last:
             self._outbox[("act", j)] = output_tensor
         if not train:
             return
         self._in_flight.append(_InFlight(
-            j, input_tensor, None if recompute else output_tensor, self.optimizer.version,
+            j, input_tensor, None if recompute else output_tensor, self.state.version,
             replay=(data_iterator.items, rng) if recompute else None))
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
-    def _forward_step(self, ctx, j, input_tensor, data_iterator, store, loss_divisor,
+    def _forward_step(self, run: _Run, j, input_tensor, data_iterator, store, loss_divisor,
                       collect_non_loss_data=False, is_first_microbatch=False):
         output_tensor, _num_tokens = compat.forward_step(
-            forward_step_func=ctx["forward_step_func"],
+            forward_step_func=run.forward_step_func,
             data_iterator=data_iterator,
-            model=ctx["model"],
+            model=run.model,
             num_microbatches=loss_divisor,
             input_tensor=input_tensor,
             forward_data_store=store,
-            config=ctx["config"],
+            config=run.config,
             cp_group_size=_cp_size(),
             collect_non_loss_data=collect_non_loss_data,
             checkpoint_activations_microbatch=None,
             is_first_microbatch=is_first_microbatch,
             current_microbatch=j,
-            is_last_stage=ctx["last"],
+            is_last_stage=run.last,
         )
         return output_tensor
 
-    def _recompute_forward(self, ctx, item: "_InFlight"):
+    def _recompute_forward(self, run: _Run, item: "_InFlight"):
         """Memory mode: the forward again, with grad and the CURRENT weights."""
         items, rng = item.replay
         saved = _rng_state()
         _set_rng_state(rng)
         try:
-            output = self._forward_step(ctx, item.index, item.input_tensor, iter(items), [],
+            output = self._forward_step(run, item.index, item.input_tensor, iter(items), [],
                                         self.accumulation)
         finally:
             _set_rng_state(saved)
-        if not ctx["last"]:
+        if not run.last:
             from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
-            deallocate_output_tensor(output, ctx["config"].deallocate_pipeline_outputs)
+            deallocate_output_tensor(output, run.config.deallocate_pipeline_outputs)
         return output
 
-    def _backward(self, action, ctx, closes_window: bool) -> None:
+    def _backward(self, action, run: _Run, closes_window: bool) -> None:
         item = self._in_flight.popleft()
         if item.index != action.index:
             raise RuntimeError(
-                f"stage {ctx['stage']}: plan wants backward of micro-batch {action.index} but "
-                f"the oldest in flight is {item.index}"
-            )
+                f"stage {run.stage}: plan wants backward of micro-batch {action.index} but "
+                f"the oldest in flight is {item.index}")
         grad = self._inbox.pop(("grad", action.index), None)
-        self._set_grad_sync(ctx, enabled=closes_window)
+        self._set_grad_sync(run, enabled=closes_window)
         output = item.output_tensor
         if item.replay is not None:
-            output = self._recompute_forward(ctx, item)
-        input_grad = compat.backward_step(
-            item.input_tensor, output, grad, ctx["model_type"], ctx["config"]
-        )
-        self.optimizer.note_backward()
-        drift = self.optimizer.version - item.version
+            output = self._recompute_forward(run, item)
+        input_grad = compat.backward_step(item.input_tensor, output, grad, run.model_type,
+                                          run.config)
+        drift = self.state.version - item.version
         if self.telemetry is not None:
             self.telemetry.record(action.index, drift, self.accumulation)
-        if not ctx["first"]:
+        if not run.first:
             self._outbox[("grad", action.index)] = input_grad
 
-    def _set_grad_sync(self, ctx, enabled: bool) -> None:
+    def _set_grad_sync(self, run: _Run, enabled: bool) -> None:
         """Megatron's ``no_sync``: DP grad reduction only for the window's last backward."""
         if enabled and self._no_sync_ctx is not None:
             self._no_sync_ctx.__exit__(None, None, None)
             self._no_sync_ctx = None
         elif not enabled and self._no_sync_ctx is None:
-            no_sync = ctx["config"].no_sync_func or getattr(ctx["model"], "no_sync", None)
+            no_sync = run.config.no_sync_func or getattr(run.model, "no_sync", None)
             if no_sync is None:
                 return
             self._no_sync_ctx = no_sync()

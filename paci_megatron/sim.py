@@ -27,31 +27,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Action, Kind, StageState, measure_drift, plan_call, plan_drain
+from .telemetry import TimelineEvent, write_chrome_trace
 
-__all__ = ["SimEvent", "SimResult", "stage_actions", "simulate", "write_chrome_trace",
-           "plot_timeline", "flush_utilisation", "main"]
+__all__ = ["SimResult", "stage_actions", "simulate", "plot_timeline", "flush_utilisation", "main"]
 
 SCHEDULES = ("paci", "1f1b", "gpipe")
-
-
-@dataclass(frozen=True)
-class SimEvent:
-    """One executed action (simulated, or recorded by the runtime): times in seconds from
-    the start, ``version`` = the stage's updates applied when the action started (the
-    weights it used), ``replica`` = the DP rank of a real run."""
-
-    stage: int
-    kind: Kind
-    index: int
-    start: float
-    end: float
-    version: int
-    replica: int = 0
-
-    @property
-    def label(self) -> str:
-        """Block text: ``F3/v1`` (forward of micro-batch 3 with weights of version 1)."""
-        return f"{self.kind.value}{self.index}" + (f"/v{self.version}" if self.kind is not Kind.UPDATE else "")
 
 
 @dataclass
@@ -59,7 +39,7 @@ class SimResult:
     """Timeline and statistics of one simulated run.
 
     Attributes:
-        events: every :class:`SimEvent`, in execution order per stage.
+        events: every :class:`TimelineEvent`, in execution order per stage.
         makespan: end of the last action, seconds.
         busy: per stage, seconds spent computing (forward, backward, update).
         utilisation: per stage, ``busy / makespan``.
@@ -70,7 +50,7 @@ class SimResult:
     """
 
     schedule: str
-    events: List[SimEvent]
+    events: List[TimelineEvent]
     makespan: float
     busy: List[float]
     utilisation: List[float]
@@ -149,8 +129,8 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
     version = [0] * P
     done_f: Dict[Tuple[int, int], float] = {}
     done_b: Dict[Tuple[int, int], float] = {}
-    events: List[SimEvent] = []
-    per_stage: List[List[SimEvent]] = [[] for _ in range(P)]
+    events: List[TimelineEvent] = []
+    per_stage: List[List[TimelineEvent]] = [[] for _ in range(P)]
     while any(pos[s] < len(plans[s]) for s in range(P)):
         progressed = False
         for s in range(P):
@@ -166,7 +146,7 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
                         break
                     ready = max(ready, done_b[(s + 1, act.index)] + comm_s)
                 cost = {Kind.FORWARD: tf[s], Kind.BACKWARD: tb[s], Kind.UPDATE: update_s}[act.kind]
-                ev = SimEvent(s, act.kind, act.index, ready, ready + cost, version[s])
+                ev = TimelineEvent(s, act.kind, act.index, ready, ready + cost, version[s])
                 events.append(ev)
                 per_stage[s].append(ev)
                 free[s] = ev.end
@@ -202,25 +182,6 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
 def flush_utilisation(num_stages: int, num_microbatches: int) -> float:
     """Utilisation of a flushing pipeline with equal stages: ``m / (m + P - 1)``."""
     return num_microbatches / (num_microbatches + num_stages - 1)
-
-
-def write_chrome_trace(events: Sequence[SimEvent], path: str, num_stages: Optional[int] = None,
-                       replica: int = 0) -> None:
-    """Chrome / Perfetto trace (``chrome://tracing``, ui.perfetto.dev) of events whose times
-    are in seconds: one track per stage (per DP replica: the trace's process id), one
-    complete event per action, micro-batch and weight version in its arguments.
-    ``num_stages`` / ``replica`` name the tracks of stages that have no events."""
-    tracks = {(ev.replica, ev.stage) for ev in events}
-    tracks |= {(replica, s) for s in range(num_stages or 0)}
-    trace = {"traceEvents": [
-        {"name": ev.label, "cat": ev.kind.name.lower(), "ph": "X", "pid": ev.replica,
-         "tid": ev.stage, "ts": ev.start * 1e6, "dur": (ev.end - ev.start) * 1e6,
-         "args": {"micro_batch": ev.index, "version": ev.version}}
-        for ev in events
-    ] + [{"name": "thread_name", "ph": "M", "pid": r, "tid": s, "args": {"name": f"stage {s}"}}
-         for r, s in sorted(tracks)]}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(trace, f)
 
 
 def plot_timeline(results: Sequence[SimResult], path: str) -> None:

@@ -1,21 +1,24 @@
-"""Drift telemetry: per-stage drift statistics and the hard check against the bound.
+"""Telemetry: per-stage drift statistics, the hard check against the bound, timelines.
 
 Drift of micro-batch ``j`` on stage ``s`` is the stage's version (updates applied) at the
 backward of ``j`` minus its version at the forward of ``j`` (docs/design.md, "Terms"). It never
 exceeds ``ceil((P - 1 - s) / a)`` (docs/design.md, "The bound"); a larger measured value means
-the schedule is wrong, and :meth:`DriftTelemetry.record` raises.
+the schedule is wrong, and :meth:`DriftTelemetry.record` raises. A run's (or a
+simulation's) timeline is a list of :class:`TimelineEvent`, written as a Chrome / Perfetto
+trace by :func:`write_chrome_trace`.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
-import torch
+from .plan import Kind, drift_bound
 
-from .plan import drift_bound
-
-__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift"]
+__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift", "TimelineEvent",
+           "write_chrome_trace", "write_run_trace"]
 
 
 class DriftBoundError(RuntimeError):
@@ -88,9 +91,80 @@ def gather_drift(telemetry: Optional[DriftTelemetry], pp_group=None) -> List[Dic
     Returns:
         ``P`` summaries in stage order: ``{"max", "mean", "count", "histogram"}``.
     """
+    import torch  # here, so that the simulator imports this module without torch
+
     local = telemetry.summary() if telemetry is not None else DriftTelemetry(1, 0).summary()
     if pp_group is None or not torch.distributed.is_initialized():
         return [local]
     out: List[Dict[str, object]] = [None] * torch.distributed.get_world_size(pp_group)
     torch.distributed.all_gather_object(out, local, group=pp_group)
     return out
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One executed action, recorded by the runtime or simulated (:mod:`paci_megatron.sim`).
+
+    Attributes:
+        stage: pipeline stage. kind: :class:`~paci_megatron.plan.Kind`. index: micro-batch
+            (F/B) or update number (U).
+        start / end: seconds from the first recorded action.
+        version: the stage's updates applied when the action started (the weights it used).
+        replica: the DP rank of a real run (0 in a simulation).
+    """
+
+    stage: int
+    kind: Kind
+    index: int
+    start: float
+    end: float
+    version: int
+    replica: int = 0
+
+    @property
+    def label(self) -> str:
+        """Block text: ``F3/v1`` (forward of micro-batch 3 with weights of version 1)."""
+        return f"{self.kind.value}{self.index}" + (f"/v{self.version}" if self.kind is not Kind.UPDATE else "")
+
+
+def write_chrome_trace(events: Sequence[TimelineEvent], path: str, num_stages: Optional[int] = None,
+                       replica: int = 0) -> None:
+    """Chrome / Perfetto trace (``chrome://tracing``, ui.perfetto.dev) of events whose times
+    are in seconds: one track per stage (per DP replica: the trace's process id), one
+    complete event per action, micro-batch and weight version in its arguments.
+    ``num_stages`` / ``replica`` name the tracks of stages that have no events."""
+    tracks = {(ev.replica, ev.stage) for ev in events}
+    tracks |= {(replica, s) for s in range(num_stages or 0)}
+    trace = {"traceEvents": [
+        {"name": ev.label, "cat": ev.kind.name.lower(), "ph": "X", "pid": ev.replica,
+         "tid": ev.stage, "ts": ev.start * 1e6, "dur": (ev.end - ev.start) * 1e6,
+         "args": {"micro_batch": ev.index, "version": ev.version}}
+        for ev in events
+    ] + [{"name": "thread_name", "ph": "M", "pid": r, "tid": s, "args": {"name": f"stage {s}"}}
+         for r, s in sorted(tracks)]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(trace, f)
+
+
+def write_run_trace(path: str, timeline: Sequence[TimelineEvent]) -> Optional[int]:
+    """Gather every rank's timeline and write one Chrome trace from the last rank.
+
+    A collective over the whole world (``--paci-trace`` at the end of training).
+
+    Returns:
+        The number of events written on the last rank, None on the others.
+    """
+    import os
+
+    import torch
+
+    gathered: List[Sequence[TimelineEvent]] = [list(timeline)]
+    if torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, list(timeline))
+        if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+            return None
+    events = [ev for events in gathered for ev in events]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_chrome_trace(events, path)
+    return len(events)

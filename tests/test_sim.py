@@ -5,8 +5,8 @@ import json
 import pytest
 
 from paci_megatron.plan import Kind, drift_bound
-from paci_megatron.sim import (flush_utilisation, main, plot_timeline, simulate, stage_actions,
-                               write_chrome_trace)
+from paci_megatron.sim import flush_utilisation, main, plot_timeline, simulate, stage_actions
+from paci_megatron.telemetry import write_chrome_trace
 
 GRID = [(2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (8, 32)]
 
