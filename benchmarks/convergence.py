@@ -52,7 +52,7 @@ def recipe_command(schedule: str, args: argparse.Namespace, log_path: str) -> Li
 
 
 def _free_port() -> int:
-    from paci_megatron._testing import free_port
+    from harness import free_port
 
     return free_port()
 
@@ -227,4 +227,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # the process harness
     sys.exit(main())

@@ -98,7 +98,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _folder in (_ROOT, os.path.join(_ROOT, "examples")):  # paci_megatron, gpt_recipe
+for _folder in (_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "tests")):
+    # paci_megatron, gpt_recipe, the process harness
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
 
@@ -689,7 +690,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(args.gpt_layers % P for P in args.gpt_stages):
         p.error(f"--gpt-layers {args.gpt_layers} must be divisible by every --gpt-stages value")
 
-    from paci_megatron._testing import run_distributed
+    from harness import run_distributed
 
     fwd, bwd = args.forward_ms / 1e3, args.backward_ms / 1e3
     common = {"warmup": args.warmup, "iterations": args.iterations, "rounds": args.rounds}

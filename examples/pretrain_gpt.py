@@ -451,10 +451,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     args = parse_args(argv)
     if "RANK" not in os.environ:  # plain `python examples/pretrain_gpt.py`: one process
-        from paci_megatron._testing import free_port
+        import socket
 
+        with socket.socket() as sock:  # a free port on this machine
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+                          MASTER_PORT=str(port))
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     setup_distributed(args)
     try:

@@ -15,25 +15,34 @@ the unmodified megatron-core code runs on CPU with the gloo backend:
 3. The model-parallel RNG tracker (``megatron.core.tensor_parallel.random``) keeps CPU
    generator states in place of CUDA ones, so ``model_parallel_cuda_manual_seed`` works.
 
-Where CUDA is available every function here is a no-op: the GPU path is untouched.
-The mode is thread-local (PyTorch's function-mode stack); :func:`enable_cpu_mode` pushes
-it on the calling thread, which is the thread that runs the training loop.
+Every patch is listed in one table, :data:`PATCHES` (target module -> the names replaced
+there), like the Megatron-LM glue's ``PATCHED``; the originals are kept in one object
+(:class:`_CpuModeState`) and :func:`disable_cpu_mode` puts them back (:func:`cpu_mode` is
+the context-manager form). Where CUDA is available :func:`enable_cpu_mode` changes
+nothing unless forced: the GPU path is untouched. The function mode is thread-local
+(PyTorch's mode stack); :func:`enable_cpu_mode` pushes it on the calling thread, which
+is the thread that runs the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "PATCHES",
     "CudaToCpuMode",
     "enable_cpu_mode",
+    "disable_cpu_mode",
+    "cpu_mode",
     "enable_megatron_lm_cpu_mode",
     "register_megatron_lm_cpu_patches",
     "cpu_mode_enabled",
@@ -51,8 +60,6 @@ _CUDA_TYPE_NAMES = {
     torch.bool: "torch.cuda.BoolTensor",
 }
 
-_state = threading.local()
-_installed_globals = False
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -97,23 +104,23 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _NullStream:
-    """Stand-in for ``torch.cuda.Stream`` on CPU: every method does nothing."""
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event`` on CPU: complete at once, ``elapsed_time`` 0 ms."""
 
     def __init__(self, *args, **kwargs):
         pass
 
-    def wait_stream(self, *args, **kwargs):
-        return None
+    def query(self) -> bool:
+        return True
 
-    def wait_event(self, *args, **kwargs):
-        return None
+    def elapsed_time(self, other) -> float:
+        return 0.0
 
-    def record_event(self, *args, **kwargs):
+    def record_event(self, *args, **kwargs) -> "_NullEvent":
         return _NullEvent()
 
-    def synchronize(self):
-        return None
+    def __getattr__(self, name):  # record, wait, synchronize, wait_stream, ...: no-ops
+        return lambda *args, **kwargs: None
 
     def __enter__(self):
         return self
@@ -122,61 +129,28 @@ class _NullStream:
         return False
 
 
-class _NullEvent:
-    """Stand-in for ``torch.cuda.Event`` on CPU; ``elapsed_time`` is 0 ms."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        return None
-
-    def wait(self, *args, **kwargs):
-        return None
-
-    def synchronize(self):
-        return None
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
+class _NullStream(_NullEvent):
+    """Stand-in for ``torch.cuda.Stream`` (and its ``with`` form) on CPU: does nothing."""
 
 
-def _install_globals() -> None:
-    """Patch the ``torch.cuda`` functions that assume a GPU (nothing of megatron)."""
-    global _installed_globals
-    if _installed_globals:
-        return
-    cuda = torch.cuda
-    cuda.current_device = lambda: 0
-    cuda.synchronize = lambda *a, **k: None
-    cuda.set_device = lambda *a, **k: None
-    cuda.empty_cache = lambda *a, **k: None
-    cuda.device_count = lambda: 0
-    cuda.Stream = _NullStream
-    cuda.Event = _NullEvent
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.stream = lambda *a, **k: _NullStream()
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    # RNG: the "CUDA" generator of megatron's tracker is the CPU default generator.
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.random.get_rng_state = cuda.get_rng_state
-    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: None
-    _installed_globals = True
+def _cuda_rng_state(device="cuda"):
+    return torch.get_rng_state()
+
+
+def _set_cuda_rng_state(new_state, device="cuda"):
+    torch.set_rng_state(new_state)
+
+
+def _returns(value: Any) -> Callable[..., Any]:
+    """A new function returning ``value`` (one object per patched name: torch's compiler
+    refuses one function registered under two torch names)."""
+    return lambda *args, **kwargs: value
 
 
 def _patch_megatron_rng(mc_random) -> None:
-    """Give ``megatron.core.tensor_parallel.random`` CPU generator states for CUDA ones."""
-    mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mc_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    """Give ``megatron.core.tensor_parallel.random`` CPU generator states for CUDA ones
+    (and drop its log warning that the two generators are one, which stays dropped)."""
+    _apply("megatron.core.tensor_parallel.random", mc_random)
 
     class _DropSameGeneratorWarning(logging.Filter):
         # On CPU the tracker's generator IS the CPU generator, so megatron's check that
@@ -189,7 +163,7 @@ def _patch_megatron_rng(mc_random) -> None:
 
 def cpu_mode_enabled() -> bool:
     """True if :func:`enable_cpu_mode` is active on this thread."""
-    return getattr(_state, "mode", None) is not None
+    return getattr(_STATE.threads, "mode", None) is not None
 
 
 def enable_cpu_mode(force: bool = False) -> bool:
@@ -213,15 +187,44 @@ def enable_cpu_mode(force: bool = False) -> bool:
     return True
 
 
+def disable_cpu_mode() -> None:
+    """Undo everything the CPU mode changed: every replaced attribute of :data:`PATCHES`
+    gets its original back and this thread's :class:`CudaToCpuMode` is popped."""
+    mode = getattr(_STATE.threads, "mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+        _STATE.threads.mode = None
+    for target, name, original in reversed(_STATE.replaced):
+        setattr(target, name, original)
+    _STATE.replaced.clear()
+    for key in _STATE.environ:
+        os.environ.pop(key, None)
+    _STATE.environ.clear()
+
+
+@contextlib.contextmanager
+def cpu_mode(force: bool = True) -> Iterator[bool]:
+    """``with cpu_mode(): ...``: :func:`enable_cpu_mode` for the block, then
+    :func:`disable_cpu_mode`. Yields whether the mode is active."""
+    active = enable_cpu_mode(force=force)
+    try:
+        yield active
+    finally:
+        disable_cpu_mode()
+
+
 def _enter_mode() -> None:
     """torch.cuda stand-ins and :class:`CudaToCpuMode` on this thread (no megatron)."""
     if cpu_mode_enabled():
         return
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    _install_globals()
+    if "TORCHDYNAMO_DISABLE" not in os.environ:  # compiling fusions on CPU takes minutes
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"
+        _STATE.environ.append("TORCHDYNAMO_DISABLE")
+    _apply("torch.cuda", torch.cuda)
+    _apply("torch.cuda.random", torch.cuda.random)
     mode = CudaToCpuMode()
     mode.__enter__()
-    _state.mode = mode
+    _STATE.threads.mode = mode
 
 
 def _megatron_training_sees_cuda(real_is_available):
@@ -278,6 +281,74 @@ def _no_op(name: str):
     return skipped
 
 
+class _Wrap:
+    """A :data:`PATCHES` value made from the original attribute: ``make(original)``."""
+
+    def __init__(self, make: Callable[[Any], Any]):
+        self.make = make
+
+
+#: Every patch of the CPU mode: target module -> {name: CPU stand-in}. ``torch.cuda`` and
+#: ``megatron.core.tensor_parallel.random`` are patched by :func:`enable_cpu_mode`; the
+#: Megatron-LM entries by :func:`enable_megatron_lm_cpu_mode` (``torch.cuda`` again, for
+#: ``megatron.training``) and, when they are imported, :func:`register_megatron_lm_cpu_patches`.
+PATCHES: Dict[str, Dict[str, Callable]] = {
+    "torch.cuda": {
+        "current_device": _returns(0), "synchronize": _returns(None),
+        "set_device": _returns(None), "empty_cache": _returns(None),
+        "device_count": _returns(0), "Stream": _NullStream,
+        "Event": _NullEvent, "current_stream": lambda *a, **k: _NullStream(),
+        "default_stream": lambda *a, **k: _NullStream(),
+        "stream": lambda *a, **k: _NullStream(), "max_memory_allocated": _returns(0),
+        "memory_allocated": _returns(0), "memory_reserved": _returns(0),
+        "max_memory_reserved": _returns(0),
+        # RNG: the "CUDA" generator of megatron's tracker is the CPU default generator
+        "get_rng_state": _cuda_rng_state, "set_rng_state": _set_cuda_rng_state,
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "manual_seed_all": _returns(None),
+    },
+    "torch.cuda.random": {"get_rng_state": _cuda_rng_state},
+    "megatron.core.tensor_parallel.random": {
+        "_get_cuda_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "_set_cuda_rng_state": lambda new_state, *a, **k: torch.set_rng_state(new_state),
+    },
+    # Megatron-LM's training loop (enable_megatron_lm_cpu_mode)
+    "torch.cuda (Megatron-LM)": {
+        "device_count": lambda: 1,
+        "is_available": _Wrap(_megatron_training_sees_cuda),
+    },
+    "megatron.core.datasets.utils": {"compile_helpers": _no_op("compile_helpers")},
+    "megatron.legacy.fused_kernels": {"load": _no_op("fused_kernels.load")},
+}
+
+
+@dataclass
+class _CpuModeState:
+    """Everything the CPU mode changed, to undo it: the replaced attributes (in order)
+    and, per thread, the pushed :class:`CudaToCpuMode`."""
+
+    replaced: List[Tuple[Any, str, Any]] = field(default_factory=list)
+    threads: threading.local = field(default_factory=threading.local)
+    environ: List[str] = field(default_factory=list)  # variables the mode set
+
+    def patch(self, target: Any, name: str, value: Any) -> None:
+        """``setattr(target, name, value)``, remembering the first original."""
+        known = [orig for t, n, orig in self.replaced if t is target and n == name]
+        if not known:
+            known = [getattr(target, name, None)]
+            self.replaced.append((target, name, known[0]))
+        setattr(target, name, value.make(known[0]) if isinstance(value, _Wrap) else value)
+
+
+_STATE = _CpuModeState()
+
+
+def _apply(entry: str, module: Any) -> None:
+    """Apply :data:`PATCHES` ``[entry]`` to ``module``."""
+    for name, value in PATCHES[entry].items():
+        _STATE.patch(module, name, value)
+
+
 def enable_megatron_lm_cpu_mode() -> None:
     """Let Megatron-LM's own training loop (``pretrain_gpt.py``) run on CPU with gloo.
 
@@ -293,10 +364,7 @@ def enable_megatron_lm_cpu_mode() -> None:
     available on CPU.
     """
     _enter_mode()
-    cuda = torch.cuda
-    cuda.device_count = lambda: 1
-    if not hasattr(cuda.is_available, "__wrapped__"):
-        cuda.is_available = _megatron_training_sees_cuda(cuda.is_available)
+    _apply("torch.cuda (Megatron-LM)", torch.cuda)
 
 
 def register_megatron_lm_cpu_patches(hook) -> None:
@@ -309,14 +377,8 @@ def register_megatron_lm_cpu_patches(hook) -> None:
     enable_megatron_lm_cpu_mode()
     hook.register("megatron.core.tensor_parallel.random", _patch_megatron_rng)
     hook.register("megatron.core.datasets", _use_installed_dataset_helper)
-    hook.register(
-        "megatron.core.datasets.utils",
-        lambda m: setattr(m, "compile_helpers", _no_op("compile_helpers")),
-    )
-    hook.register(
-        "megatron.legacy.fused_kernels",
-        lambda m: setattr(m, "load", _no_op("fused_kernels.load")),
-    )
+    for name in ("megatron.core.datasets.utils", "megatron.legacy.fused_kernels"):
+        hook.register(name, lambda module, name=name: _apply(name, module))
 
 
 def init_distributed_cpu(timeout_s: float = 120.0, backend: str = "gloo") -> None:
@@ -336,10 +398,3 @@ def init_distributed_cpu(timeout_s: float = 120.0, backend: str = "gloo") -> Non
     torch.distributed.init_process_group(
         backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
     )
-
-
-def maybe_cpu(device: Optional[str]) -> bool:
-    """Enable CPU mode if ``device`` is ``"cpu"`` (or None and CUDA is missing)."""
-    if device == "cpu" or (device is None and not torch.cuda.is_available()):
-        return enable_cpu_mode(force=True)
-    return False

@@ -125,10 +125,11 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
     from .config import check_arguments
 
     argv = list(sys.argv if argv is None else argv)
-    if getattr(args, "pipeline_schedule", "1f1b") == "paci" and not _given(argv, "--rerun-mode"):
+    paci = getattr(args, "pipeline_schedule", "1f1b") == "paci"
+    if paci and not _given(argv, "--rerun-mode"):
         args.rerun_mode = "disabled"
     return check_arguments(
-        args, num_microbatches=_num_microbatches(args),
+        args, num_microbatches=_num_microbatches(args) if paci else 0,
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
         model_config=_ArgsAsModelConfig(args), training_args=args)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
-from paci_megatron._testing import DistributedFailure
+from harness import DistributedFailure
 
 from workers import crash_during_save_case, resume_after_crash_case, resume_case
 

@@ -10,7 +10,7 @@ trains to the drift bound.
 import pytest
 import torch
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 from workers import composition_case
 

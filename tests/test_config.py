@@ -165,10 +165,84 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
     ("seq", "activation shape changed"),
 ])
 def test_changing_shape_of_the_work_in_flight_is_refused_on_every_stage(what, needle):
-    from paci_megatron._testing import run_distributed
+    from harness import run_distributed
 
     from workers import midflight_change_case
 
     results = run_distributed(midflight_change_case, 2, what, timeout_s=240)
     for r in results:
         assert needle in r["message"] and "drain()" in r["message"], r
+
+
+# one non-default value per PACI setting that has a flag: a new setting must be added here
+NON_DEFAULT = {"accumulation": 2, "drain_interval": 3, "max_drift": 1,
+               "memory_mode": "recompute", "skip_nonfinite_updates": True,
+               "trace": "runs/trace.json"}
+
+
+def paci_argv():
+    argv = ["--pipeline-schedule", "paci"]
+    for name, flag, _ in PACIConfig.flag_fields():
+        value = NON_DEFAULT[name]
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def test_every_paci_flag_is_declared_once_and_read_by_both_front_ends():
+    import argparse
+
+    import pretrain_gpt  # examples/pretrain_gpt.py
+
+    from paci_megatron import megatron_lm
+
+    assert {name for name, _, _ in PACIConfig.flag_fields()} == set(NON_DEFAULT)
+    example = pretrain_gpt.parse_args(paci_argv() + ["--device", "cpu"])
+    glue_parser = megatron_lm.add_arguments(argparse.ArgumentParser())
+    glue = glue_parser.parse_args(paci_argv())
+    for args in (example, glue):
+        config = PACIConfig.from_args(args)
+        assert {name: getattr(config, name) for name in NON_DEFAULT} == NON_DEFAULT
+    # defaults agree with PACIConfig's
+    for parser_args in (pretrain_gpt.parse_args(["--device", "cpu"]),
+                        glue_parser.parse_args([])):
+        defaults = PACIConfig.from_args(parser_args)
+        assert defaults.accumulation is None and defaults.memory_mode == "activations"
+        assert parser_args.pipeline_schedule == "1f1b"
+
+
+def test_paci_flags_without_the_paci_schedule_are_refused_the_same_by_both_front_ends(
+        capsys, monkeypatch):
+    import argparse
+
+    import pretrain_gpt
+
+    from paci_megatron import megatron_lm
+
+    argv = paci_argv()[2:]  # every --paci-* flag, no --pipeline-schedule paci
+    flags = [flag for _, flag, _ in PACIConfig.flag_fields()]
+    example = pretrain_gpt.parse_args(argv + ["--device", "cpu"])
+    glue = megatron_lm.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    expected = f"{', '.join(flags)} only apply with --pipeline-schedule paci: add that or remove them"
+    assert megatron_lm.check_args(glue, argv=["x"]) == [expected]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        pretrain_gpt.check_args(example, world_size=1)
+    assert stop.value.code == 2 and f"  - {expected}" in capsys.readouterr().err
+
+
+def test_no_runtime_module_imports_the_simulator():
+    import ast
+
+    package = os.path.join(ROOT, "paci_megatron")
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py") or name == "sim.py":
+            continue
+        tree = ast.parse(open(os.path.join(package, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                names = [a.name for a in node.names]
+                assert target not in (".sim", "paci_megatron.sim") and not (
+                    target in (".", "paci_megatron") and "sim" in names), (name, target)
+            elif isinstance(node, ast.Import):
+                assert all(a.name != "paci_megatron.sim" for a in node.names), name

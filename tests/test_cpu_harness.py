@@ -4,7 +4,7 @@ pipeline schedule: PP = 2 and PP = 4 reproduce the un-pipelined PP = 1 run."""
 import pytest
 import torch
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 from workers import megatron_1f1b_case
 
@@ -37,3 +37,28 @@ def test_megatron_1f1b_on_cpu_matches_unpipelined_run(reference, pp):
     # the parameters moved: the run trained, it did not just copy the initial state
     assert any(not torch.equal(merged[n], reference["initial"][n]) for n in merged)
     assert sum(last["losses"][-M:]) < sum(last["losses"][:M])
+
+
+def test_cpu_mode_is_listed_and_reversible():
+    import megatron.core.tensor_parallel.random as mc_random
+
+    from paci_megatron.cpu import PATCHES, cpu_mode, cpu_mode_enabled
+
+    names = {entry: PATCHES[entry] for entry in ("torch.cuda", "megatron.core.tensor_parallel.random")}
+    targets = {"torch.cuda": torch.cuda, "megatron.core.tensor_parallel.random": mc_random}
+    before = {(e, n): getattr(targets[e], n) for e, table in names.items() for n in table}
+    real = torch.cuda.is_available()
+    with cpu_mode() as active:
+        assert active and cpu_mode_enabled()
+        assert torch.cuda.current_device() == 0
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # what Megatron's asserts want
+        for (e, n), original in before.items():
+            assert getattr(targets[e], n) is not original, (e, n)
+    assert not cpu_mode_enabled()
+    assert {(e, n): getattr(targets[e], n) for (e, n) in before} == before
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    assert torch.cuda.is_available() == real
+    if not real:
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device="cuda")

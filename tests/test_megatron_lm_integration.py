@@ -10,6 +10,7 @@ glue is activated the way users get it: by the installed ``paci_megatron.pth`` h
 in the last test, by ``paci-megatron patch`` on a copy of the checkout).
 """
 
+import json
 import os
 import re
 import shutil
@@ -94,7 +95,7 @@ def _kill_tree(pid):
 
 
 def _port():
-    from paci_megatron._testing import free_port
+    from harness import free_port
 
     return free_port()
 
@@ -134,12 +135,20 @@ def test_paci_trains_megatron_lm_with_drift_per_stage(pp, expected):
     assert "--pipeline-schedule paci (rerun mode disabled)" in out
 
 
-def test_accumulation_one_gives_drift_bound_per_stage():
+def test_accumulation_one_gives_drift_bound_per_stage(tmp_path):
+    trace = tmp_path / "trace.json"
     out = ok(4, "--pipeline-model-parallel-size", 4, "--pipeline-schedule", "paci",
-             "--paci-accumulation", 1, "--train-iters", 4, "--eval-interval", 4)
+             "--paci-accumulation", 1, "--train-iters", 4, "--eval-interval", 4,
+             "--paci-trace", trace)
     drift = {int(i): v for i, v in DRIFT.findall(out)}
     assert drift[4] == "[3, 2, 1, 0]"
     assert "local updates per stage [16, 16, 16, 16]" in out
+    # --paci-trace in the glue: every stage's 16 forwards, 16 backwards, 16 updates
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    for kind in ("forward", "backward", "update"):
+        counts = [sum(1 for e in events if e["cat"] == kind and e["tid"] == s) for s in range(4)]
+        assert counts == [16] * 4, (kind, counts)
+    assert f"trace of {len(events)} actions written to {trace}" in out
 
 
 def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():

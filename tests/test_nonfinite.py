@@ -2,7 +2,7 @@
 
 import pytest
 
-from paci_megatron._testing import DistributedFailure, run_distributed
+from harness import DistributedFailure, run_distributed
 
 from workers import nan_gradient_case
 

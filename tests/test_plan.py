@@ -1,23 +1,29 @@
 """Properties of the pure planner over a grid of (P, m, a); no torch, no processes."""
 
 import math
+import re
 
 import pytest
 
 from paci_megatron.plan import (
     Action,
     Comm,
+    GradSync,
     Kind,
     P2PError,
+    PlanError,
     StageState,
     drift_bound,
     format_actions,
+    format_steps,
     lower,
     measure_drift,
     parse_actions,
+    parse_steps,
     plan_call,
     plan_drain,
     simulate_p2p,
+    validate_plan,
 )
 
 
@@ -145,3 +151,88 @@ def test_simulator_detects_crossed_messages():
     }
     with pytest.raises(P2PError, match="sends"):
         simulate_p2p(comms)
+
+
+def lowered_run(P, m, a, calls):
+    """Every stage's lowered steps (actions, exchanges, SYNC marks) of a run and a drain."""
+    plans = {}
+    for s in range(P):
+        state, carry, steps = StageState(), None, []
+        for c in range(calls + 1):
+            if c == calls:
+                acts, state = plan_drain(P, s, a, state)
+            else:
+                acts, state = plan_call(P, s, m, a, state)
+            low, carry = lower(P, s, acts, carry, final=c == calls)
+            steps += low
+        plans[s] = steps
+    return plans
+
+
+@pytest.mark.parametrize("P,m,a", [(1, 2, 1), (2, 4, 4), (4, 4, 2), (4, 8, 8), (8, 8, 3)])
+def test_lowered_plans_round_trip_as_text_and_validate(P, m, a):
+    plans = lowered_run(P, m, a, calls=3)
+    for s, steps in plans.items():
+        assert parse_steps(format_steps(steps)) == steps
+        # a SYNC mark precedes exactly the backwards that an update follows
+        acts = [x for x in steps if not isinstance(x, Comm)]
+        for i, x in enumerate(acts):
+            if isinstance(x, GradSync):
+                assert acts[i + 1].kind is Kind.BACKWARD and acts[i + 2].kind is Kind.UPDATE
+            elif x.kind is Kind.UPDATE:
+                assert isinstance(acts[i - 2], GradSync), (s, i, acts[i - 2:i + 1])
+    states = validate_plan(P, a, plans)
+    assert all(st.in_flight == 0 and st.pending == 0 for st in states.values())
+
+
+def test_exchange_text_names_direction_and_tensors():
+    comm = Comm.from_str("1:send_backward_recv_forward(grad1,act2)")
+    assert comm == Comm(1, "send_backward_recv_forward", ("grad", 1), ("act", 2))
+    assert comm.peer() == 0
+    assert Comm.from_str("3:recv_backward(grad7)").recv == ("grad", 7)
+    for bad in ("1:send_sideways(act1)", "1:send_forward()", "send_forward(act1)"):
+        with pytest.raises(ValueError, match="not an exchange"):
+            Comm.from_str(bad)
+
+
+def test_validate_plan_marks_the_faulty_action_in_the_grid():
+    plans = lowered_run(4, 4, 4, calls=2)
+    steps = list(plans[2])
+    i, j = (steps.index(Action(2, Kind.BACKWARD, k)) for k in (3, 4))
+    steps[i], steps[j] = steps[j], steps[i]  # backward of 4 before 3
+    with pytest.raises(PlanError) as info:
+        validate_plan(4, 4, {**plans, 2: steps})
+    text = str(info.value)
+    assert "stage 2" in text and "backward of micro-batch 4, but the oldest in flight is 3" in text
+    marked = [line for line in text.splitlines() if ">>" in line]
+    assert len(marked) == 1 and ">> 2B4" in marked[0]
+    assert "stage 0" in text.splitlines()[1] and "stage 3" in text.splitlines()[1]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("0F0 0F1 0F1", "forward of micro-batch 1, but the next to forward is 2"),
+    ("0F0 0F1 0F2", "puts 3 in flight, more than P - s = 2"),
+    ("0F0 0B0 0F1 0B1 0F2 0B2", "after a full window of 2 without its update"),
+    ("0F0 0F1 0B0 0U1", "update 1 of a window of 1 backwards (a = 2) with 1 micro-batches in flight"),
+    ("0F0 0B0 0U2", "update 2 after update 0"),
+])
+def test_validate_plan_names_each_broken_rule(text, needle):
+    with pytest.raises(PlanError, match=re.escape(needle)):
+        validate_plan(2, 2, {0: parse_actions(text)})
+
+
+def test_validate_plan_reports_unpaired_exchanges():
+    plans = lowered_run(2, 2, 2, calls=1)
+    plans[1] = [x for x in plans[1] if not (isinstance(x, Comm) and x.op == "recv_forward")]
+    with pytest.raises(PlanError, match=re.escape(
+            "exchanges: stage 0 sends ('act', 0) while stage 1 receives ('act', 1)")):
+        validate_plan(2, 2, plans)
+
+
+def test_the_planner_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, paci_megatron.plan; print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

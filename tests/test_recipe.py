@@ -72,3 +72,15 @@ def test_recipe_checkpoint_resume_matches_run_that_saved_at_the_same_iteration(c
     assert resumed[-1]["lm_loss"] == straight[-1]["lm_loss"]
     assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
     assert (tmp_path / "a" / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+def test_paci_drained_every_iteration_trains_exactly_like_1f1b(corpus, tmp_path):
+    common = ["--pipeline-model-parallel-size", "2", "--train-iters", "4", "--eval-interval",
+              "4", "--clip-grad", "0"]
+    sync, _ = recipe(corpus, tmp_path, "1f1b", 2, *common)
+    drained, _ = recipe(corpus, tmp_path, "drained", 2, *common, "--pipeline-schedule", "paci",
+                        "--paci-drain-interval", "1")
+    assert [r.get("lm_loss") for r in drained] == [r.get("lm_loss") for r in sync]
+    assert len([r for r in sync if "lm_loss" in r]) == 2  # iterations 2 and 4
+    assert drained[-1]["val_loss"] == sync[-1]["val_loss"]
+    assert drained[-1]["drift_max"] == [0, 0]  # drained before every next iteration

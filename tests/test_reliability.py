@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from paci_megatron._testing import free_port
+from harness import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 10

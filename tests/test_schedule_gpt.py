@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paci_megatron.plan import StageState, format_actions, plan_call, plan_drain
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 from workers import gpt_schedule_case
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paci_megatron.plan import Kind, StageState, plan_call, plan_drain
-from paci_megatron._testing import DistributedFailure, run_distributed
+from harness import DistributedFailure, run_distributed
 
 from workers import TOY_LR, make_toy_stage, toy_batch, toy_paci_case
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 from workers import single_stage_accumulation_case
 

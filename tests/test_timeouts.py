@@ -1,6 +1,6 @@
 """Nothing hangs: a pipeline wait that times out names the stage, peer and micro-batch."""
 
-from paci_megatron._testing import run_distributed
+from harness import run_distributed
 
 from workers import silent_peer_case
 

@@ -1,6 +1,7 @@
 """Run a function on N CPU processes with gloo: fail fast, never hang.
 
-Used by the test suite and the benchmarks. Each rank runs ``fn(rank, world_size, *args)``
+The test suite's process harness (the benchmarks use it too; not part of the installed
+package). Each rank runs ``fn(rank, world_size, *args)``
 in CPU mode (:mod:`paci_megatron.cpu`) with ``torch.distributed`` initialised on gloo
 with a timeout. If any rank raises, every other rank is killed and
 :class:`DistributedFailure` carries that rank's traceback; if the ranks do not all finish
