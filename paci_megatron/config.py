@@ -250,12 +250,13 @@ REFUSALS: Sequence[Refusal] = (
                "remove --fp8-format (use --bf16)"),
     (lambda s: bool(s.cfg("mtp_num_layers")),
      lambda s: "multi-token prediction (--mtp-num-layers) is not supported by PACI"),
-    (lambda s: bool(s.cfg("overlap_p2p_comm")),
-     lambda s: "--overlap-p2p-communication is not supported by PACI: remove it"),
-    (lambda s: bool(s.cfg("delay_wgrad_compute")),
-     lambda s: "--delay-wgrad-compute is not supported by PACI: remove it"),
-    (lambda s: bool(s.cfg("defer_embedding_wgrad_compute")),
-     lambda s: "--defer-embedding-wgrad-compute is not supported by PACI: remove it"),
+) + tuple(
+    (lambda s, name=name: bool(s.cfg(name)),
+     lambda s, flag=flag: f"{flag} is not supported by PACI: remove it")
+    for flag, name in (("--overlap-p2p-communication", "overlap_p2p_comm"),
+                       ("--delay-wgrad-compute", "delay_wgrad_compute"),
+                       ("--defer-embedding-wgrad-compute", "defer_embedding_wgrad_compute"))
+) + (
     # flags that exist only in Megatron-LM's training loop
     (lambda s: s.arg("rerun_mode") not in (None, "disabled"),
      lambda s: f"--rerun-mode {s.arg('rerun_mode')} re-runs whole iterations and all-reduces "
