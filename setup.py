@@ -43,6 +43,9 @@ setup(
         "examples": ["tokenizers>=0.15"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.5", "tokenizers>=0.15"],
         "plot": ["matplotlib>=3.5"],
+        # megatron-core's Muon; also: pip install --no-deps --ignore-requires-python
+        # emerging-optimizers==0.3.0 (it declares Python >= 3.12 but runs on 3.10+)
+        "muon": ["absl-py", "triton"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # what Megatron-LM's training package imports at start-up besides megatron-core
         "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "psutil", "triton"],

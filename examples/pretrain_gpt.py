@@ -64,6 +64,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=["adam", "muon"], default="adam",
+                   help="adam: AdamW; muon: megatron-core's Muon for the 2-D weights, Adam for "
+                   "the rest (needs the emerging-optimizers package)")
+    g.add_argument("--muon-momentum", type=float, default=0.9)
+    g.add_argument("--muon-use-nesterov", action="store_true")
+    g.add_argument("--muon-scale-mode", default="spectral",
+                   help="scale of the orthogonalized update: spectral, unit_rms_norm, shape_scaling")
+    g.add_argument("--muon-num-ns-steps", type=int, default=5)
+    g.add_argument("--muon-extra-scale-factor", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("parallelism")
@@ -104,6 +113,10 @@ POSITIVE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_lengt
                   "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
                   "eval_interval", "log_interval", "pipeline_model_parallel_size",
                   "tensor_model_parallel_size", "make_vocab_size_divisible_by")
+
+
+MUON_FLAGS = ("muon_momentum", "muon_use_nesterov", "muon_scale_mode", "muon_num_ns_steps",
+              "muon_extra_scale_factor")  # megatron-core OptimizerConfig fields, Megatron-LM names
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -257,7 +270,8 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     optimizer = gpt.build_optimizer(
         model, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        bf16=args.bf16,
+        bf16=args.bf16, optimizer=args.optimizer,
+        muon={name: getattr(args, name) for name in MUON_FLAGS} if args.optimizer == "muon" else None,
     )
     gbs = args.global_batch_size
     scheduler = gpt.build_scheduler(
@@ -267,9 +281,10 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     )
     config.grad_scale_func = optimizer.scale_loss
     if args.pipeline_schedule == "paci":
-        paci = PACIConfig.from_args(args)
+        paci = PACIConfig.from_args(args).resolve_sync_warmup(args.lr_warmup_iters)
         optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler,
-                                     skip_nonfinite_updates=paci.skip_nonfinite_updates)
+                                     skip_nonfinite_updates=paci.skip_nonfinite_updates,
+                                     lookahead=paci.lookahead)
         pm.validate_setup(
             paci, num_microbatches=num_microbatches,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size, model_config=config,
@@ -387,7 +402,12 @@ def train(args: argparse.Namespace) -> List[dict]:
 
     if is_writer:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
-              f"DP={dp_size} m={m} device={args.device} bf16={args.bf16}", flush=True)
+              f"DP={dp_size} m={m} device={args.device} bf16={args.bf16} "
+              f"optimizer={args.optimizer}", flush=True)
+    sync = schedule.paci_config.sync_warmup_iters if hasattr(schedule, "drain") else 0
+    if sync and is_writer:
+        print(f"> paci: synchronous warm-up, iterations 1..{sync} drained (exactly 1F1B); PACI "
+              f"takes over at iteration {sync + 1}", flush=True)
     if start_iteration == 0:
         emit({"iteration": 0, "val_loss": run_eval(), **drift()})
     window_losses: List[float] = []
@@ -402,6 +422,8 @@ def train(args: argparse.Namespace) -> List[dict]:
                           micro_batch_size=args.micro_batch_size, forward_only=False)
         optimizer.step()
         scheduler.step(increment=args.global_batch_size)
+        if sync and iteration == sync + 1 and is_writer:
+            print(f"> paci: PACI took over at iteration {iteration}", flush=True)
         if args.paci_drain_interval and iteration % args.paci_drain_interval == 0:
             schedule.drain()
         if losses:

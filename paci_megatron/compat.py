@@ -20,6 +20,9 @@ __all__ = [
     "get_model_type",
     "set_version_counters",
     "inner_optimizers",
+    "main_parameters",
+    "publish_main_parameters",
+    "get_megatron_muon_optimizer",
     "stage_grad_stats_group",
     "allreduce_stage_local_grads",
 ]
@@ -141,6 +144,64 @@ def get_model_type(model):
 def inner_optimizers(optimizer) -> List[Any]:
     """The optimizers inside a ``ChainedOptimizer`` (or ``[optimizer]`` for a single one)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def main_parameters(optimizer) -> List[torch.Tensor]:
+    """The tensors the inner optimizers step: the fp32 main parameters of Megatron's
+    mixed-precision optimizers, the model parameters themselves for ``FP32Optimizer``."""
+    return [p for inner in inner_optimizers(optimizer) for group in inner.optimizer.param_groups
+            for p in group["params"]]
+
+
+def publish_main_parameters(optimizer) -> None:
+    """Copy changed main parameters into the model's (mixed precision; a no-op for fp32)."""
+    for inner in inner_optimizers(optimizer):
+        copy = getattr(inner, "_copy_main_params_to_model_params", None)
+        if copy is not None:
+            copy()
+
+
+def get_megatron_muon_optimizer(config, model_chunks):
+    """megatron-core's Muon (``megatron.core.optimizer.muon``, Muon for 2-D weights and Adam
+    for the rest, chained) on Python < 3.12, whose ``typing`` lacks the ``override``
+    decorator that the ``emerging-optimizers`` package imports (a no-op is provided).
+
+    Raises:
+        ImportError: this megatron-core has no Muon, or ``emerging-optimizers`` (with
+            ``absl-py`` and ``triton``) is not installed.
+    """
+    import importlib
+    import typing
+
+    from megatron.core.optimizer import muon
+
+    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False) and not hasattr(typing, "override"):
+        typing.override = lambda method: method
+        muon = importlib.reload(muon)  # its optional import failed on the missing name
+    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False):
+        raise ImportError("Muon needs the emerging-optimizers package: pip install absl-py triton "
+                          "&& pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0")
+    if not hasattr(muon, "HAVE_EO_V02"):
+        _old_muon_keywords(muon)
+    return muon.get_megatron_muon_optimizer(config, list(model_chunks))
+
+
+def _old_muon_keywords(muon) -> None:
+    """megatron-core 0.16 calls emerging-optimizers by its pre-0.2 keywords (``use_nesterov``
+    for ``nesterov``, ``mode`` for ``tp_mode``), which 0.2+ renamed; 0.17+ use either."""
+    base = muon.OrthogonalizedOptimizer
+    if "use_nesterov" not in inspect.signature(base.__init__).parameters:
+        init = base.__init__
+
+        def __init__(self, *args, use_nesterov=None, **kwargs):
+            if use_nesterov is not None:
+                kwargs["nesterov"] = use_nesterov
+            init(self, *args, **kwargs)
+
+        base.__init__ = __init__
+    ns = muon.newton_schulz_tp
+    if "mode" not in inspect.signature(ns).parameters:
+        muon.newton_schulz_tp = lambda x, mode="duplicated", **kw: ns(x, tp_mode=mode, **kw)
 
 
 def stage_grad_stats_group(distributed_optimizer: bool):

@@ -13,7 +13,7 @@ stage-local, what is refused").
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .plan import drift_bound
@@ -60,6 +60,15 @@ class PACIConfig:
             per stage, at the cost of a second forward.
         skip_nonfinite_updates: skip (and report) a stage's update whose gradients hold
             NaN/Inf instead of stopping (``--paci-skip-nonfinite-updates``).
+        sync_warmup_iters: drain after each of the first N training iterations, so that
+            they are exactly synchronous 1F1B; PACI takes over at iteration N + 1
+            (``--paci-sync-warmup-iters``). ``None``: the front ends use the learning-rate
+            warm-up iterations (a plain ``PACISchedule`` then uses 0).
+        lookahead: the delay correction's scale ``c`` (``--paci-lookahead``, 0 = off): on
+            stage ``s`` the weights forwards and backwards see are the optimizer's iterate
+            plus ``c * (P-1-s)/a`` times its last update (``(P-1-s)/a`` is the stage's
+            mean drift), a Nesterov-style look-ahead to where the stale gradients will be
+            applied (:class:`~paci_megatron.optimizer.PACIOptimizer`). A drain removes it.
         trace: write the run's timeline (every forward, backward and update of every
             stage) as a Chrome / Perfetto trace to this path (``--paci-trace``).
         p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
@@ -87,6 +96,14 @@ class PACIConfig:
         False, "--paci-skip-nonfinite-updates", action="store_true",
         help="skip (and report) a stage's update whose gradients hold NaN/Inf instead of "
              "stopping")
+    sync_warmup_iters: Optional[int] = _flag(
+        None, "--paci-sync-warmup-iters", type=int,
+        help="drain after each of the first N iterations, so they train exactly as 1F1B "
+             "(default: the learning-rate warm-up iterations; 0: PACI from the start)")
+    lookahead: float = _flag(
+        0.0, "--paci-lookahead", type=float,
+        help="delay correction: each stage's weights look ahead by SCALE x its mean drift "
+             "updates along its last update (0: off; one fp32 buffer per parameter)")
     trace: Optional[str] = _flag(
         None, "--paci-trace",
         help="write the run's timeline (every forward, backward and local update of every "
@@ -97,6 +114,12 @@ class PACIConfig:
     def resolve_accumulation(self, num_microbatches: int) -> int:
         """``a`` for an iteration of ``num_microbatches`` micro-batches."""
         return self.accumulation if self.accumulation is not None else num_microbatches
+
+    def resolve_sync_warmup(self, lr_warmup_iters: int) -> "PACIConfig":
+        """This config with ``sync_warmup_iters`` set (the LR warm-up where it is None)."""
+        if self.sync_warmup_iters is not None:
+            return self
+        return replace(self, sync_warmup_iters=max(int(lr_warmup_iters or 0), 0))
 
     @staticmethod
     def flag_fields() -> List[Tuple[str, str, Any]]:
@@ -225,6 +248,13 @@ REFUSALS: Sequence[Refusal] = (
                "'recompute' (--paci-memory-mode)"),
     (lambda s: s.paci.drain_interval is not None and s.paci.drain_interval < 0,
      lambda s: f"--paci-drain-interval {s.paci.drain_interval}: must be >= 0"),
+    (lambda s: s.paci.sync_warmup_iters is not None and s.paci.sync_warmup_iters < 0,
+     lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters}: must be >= 0"),
+    (lambda s: not 0.0 <= s.paci.lookahead <= 4.0,
+     lambda s: f"--paci-lookahead {s.paci.lookahead}: must be between 0 (off) and 4"),
+    (lambda s: s.paci.lookahead > 0 and bool(s.arg("use_distributed_optimizer")),
+     lambda s: "--paci-lookahead does not support --use-distributed-optimizer yet (its "
+               "parameters are sharded over DP): remove one of them"),
     (lambda s: s.tied and s.P > 1,
      lambda s: "tied input embedding and output weights across pipeline stages need a "
                "gradient all-reduce between the first and last stage at every update: add "

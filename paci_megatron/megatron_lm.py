@@ -134,6 +134,16 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
         model_config=_ArgsAsModelConfig(args), training_args=args)
 
 
+def _lr_warmup_iters(args) -> int:
+    """Megatron-LM's learning-rate warm-up in iterations (from whichever flag set it)."""
+    if getattr(args, "lr_warmup_fraction", None):
+        return int(args.lr_warmup_fraction * (getattr(args, "train_iters", 0) or 0))
+    if getattr(args, "lr_warmup_iters", 0):
+        return int(args.lr_warmup_iters)
+    samples = getattr(args, "lr_warmup_samples", 0) or 0
+    return int(samples // max(getattr(args, "global_batch_size", 1) or 1, 1))
+
+
 def _rank() -> int:
     import torch
 
@@ -206,11 +216,11 @@ class Glue:
         from .schedule import PACISchedule
 
         args = self.args
-        paci = self.paci
+        paci = self.paci.resolve_sync_warmup(_lr_warmup_iters(args))
         wrapped = PACIOptimizer(
             optimizer, model, opt_param_scheduler=opt_param_scheduler,
             distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
-            skip_nonfinite_updates=paci.skip_nonfinite_updates,
+            skip_nonfinite_updates=paci.skip_nonfinite_updates, lookahead=paci.lookahead,
         )
         m = get_num_microbatches()
         a = paci.resolve_accumulation(m)
@@ -234,7 +244,8 @@ class Glue:
             print(f"paci-megatron: stage {s} of {P}: PACI schedule active "
                   f"(accumulation a = {a} of m = {m} micro-batches, drift bound "
                   f"{drift_bound(P, s, a)}, starting at iteration {self.start_iteration}, "
-                  f"version {self.schedule.state.version})", flush=True)
+                  f"version {self.schedule.state.version}, synchronous warm-up "
+                  f"{paci.sync_warmup_iters} iterations, look-ahead {paci.lookahead})", flush=True)
         return wrapped
 
     def stage_summaries(self) -> List[Dict[str, Any]]:

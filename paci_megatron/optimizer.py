@@ -88,6 +88,9 @@ class Window:
         samples_per_microbatch: micro batch size x DP size, in samples.
         num_microbatches: micro-batches per training iteration (``m``), for messages.
         stage: the pipeline stage, for messages.
+        mean_drift: the mean drift of the micro-batches that cross this update: the
+            stage's ``(P-1-s)/a`` (:func:`paci_megatron.plan.mean_drift`) with micro-batches
+            in flight, 0 when the update ends a drain; it scales the look-ahead.
     """
 
     update: int
@@ -96,6 +99,7 @@ class Window:
     samples_per_microbatch: int
     num_microbatches: int
     stage: int = 0
+    mean_drift: float = 0.0
 
     def describe(self) -> str:
         """``"update 3 (micro-batches 16..23, iteration 3)"``."""
@@ -126,6 +130,14 @@ class PACIOptimizer:
             (its grad stats are then reduced over the stage's TP x DP x CP group).
         skip_nonfinite_updates: when a window's gradients hold NaN/Inf, skip that update
             (and say so) instead of raising :class:`NonFiniteGradientError`.
+        lookahead: the delay correction's scale ``c`` (0: off). With ``x`` the inner
+            optimizer's iterate and ``d`` its last update, the stage's weights are
+            ``x + g d`` with ``g = c * window.mean_drift``: forwards and backwards see
+            weights moved ahead by the stage's mean drift, the Nesterov-style look-ahead
+            of PipeNAG (delay-aware) in the spirit of arXiv 2606.30634's optimizer-agnostic
+            correction. Cost: one fp32 buffer per stepped parameter, on stages with
+            ``g > 0``. :meth:`settle` (at every drain) returns the weights to ``x`` and
+            forgets ``d``, so a drained PACI run is unchanged by it.
 
     Attributes:
         version: updates applied by this stage (``v_s``), read from the schedule's
@@ -144,8 +156,12 @@ class PACIOptimizer:
         opt_param_scheduler=None,
         distributed_optimizer: Optional[bool] = None,
         skip_nonfinite_updates: bool = False,
+        lookahead: float = 0.0,
     ):
         self.optimizer = optimizer
+        self.lookahead = float(lookahead)
+        self._delta: Optional[List[torch.Tensor]] = None  # the last update d (look-ahead)
+        self._ahead = 0.0  # the g that the weights are ahead by now
         self.model = list(model)
         self.opt_param_scheduler = opt_param_scheduler
         self.skip_nonfinite_updates = skip_nonfinite_updates
@@ -160,6 +176,9 @@ class PACIOptimizer:
                 type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)
             )
         self.distributed_optimizer = distributed_optimizer
+        if self.lookahead and distributed_optimizer:
+            raise ValueError("the look-ahead (--paci-lookahead) does not support the "
+                             "distributed optimizer yet: remove one of them")
         group = compat.stage_grad_stats_group(distributed_optimizer)
         for inner in compat.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group
@@ -216,7 +235,12 @@ class PACIOptimizer:
         params = [p for chunk in self.model for p in chunk.parameters()]
         versions = [p._version for p in params]
         try:
+            ahead = self.lookahead * window.mean_drift
+            if ahead or self._ahead:
+                self._look_back()
             ok, grad_norm, num_zeros = self.optimizer.step()
+            if ahead:
+                self._look_ahead(ahead)
         finally:
             compat.set_version_counters(params, versions)
         self._zero()
@@ -225,6 +249,40 @@ class PACIOptimizer:
         self.last_num_zeros = None if num_zeros is None else float(num_zeros)
         self.update_log.append((window.update, self.last_lr, self.last_grad_norm))
         return bool(ok)
+
+    @torch.no_grad()
+    def _look_back(self) -> None:
+        """Weights from ``x + g d`` back to ``x``; ``d`` then holds ``x`` (the step's start)."""
+        main = compat.main_parameters(self.optimizer)
+        if self._delta is None:
+            self._delta = [torch.zeros_like(p, dtype=torch.float32) for p in main]
+        for p, d in zip(main, self._delta):
+            if self._ahead:
+                p.sub_(d.to(p.dtype), alpha=self._ahead)
+            d.copy_(p)
+        self._ahead = 0.0
+
+    @torch.no_grad()
+    def _look_ahead(self, ahead: float) -> None:
+        """After the step: ``d = x_new - x_old`` and the weights become ``x_new + g d``."""
+        for p, d in zip(compat.main_parameters(self.optimizer), self._delta):
+            d.sub_(p.float()).neg_()
+            p.add_(d.to(p.dtype), alpha=ahead)
+        self._ahead = ahead
+        compat.publish_main_parameters(self.optimizer)
+
+    def settle(self) -> None:
+        """Called by the schedule after every drain: the weights return to the optimizer's
+        iterate and the look-ahead forgets the last update (a no-op without look-ahead)."""
+        if self._delta is None:
+            return
+        with torch.no_grad():
+            for p, d in zip(compat.main_parameters(self.optimizer), self._delta):
+                if self._ahead:
+                    p.sub_(d.to(p.dtype), alpha=self._ahead)
+                d.zero_()
+        self._ahead = 0.0
+        compat.publish_main_parameters(self.optimizer)
 
     def _nonfinite_grads(self) -> bool:
         """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group."""

@@ -43,6 +43,7 @@ __all__ = [
     "plan_drain",
     "plan_forward_only",
     "drift_bound",
+    "mean_drift",
     "warmup_microbatches",
     "measure_drift",
     "advance",
@@ -136,6 +137,17 @@ def drift_bound(num_stages: int, stage: int, accumulation: int) -> int:
     """
     _check(num_stages, stage, 1, accumulation)
     return math.ceil((num_stages - 1 - stage) / accumulation)
+
+
+def mean_drift(num_stages: int, stage: int, accumulation: int) -> float:
+    """Mean drift of a stage's micro-batches in steady state: ``(P - 1 - s) / a``.
+
+    Between the forward and the backward of a micro-batch the stage runs the backwards of
+    the ``W = P - 1 - s`` micro-batches ahead of it; each closes a window with probability
+    ``1 / a`` over a window's positions (docs/design.md, "The bound").
+    """
+    _check(num_stages, stage, 1, accumulation)
+    return (num_stages - 1 - stage) / accumulation
 
 
 def _check(num_stages: int, stage: int, num_microbatches: int, accumulation: int) -> None:

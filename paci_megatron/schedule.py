@@ -43,6 +43,7 @@ from .plan import (
     StageState,
     advance,
     lower,
+    mean_drift,
     plan_call,
     plan_drain,
     plan_forward_only,
@@ -185,7 +186,9 @@ class PACISchedule:
         Training (``forward_only=False``): forwards ``m`` new micro-batches and runs the
         backwards 1F1B pairs with them; an update follows every ``a``-th backward.
         Evaluation (``forward_only=True``): drains first if anything is in flight, then
-        forwards ``m`` micro-batches with no backward.
+        forwards ``m`` micro-batches with no backward. The first
+        ``paci_config.sync_warmup_iters`` training calls end with a drain (synchronous
+        warm-up: those iterations are exactly 1F1B).
 
         Args: as megatron-core's ``forward_backward_pipelining_without_interleaving``.
             ``seq_length`` and ``micro_batch_size`` give the activation shape
@@ -232,6 +235,8 @@ class PACISchedule:
             self.optimizer.begin_call(self.state.backwarded)
             self._execute(actions, run, store)
             assert self.state == state_after, (self.state, state_after)
+            if self.state.forwarded <= (self.paci_config.sync_warmup_iters or 0) * num_microbatches:
+                self.drain()  # synchronous warm-up: this iteration is exactly 1F1B
             return store
         finally:
             # Forwards read data only inside a call (recompute mode keeps what each read);
@@ -252,6 +257,7 @@ class PACISchedule:
         actions, _ = plan_drain(self._run.num_stages, self._run.stage, self.accumulation,
                                 self.state)
         self._execute(actions, self._run, [], final=True)
+        self.optimizer.settle()
 
     @property
     def in_flight(self) -> int:
@@ -427,7 +433,10 @@ class PACISchedule:
         self.optimizer.local_update(Window(
             update=action.index, first_microbatch=window_start, size=self.state.pending,
             samples_per_microbatch=run.samples_per_microbatch,
-            num_microbatches=run.num_microbatches, stage=run.stage))
+            num_microbatches=run.num_microbatches, stage=run.stage,
+            # the next window is stale only if micro-batches are in flight across this update
+            mean_drift=mean_drift(run.num_stages, run.stage, self.accumulation)
+            if self._in_flight else 0.0))
 
     def _record(self, step: Action, run: _Run, start: float, version: int) -> None:
         if self._t0 is None:

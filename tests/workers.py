@@ -45,7 +45,7 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
-                   overlap: bool = False, recompute=None):
+                   overlap: bool = False, recompute=None, optimizer: str = "adam"):
     from gpt_recipe import model as gpt
 
     seed_all(seed)
@@ -57,7 +57,8 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
     model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
                             overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt)
     opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0,
-                              use_distributed_optimizer=dist_opt)
+                              use_distributed_optimizer=dist_opt, optimizer=optimizer,
+                              muon={"muon_momentum": 0.95} if optimizer == "muon" else None)
     return cfg, model, opt
 
 
@@ -632,3 +633,80 @@ def midflight_change_case(rank: int, world: int, what: str):
     fb(forward_step_func=gpt.forward_step, data_iterator=iter(synthetic_batches(8)), model=model,
        micro_batch_size=MBS, **kwargs) if what == "m" else None
     return {"stage": ps.get_pipeline_model_parallel_rank(), "message": message}
+
+
+# ------------------------------------------------------------------ staleness mitigations
+def mitigation_case(rank: int, world: int, optimizer: str, iters: int, m: int, sync: int) -> dict:
+    """Megatron 1F1B against PACI on one tiny GPT, both with ``optimizer`` (adam or muon):
+    PACI drained after every call (with and without the look-ahead), and PACI with a
+    synchronous warm-up of ``sync`` iterations, parameters snapshot after each iteration."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(world)
+    out = {"stage": ps.get_pipeline_model_parallel_rank()}
+    batches = synthetic_batches(m) * iters
+
+    def run(schedule_of, drain_each=False):
+        _, model, opt = build_tiny_gpt(world, False, optimizer=optimizer)
+        sched = build_scheduler(opt, iters, m)
+        opt, fb = schedule_of(model, opt, sched)
+        snapshots = []
+        history = train_steps(model, opt, fb, iter(batches), iters, m, sched,
+                              drain_each=drain_each,
+                              between_calls=lambda: snapshots.append(gpt.model_parameters(model)))
+        if hasattr(fb, "drain"):
+            fb.drain()
+        return losses_of(history), snapshots, gpt.model_parameters(model), fb
+
+    def paci(config, lookahead=0.0):
+        def make(model, opt, sched):
+            popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched, lookahead=lookahead)
+            return popt, pm.PACISchedule(popt, config)
+        return make
+
+    out["megatron"] = run(lambda model, opt, sched: (opt, megatron_schedule(model)))[:3]
+    for name, lookahead in (("drained", 0.0), ("drained_lookahead", 1.0)):
+        losses, snaps, params, fb = run(paci(pm.PACIConfig(), lookahead), drain_each=True)
+        out[name] = (losses, snaps, params)
+    losses, snaps, params, fb = run(paci(pm.PACIConfig(), lookahead=1.0))
+    out["continuous_lookahead"] = (losses, fb.telemetry.summary(), params)
+    out["continuous"] = run(paci(pm.PACIConfig()))[0]
+    losses, snaps, params, fb = run(paci(pm.PACIConfig(sync_warmup_iters=sync)))
+    out["sync"] = (losses, snaps, params)
+    out["sync_drift"] = fb.telemetry.summary()
+    out["sync_trace_versions"] = fb.optimizer.version
+    return out
+
+
+def lookahead_update_case(rank: int, world: int) -> dict:
+    """The look-ahead on one toy stage with plain SGD: weights after each local update and
+    after settle(), for hand-computed expectations."""
+    import paci_megatron as pm
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    setup_parallel(1)
+    module = make_toy_stage(0, 1)
+    model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0,
+                                                 sgd_momentum=0.0, clip_grad=0.0), model)
+    popt = pm.PACIOptimizer(opt, model, lookahead=2.0)
+    weight = module.l1.weight
+    seen = {"start": weight.detach().clone()}
+    grads = []
+    for k in (1, 2, 3):
+        g = torch.full_like(weight, float(k))
+        grads.append(g)
+        model[0].zero_grad_buffer()
+        weight.main_grad.copy_(g)
+        popt.local_update(pm.optimizer.Window(update=k, first_microbatch=k - 1, size=1,
+                                              samples_per_microbatch=1, num_microbatches=1,
+                                              mean_drift=0.25))
+        seen[f"after {k}"] = weight.detach().clone()
+    popt.settle()
+    seen["settled"] = weight.detach().clone()
+    seen["grads"] = grads
+    return seen

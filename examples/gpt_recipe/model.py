@@ -133,9 +133,22 @@ def build_optimizer(
     adam_beta2: float = 0.999,
     bf16: bool = False,
     use_distributed_optimizer: bool = False,
+    optimizer: str = "adam",
+    muon: Optional[Dict[str, object]] = None,
 ):
-    """megatron-core's ``get_megatron_optimizer`` (Adam) for the model chunks."""
+    """megatron-core's optimizer for the model chunks, as Megatron-LM's ``--optimizer``.
+
+    ``"adam"``: ``get_megatron_optimizer`` (AdamW with decoupled weight decay).
+    ``"muon"``: megatron-core's Muon for the 2-D weights chained with Adam for the rest
+    (embeddings, norms, biases), through :func:`paci_megatron.compat.get_megatron_muon_optimizer`;
+    ``muon`` holds its ``OptimizerConfig`` fields (``muon_momentum``, ``muon_scale_mode``, ...).
+
+    Raises:
+        ImportError: ``"muon"`` without the emerging-optimizers package.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from paci_megatron import compat
 
     cfg = OptimizerConfig(
         optimizer="adam",
@@ -148,7 +161,10 @@ def build_optimizer(
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
+        **(muon or {}),
     )
+    if optimizer == "muon":
+        return compat.get_megatron_muon_optimizer(cfg, list(model))
     return get_megatron_optimizer(cfg, list(model))
 
 
