@@ -103,7 +103,7 @@ def _per_stage(value, num_stages: int) -> List[float]:
 
 
 def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: int,
-             forward_s=1.0, backward_s=2.0, comm_s: float = 0.0, update_s: float = 0.0,
+             forward_s=1.0, backward_s=2.0, comm_s: float = 0.0, update_s=0.0,
              accumulation: Optional[int] = None) -> SimResult:
     """Simulate ``iterations`` iterations of ``schedule``.
 
@@ -112,7 +112,7 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
             one per stage.
         comm_s: seconds from the end of an action to the arrival of its activation or
             gradient at the neighbour stage.
-        update_s: seconds per optimizer update.
+        update_s: seconds per optimizer update, one number or one per stage.
 
     Returns:
         :class:`SimResult`.
@@ -121,7 +121,7 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
         RuntimeError: the actions cannot all run (a dependency never satisfied).
     """
     P = num_stages
-    tf, tb = _per_stage(forward_s, P), _per_stage(backward_s, P)
+    tf, tb, tu = _per_stage(forward_s, P), _per_stage(backward_s, P), _per_stage(update_s, P)
     plans = [stage_actions(schedule, P, s, num_microbatches, iterations, accumulation)
              for s in range(P)]
     pos = [0] * P
@@ -145,7 +145,7 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
                     if (s + 1, act.index) not in done_b:
                         break
                     ready = max(ready, done_b[(s + 1, act.index)] + comm_s)
-                cost = {Kind.FORWARD: tf[s], Kind.BACKWARD: tb[s], Kind.UPDATE: update_s}[act.kind]
+                cost = {Kind.FORWARD: tf[s], Kind.BACKWARD: tb[s], Kind.UPDATE: tu[s]}[act.kind]
                 ev = TimelineEvent(s, act.kind, act.index, ready, ready + cost, version[s])
                 events.append(ev)
                 per_stage[s].append(ev)

@@ -1,0 +1,604 @@
+"""Time to accuracy: PACI against Megatron's 1F1B, each at its own best learning rate.
+
+A user adopts PACI to reach the loss they want sooner than 1F1B. This benchmark answers
+that question for the tiny GPT recipe (``examples/pretrain_gpt.py``) and a wider model at
+a lower learning rate, in four steps:
+
+1. **Time per iteration, one device per stage.** Each stage's forward, backward and
+   optimizer update are timed alone (the other stages wait at a barrier; one CPU thread
+   is one device), on the regime's model. :func:`paci_megatron.sim.simulate` turns them
+   into the wall-clock time of every run segment for both schedules: 1F1B flushes every
+   iteration, PACI pays a fill and a cool-down only at drains (evaluations, the
+   synchronous warm-up). Point-to-point time is costed from the activation bytes at an
+   assumed link (:data:`LINK_BYTES_PER_S`, :data:`LINK_LATENCY_S`). The simulator was
+   checked against measured runs of controlled duration (``schedule_throughput.py``;
+   its figures are copied into the output).
+2. **The same budget for every arm.** The budget is the projected wall-clock time of
+   ``train_iters`` iterations of 1F1B with AdamW (Megatron's defaults); every arm trains
+   as many iterations as fit in it, its cosine schedule spanning its own length.
+3. **Curves.** Validation loss against iterations does not depend on timing (the plan
+   fixes every stage's order of work), so the runs train on the shared CPU cores of this
+   machine (``torchrun``, one process per stage) and their curves are those of one
+   device per stage. Every arm sees the same learning-rate grid; the sweep runs the first
+   seed at every rate, then the other seeds at each arm's best rate (``--full-grid``: every
+   seed at every rate). An arm's best rate is the one with the lowest mean final
+   validation loss over the seeds run at it.
+4. **Time to accuracy.** Targets are the best 1F1B arm's mean validation loss at the end,
+   and at one and two thirds of its run. For each arm at its best rate: its mean final
+   loss (spread over seeds), the iterations and projected seconds its mean curve needs to
+   reach each target (linear between evaluations), and the TTA ratio: the reference's
+   time over the arm's (above 1: faster than 1F1B), with per-seed ratios (seeds paired by
+   position) for the spread.
+
+Usage::
+
+    python benchmarks/time_to_accuracy.py --regime tiny --output benchmarks/results/tta_tiny.json \\
+        --png docs/tta_tiny.png
+    python benchmarks/time_to_accuracy.py --quick --output /tmp/tta.json   # the test suite's
+
+Runs are resumable: a finished run's log in ``--runs-dir`` is reused. ``--analyse-only``
+reads the logs and writes the table without training. Stage timings are a timing
+benchmark: run them (the first step, or ``--measure-only``) on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _folder in (ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests")):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
+
+RECIPE = os.path.join("examples", "pretrain_gpt.py")
+LINK_BYTES_PER_S = 25e9  # an assumed PCIe-4.0-x16-class link between neighbouring stages
+LINK_LATENCY_S = 10e-6
+MUON = ["--optimizer", "muon", "--muon-momentum", "0.95", "--muon-use-nesterov",
+        "--muon-scale-mode", "spectral", "--muon-extra-scale-factor", "0.2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One training configuration: schedule, optimizer and PACI flags."""
+
+    schedule: str
+    optimizer: str
+    flags: Tuple[str, ...] = ()
+    sync_warmup: bool = False  # PACI drains during the LR warm-up (--paci-sync-warmup-iters)
+    label: str = ""
+
+
+ARMS: Dict[str, Arm] = {
+    "1f1b-adam": Arm("1f1b", "adam", label="1F1B, AdamW"),
+    "paci-adam": Arm("paci", "adam", ("--paci-sync-warmup-iters", "0"), label="PACI, AdamW"),
+    "paci-adam-sync": Arm("paci", "adam", (), True,
+                          label="PACI, AdamW, synchronous warm-up"),
+    "paci-adam-lookahead": Arm("paci", "adam", ("--paci-sync-warmup-iters", "0",
+                                                "--paci-lookahead", "1"),
+                               label="PACI, AdamW, look-ahead"),
+    "1f1b-muon": Arm("1f1b", "muon", label="1F1B, Muon"),
+    "paci-muon": Arm("paci", "muon", ("--paci-sync-warmup-iters", "0"), label="PACI, Muon"),
+    "paci-muon-sync": Arm("paci", "muon", (), True, label="PACI, Muon, synchronous warm-up"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """Model, data and training length of one study.
+
+    ``model`` holds ``examples/pretrain_gpt.py`` flags; ``hidden``, ``seq``, ``mbs``,
+    ``gbs`` repeat the values the stage timing needs.
+    """
+
+    description: str
+    stages: int
+    num_layers: int
+    hidden: int
+    heads: int
+    seq: int
+    mbs: int
+    gbs: int
+    train_iters: int
+    lr_warmup_iters: int
+    eval_interval: int
+    eval_iters: int
+    lrs: Tuple[float, ...]
+    seeds: Tuple[int, ...]
+    clip_grad: float
+    arms: Tuple[str, ...]
+    extra: Tuple[str, ...] = ()
+
+    @property
+    def m(self) -> int:
+        """Micro-batches per iteration (DP = 1)."""
+        return self.gbs // self.mbs
+
+    def model_flags(self) -> List[str]:
+        return ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden),
+                "--num-attention-heads", str(self.heads), "--seq-length", str(self.seq),
+                "--micro-batch-size", str(self.mbs), "--global-batch-size", str(self.gbs),
+                *self.extra]
+
+
+ALL_ARMS = tuple(ARMS)
+REGIMES: Dict[str, Regime] = {
+    # examples/pretrain_gpt.py's own defaults (P = 4, a = m = 8, 300 iterations)
+    "tiny": Regime("the tiny recipe: 8 layers, hidden 128, sequence 128, P = 4, m = 8",
+                   stages=4, num_layers=8, hidden=128, heads=4, seq=128, mbs=4, gbs=32,
+                   train_iters=300, lr_warmup_iters=30, eval_interval=25, eval_iters=4,
+                   lrs=(1e-3, 2e-3, 4e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
+                   arms=ALL_ARMS),
+    # GPT-2 Medium's per-update scale: peak lr 3e-4 with Megatron's init std 0.02 moves the
+    # weights by ~lr/0.02 of their size per update, as the paper's setting does; wider,
+    # longer, 1% warm-up, no clipping (the paper's), as far as 2 CPU cores allow
+    "wide": Regime("wider, lower lr: 4 layers, hidden 256, sequence 64, P = 4, m = 8, lr ~3e-4",
+                   stages=4, num_layers=4, hidden=256, heads=4, seq=64, mbs=4, gbs=32,
+                   train_iters=600, lr_warmup_iters=6, eval_interval=50, eval_iters=4,
+                   lrs=(1.5e-4, 3e-4, 6e-4), seeds=(1234, 4321, 2025), clip_grad=0.0,
+                   arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead")),
+    # small enough for the test suite: it checks the machinery, not the result
+    "quick": Regime("test-suite size", stages=2, num_layers=2, hidden=32, heads=4, seq=32,
+                    mbs=2, gbs=4, train_iters=6, lr_warmup_iters=1, eval_interval=3,
+                    eval_iters=1, lrs=(3e-3,), seeds=(1, 2), clip_grad=1.0,
+                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync")),
+}
+
+
+# ------------------------------------------------------------------ 1. stage timings
+def stage_times_case(rank: int, world: int, regime: Regime, vocab: int,
+                     optimizers: Sequence[str], repeats: int) -> Dict[str, Any]:
+    """Seconds of one forward, backward and update of this rank's stage, timed alone.
+
+    Runs on ``world = P`` ranks (:func:`harness.run_distributed`, one thread each); the
+    stages take turns, the others waiting at a barrier. Medians of ``repeats``.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    import paci_megatron as pm
+    from gpt_recipe import model as gpt
+    from workers import seed_all, setup_parallel
+
+    setup_parallel(world)
+    stage = ps.get_pipeline_model_parallel_rank()
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    seed_all(1234)
+    config = gpt.transformer_config(num_layers=regime.num_layers, hidden_size=regime.hidden,
+                                    num_attention_heads=regime.heads,
+                                    pipeline_model_parallel_size=world)
+    model = gpt.build_model(config, vocab_size=vocab, max_position_embeddings=regime.seq)
+    tokens = torch.randint(0, vocab, (regime.mbs, regime.seq + 1))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+             "loss_mask": torch.ones(regime.mbs, regime.seq),
+             "position_ids": torch.arange(regime.seq).expand(regime.mbs, regime.seq)}
+    hidden_in = torch.randn(regime.seq, regime.mbs, regime.hidden, requires_grad=True)
+
+    from megatron.core.utils import get_attr_wrapped_model
+
+    def forward():
+        if not first:
+            get_attr_wrapped_model(model[0], "set_input_tensor")(hidden_in)
+        output, loss_func = gpt.forward_step(iter([batch]), model[0])
+        return loss_func(output)[0] if last else output
+
+    def backward(output):
+        if last:
+            output.backward()
+        else:
+            output.backward(torch.ones_like(output))
+
+    out: Dict[str, Any] = {"stage": stage, "forward_s": [], "backward_s": []}
+    opts = {}
+    for name in optimizers:
+        kw = {"optimizer": name, "muon": {"muon_momentum": 0.95, "muon_use_nesterov": True,
+                                          "muon_extra_scale_factor": 0.2}
+              if name == "muon" else None}
+        inner = gpt.build_optimizer(model, lr=1e-4, clip_grad=regime.clip_grad, **kw)
+        opts[name] = pm.PACIOptimizer(inner, model).optimizer  # stage-local grad statistics
+        out[f"update_{name}_s"] = []
+    for turn in range(world):
+        torch.distributed.barrier()
+        if turn != stage:
+            continue
+        for r in range(repeats + 2):  # two untimed rounds warm the allocator
+            t0 = time.perf_counter()
+            output = forward()
+            t1 = time.perf_counter()
+            backward(output)
+            t2 = time.perf_counter()
+            if r >= 2:
+                out["forward_s"].append(t1 - t0)
+                out["backward_s"].append(t2 - t1)
+            for name, opt in opts.items():
+                t3 = time.perf_counter()
+                opt.step()
+                if r >= 2:
+                    out[f"update_{name}_s"].append(time.perf_counter() - t3)
+            model[0].zero_grad_buffer()
+    torch.distributed.barrier()
+    return {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def measure_stage_times(regime: Regime, vocab: int, repeats: int) -> Dict[str, Any]:
+    """Per-stage seconds (lists in stage order) for the regime's model and both optimizers."""
+    from harness import run_distributed
+
+    optimizers = sorted({ARMS[a].optimizer for a in regime.arms})
+    ranks = run_distributed(stage_times_case, regime.stages, regime, vocab, optimizers, repeats,
+                            timeout_s=1800, comm_timeout_s=1200)
+    ranks.sort(key=lambda r: r["stage"])
+    times = {key: [r[key] for r in ranks] for key in ranks[0] if key != "stage"}
+    times["comm_s"] = LINK_LATENCY_S + regime.seq * regime.mbs * regime.hidden * 4 / LINK_BYTES_PER_S
+    times["repeats"] = repeats
+    return times
+
+
+# ------------------------------------------------------------------ 2. projected time
+def segment_seconds(schedule: str, regime: Regime, times: Dict[str, Any], optimizer: str,
+                    iterations: int) -> float:
+    """Projected seconds of ``iterations`` training calls between two drains (one device
+    per stage): :func:`paci_megatron.sim.simulate` of the schedule's plan."""
+    from paci_megatron.sim import simulate
+
+    if iterations <= 0:
+        return 0.0
+    return simulate(schedule, regime.stages, regime.m, iterations, times["forward_s"],
+                    times["backward_s"], times["comm_s"], times[f"update_{optimizer}_s"]).makespan
+
+
+def drain_points(arm: Arm, regime: Regime, iterations: int) -> List[int]:
+    """Iterations after which a PACI run is drained: each synchronous warm-up iteration,
+    each evaluation and the end (1F1B flushes after every iteration)."""
+    if arm.schedule == "1f1b":
+        return list(range(1, iterations + 1))
+    sync = regime.lr_warmup_iters if arm.sync_warmup else 0
+    points = set(range(1, min(sync, iterations) + 1))
+    points |= set(range(regime.eval_interval, iterations + 1, regime.eval_interval))
+    points.add(iterations)
+    return sorted(points)
+
+
+def projected_seconds(arm: Arm, regime: Regime, times: Dict[str, Any],
+                      iterations: int) -> Dict[int, float]:
+    """Projected wall-clock seconds at every drain point (evaluations included) of a run
+    of ``iterations`` iterations: ``{iteration: seconds}``, with ``{0: 0.0}``."""
+    cache: Dict[int, float] = {}
+    out, now, previous = {0: 0.0}, 0.0, 0
+    for point in drain_points(arm, regime, iterations):
+        k = point - previous
+        if k not in cache:
+            cache[k] = segment_seconds(arm.schedule, regime, times, arm.optimizer, k)
+        now += cache[k]
+        out[point] = now
+        previous = point
+    return out
+
+
+def iterations_within(arm: Arm, regime: Regime, times: Dict[str, Any], budget_s: float) -> int:
+    """The most iterations of ``arm`` whose projected time fits in ``budget_s``."""
+    per = segment_seconds(arm.schedule, regime, times, arm.optimizer, 1)
+    hi = max(int(budget_s / per * 2) + 2, regime.train_iters)
+    lo = 1
+    while lo < hi:  # largest n with projected(n) <= budget
+        mid = (lo + hi + 1) // 2
+        if projected_seconds(arm, regime, times, mid)[mid] <= budget_s * (1 + 1e-9):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ------------------------------------------------------------------ 3. runs
+def run_name(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}_lr{lr:g}_seed{seed}"
+
+
+def recipe_command(regime: Regime, arm: Arm, lr: float, seed: int, iterations: int,
+                   log_path: str, data_dir: str, port: int) -> List[str]:
+    """The ``torchrun`` command of one run of ``examples/pretrain_gpt.py``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(regime.stages),
+           "--master-port", str(port), RECIPE, "--device", "cpu",
+           "--pipeline-model-parallel-size", str(regime.stages), "--pipeline-schedule",
+           arm.schedule, "--untie-embeddings-and-output-weights", *regime.model_flags(),
+           "--train-iters", str(iterations), "--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}",
+           "--lr-warmup-iters", str(regime.lr_warmup_iters), "--clip-grad", f"{regime.clip_grad:g}",
+           "--eval-interval", str(regime.eval_interval), "--eval-iters", str(regime.eval_iters),
+           "--log-interval", str(regime.eval_interval), "--seed", str(seed),
+           "--data-cache-dir", data_dir, "--log-json", log_path]
+    if arm.optimizer == "muon":
+        cmd += MUON
+    return cmd + list(arm.flags)
+
+
+def read_curve(path: str) -> Optional[Dict[int, float]]:
+    """``{iteration: validation loss}`` of a finished run's log (None if unfinished)."""
+    if not os.path.exists(path):
+        return None
+    curve = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                if record.get("val_loss") is not None:
+                    curve[int(record["iteration"])] = float(record["val_loss"])
+    return curve
+
+
+def ensure_run(regime: Regime, name: str, arm: Arm, lr: float, seed: int, iterations: int,
+               runs_dir: str, data_dir: str) -> Dict[int, float]:
+    """Train one run unless its finished log exists; returns its validation curve.
+
+    Raises:
+        RuntimeError: the run failed (the message names its output file).
+    """
+    from harness import free_port
+
+    log = os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl")
+    curve = read_curve(log)
+    if curve and max(curve) == iterations:
+        return curve
+    cmd = recipe_command(regime, arm, lr, seed, iterations, os.path.abspath(log),
+                         os.path.abspath(data_dir), free_port())
+    print(f"> {name} lr {lr:g} seed {seed}: {iterations} iterations", flush=True)
+    t0 = time.time()
+    out_path = log[:-len(".jsonl")] + ".out"
+    if os.path.exists(log):
+        os.remove(log)
+    with open(out_path, "w") as out:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore")).returncode
+    curve = read_curve(log)
+    if rc != 0 or not curve or max(curve) != iterations:
+        raise RuntimeError(f"run {run_name(name, lr, seed)} failed (exit {rc}): see {out_path}")
+    print(f"  done in {time.time() - t0:.0f} s: val {curve[max(curve)]:.4f}", flush=True)
+    return curve
+
+
+# ------------------------------------------------------------------ 4. analysis
+def crossing(curve: Dict[int, float], clock: Dict[int, float], target: float
+             ) -> Optional[Tuple[float, float]]:
+    """First ``(iteration, seconds)`` where ``curve`` reaches ``target``, linear between
+    evaluations (None if it never does). ``clock`` maps evaluation iterations to seconds."""
+    points = sorted(curve)
+    if curve[points[0]] <= target:
+        return float(points[0]), clock[points[0]]
+    for a, b in zip(points, points[1:]):
+        if curve[b] <= target:
+            f = (curve[a] - target) / (curve[a] - curve[b])
+            return a + f * (b - a), clock[a] + f * (clock[b] - clock[a])
+    return None
+
+
+def mean_curve(curves: Sequence[Dict[int, float]]) -> Dict[int, float]:
+    return {it: statistics.fmean(c[it] for c in curves) for it in curves[0]}
+
+
+def spread(values: Sequence[float]) -> Dict[str, Optional[float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
+            runs: Dict[str, Dict[float, Dict[int, Dict[int, float]]]]) -> Dict[str, Any]:
+    """Best rate per arm, final losses, targets and TTA (see module doc)."""
+    arms: Dict[str, Any] = {}
+    for name, by_lr in runs.items():
+        finals = {lr: statistics.fmean(c[max(c)] for c in seeds.values())
+                  for lr, seeds in by_lr.items()}
+        best = min(finals, key=lambda lr: (-len(by_lr[lr]), finals[lr]))
+        curves = [by_lr[best][s] for s in sorted(by_lr[best])]
+        clock = projected_seconds(ARMS[name], regime, times, iterations[name])
+        arms[name] = {
+            "label": ARMS[name].label, "best_lr": best, "iterations": iterations[name],
+            "final_val_by_lr": {f"{lr:g}": v for lr, v in finals.items()},
+            "seeds": sorted(by_lr[best]), "final_val": spread([c[max(c)] for c in curves]),
+            "mean_curve": mean_curve(curves), "seed_curves": curves,
+            "seconds_at": {it: clock[it] for it in curves[0]},
+            "seconds_total": clock[iterations[name]],
+        }
+    reference = min((n for n in arms if ARMS[n].schedule == "1f1b"),
+                    key=lambda n: arms[n]["final_val"]["mean"])
+    ref = arms[reference]
+    evals = sorted(ref["mean_curve"])
+    picks = sorted({min(evals, key=lambda it: abs(it - regime.train_iters * f))
+                    for f in (1 / 3, 2 / 3)} - {0, regime.train_iters})
+    targets = [{"name": f"1F1B at iteration {it}", "loss": ref["mean_curve"][it]} for it in picks]
+    targets.append({"name": "1F1B final", "loss": ref["final_val"]["mean"]})
+    for name, arm in arms.items():
+        arm["tta"] = []
+        for target in targets:
+            mine = crossing(arm["mean_curve"], arm["seconds_at"], target["loss"])
+            theirs = crossing(ref["mean_curve"], ref["seconds_at"], target["loss"])
+            per_seed = []
+            for mine_c, ref_c in zip(arm["seed_curves"], ref["seed_curves"]):
+                a = crossing(mine_c, arm["seconds_at"], target["loss"])
+                b = crossing(ref_c, ref["seconds_at"], target["loss"])
+                per_seed.append(b[1] / a[1] if a and b and a[1] > 0 else None)
+            arm["tta"].append({
+                "target": target["name"], "target_loss": target["loss"],
+                "iterations": mine[0] if mine else None, "seconds": mine[1] if mine else None,
+                "ratio": theirs[1] / mine[1] if mine and theirs and mine[1] > 0 else None,
+                "ratio_per_seed": per_seed, "ratio_spread": spread(per_seed),
+            })
+        arm["final_gap_vs_reference"] = (arm["final_val"]["mean"] - ref["final_val"]["mean"]) \
+            / ref["final_val"]["mean"]
+    return {"reference": reference, "targets": targets, "arms": arms}
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The table: per arm at its best rate, final loss, gap, and TTA per target."""
+    targets = result["targets"]
+    head = ["arm", "best lr", "iterations", "final val loss (mean ± std, n)", "vs best 1F1B"]
+    head += [f"TTA to {t['name']} ({t['loss']:.3f})" for t in targets]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, arm in result["arms"].items():
+        f = arm["final_val"]
+        row = [arm["label"], f"{arm['best_lr']:g}", str(arm["iterations"]),
+               f"{f['mean']:.4f} ± {f['std']:.4f} ({f['n']})",
+               f"{arm['final_gap_vs_reference']:+.2%}"]
+        for t in arm["tta"]:
+            s = t["ratio_spread"]
+            if t["ratio"] is None:
+                row.append("not reached")
+            else:
+                seeds = (f" [{s['min']:.2f}-{s['max']:.2f}, {s['n']} seeds]" if s["n"]
+                         else " [no seed pair]")
+                row.append(f"{t['ratio']:.2f}x{seeds}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], regime: Regime, path: str) -> None:
+    """Mean validation loss against projected wall-clock seconds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for name, arm in result["arms"].items():
+        its = sorted(arm["mean_curve"])
+        style = "-" if ARMS[name].schedule == "paci" else "--"
+        ax.plot([arm["seconds_at"][i] for i in its], [arm["mean_curve"][i] for i in its], style,
+                marker="o", markersize=3, label=f"{arm['label']} (lr {arm['best_lr']:g})")
+    for t in result["targets"]:
+        ax.axhline(t["loss"], color="grey", linewidth=0.6, linestyle=":")
+    curve_min = min(min(a["mean_curve"].values()) for a in result["arms"].values())
+    ax.set_ylim(curve_min - 0.1, result["targets"][0]["loss"] + 0.8)
+    ax.set_xlabel("projected wall-clock seconds, one device per stage")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_title(f"{regime.description}: each arm at its best learning rate", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def vocab_size(data_dir: str) -> int:
+    """The recipe's padded vocabulary (prepares the embedded corpus if needed)."""
+    from gpt_recipe import data
+
+    record = data.prepare_corpus(os.path.join(data_dir, "stdlib"))
+    return int(math.ceil(record.vocab_size / 128) * 128)
+
+
+def simulator_check() -> Optional[Dict[str, Any]]:
+    """The simulator against measured controlled-time runs (schedule_throughput.py)."""
+    path = os.path.join(ROOT, "benchmarks", "results", "throughput.json")
+    if not os.path.exists(path):
+        return None
+    rows = [r for r in json.load(open(path, encoding="utf-8"))["rows"] if r.get("kind") == "sleep"]
+    return {"source": os.path.relpath(path, ROOT), "cases": len(rows),
+            "sim_vs_measured_max_rel_diff": max(r["sim_vs_measured_max_rel_diff"] for r in rows)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: see the module doc."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--regime", choices=sorted(REGIMES), default="tiny")
+    p.add_argument("--quick", action="store_true", help="the test suite's tiny regime")
+    p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
+                   help="default: the regime's arms")
+    p.add_argument("--full-grid", action="store_true", help="every seed at every rate")
+    p.add_argument("--runs-dir", default=None, help="default: runs/tta/<regime>")
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per stage")
+    p.add_argument("--measure-only", action="store_true")
+    p.add_argument("--analyse-only", action="store_true", help="no training: logs only")
+    p.add_argument("--output", default=None, help="JSON results")
+    p.add_argument("--png", default=None, help="loss against projected wall-clock time")
+    args = p.parse_args(argv)
+    regime = REGIMES["quick" if args.quick else args.regime]
+    if args.arms:
+        regime = dataclasses.replace(regime, arms=tuple(args.arms))
+    runs_dir = args.runs_dir or os.path.join(ROOT, "runs", "tta", "quick" if args.quick else args.regime)
+    os.makedirs(runs_dir, exist_ok=True)
+
+    times_path = os.path.join(runs_dir, "stage_times.json")
+    if os.path.exists(times_path):
+        times = json.load(open(times_path, encoding="utf-8"))
+    else:
+        vocab = vocab_size(args.data_dir)
+        print(f"> timing each stage alone ({regime.stages} stages, vocab {vocab})", flush=True)
+        times = measure_stage_times(regime, vocab, args.repeats)
+        json.dump(times, open(times_path, "w", encoding="utf-8"), indent=1)
+    print("> stage seconds: " + ", ".join(f"{k} {[round(x * 1e3, 2) for x in v]} ms"
+                                          for k, v in times.items() if isinstance(v, list)))
+    if args.measure_only:
+        return 0
+    reference = ARMS["1f1b-adam"]
+    budget = projected_seconds(reference, regime, times, regime.train_iters)[regime.train_iters]
+    iterations = {name: (regime.train_iters if ARMS[name] == reference
+                         else iterations_within(ARMS[name], regime, times, budget))
+                  for name in regime.arms}
+    print(f"> budget {budget:.1f} projected seconds: iterations per arm {iterations}", flush=True)
+
+    runs: Dict[str, Dict[float, Dict[int, Dict[int, float]]]] = {n: {} for n in regime.arms}
+
+    def get(name, lr, seed):
+        if args.analyse_only:
+            curve = read_curve(os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl"))
+            if not curve or max(curve) != iterations[name]:
+                return
+        else:
+            curve = ensure_run(regime, name, ARMS[name], lr, seed, iterations[name], runs_dir,
+                               args.data_dir)
+        runs[name].setdefault(lr, {})[seed] = curve
+
+    first, rest = regime.seeds[0], regime.seeds[1:]
+    for name in regime.arms:
+        for lr in regime.lrs:
+            for seed in (regime.seeds if args.full_grid else (first,)):
+                get(name, lr, seed)
+    for name in regime.arms:
+        if not runs[name]:
+            continue
+        best = min(runs[name], key=lambda lr: runs[name][lr][first][max(runs[name][lr][first])]
+                   if first in runs[name][lr] else math.inf)
+        for seed in rest:
+            get(name, best, seed)
+    missing = [n for n in regime.arms if not runs[n]]
+    if missing:
+        print(f"error: no finished runs for {missing} in {runs_dir}", file=sys.stderr)
+        return 2
+    result = analyse(regime, times, iterations, runs)
+    table = markdown(result)
+    print(table)
+    if args.png:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+        plot(result, regime, args.png)
+        print(f"> picture: {args.png}")
+    if args.output:
+        from schedule_throughput import machine
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        out = {"machine": machine(), "regime": dataclasses.asdict(regime),
+               "stage_times": times, "budget_seconds": budget, "iterations": iterations,
+               "simulator_check": simulator_check(), "table": table,
+               "commands": {n: shlex.join(["torchrun"] + recipe_command(
+                   regime, ARMS[n], result["arms"][n]["best_lr"], first, iterations[n],
+                   "LOG.jsonl", "data", 29500)[3:]) for n in regime.arms},
+               **result}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+        print(f"> results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
