@@ -1,5 +1,5 @@
 """The benchmark scripts measure what they claim: a small side-by-side throughput run,
-the simulator comparison, the overhead measure, and a few-iteration convergence run."""
+the simulator comparison, the overhead measure, and the time-to-accuracy study."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from harness import run_distributed
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 
-import convergence  # noqa: E402
+import time_to_accuracy as tta  # noqa: E402
 import schedule_throughput as st  # noqa: E402
 
 SEQ, MBS, HIDDEN = 8, 2, 64
@@ -117,50 +117,60 @@ def test_throughput_cli_refuses_bad_input(capsys):
     assert "divisible" in capsys.readouterr().err
 
 
-def _log(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+def test_crossing_is_linear_between_evaluations_and_none_when_never_reached():
+    curve = {0: 8.0, 10: 6.0, 20: 5.0}
+    clock = {0: 0.0, 10: 4.0, 20: 10.0}
+    assert tta.crossing(curve, clock, 5.5) == (15.0, 7.0)
+    assert tta.crossing(curve, clock, 8.5) == (0.0, 0.0)
+    assert tta.crossing(curve, clock, 4.9) is None
 
 
-def test_convergence_reads_logs_and_computes_the_gap(tmp_path):
-    _log(tmp_path / "paci.jsonl", [{"iteration": 0, "val_loss": 8.0},
-                                   {"iteration": 5, "lm_loss": 6.0},
-                                   {"iteration": 10, "lm_loss": 5.5, "val_loss": 5.1}])
-    _log(tmp_path / "1f1b.jsonl", [{"iteration": 0, "val_loss": 8.0},
-                                   {"iteration": 5, "lm_loss": 5.9},
-                                   {"iteration": 10, "lm_loss": 5.4, "val_loss": 5.0}])
-    out, png = tmp_path / "c.json", tmp_path / "c.png"
-    rc = convergence.main(["--from-logs", "--runs-dir", str(tmp_path), "--global-batch-size", "8",
-                           "--micro-batch-size", "2", "--seq-length", "16", "--output", str(out),
-                           "--png", str(png), "--max-gap", "0.01"])
-    assert rc == 1  # 2 % > 1 %
+def test_projected_time_pays_a_fill_per_drain_and_1f1b_a_flush_per_iteration():
+    regime = tta.dataclasses.replace(tta.REGIMES["quick"], eval_interval=4, lr_warmup_iters=2)
+    times = {"forward_s": [1.0, 1.0], "backward_s": [2.0, 2.0], "comm_s": 0.0,
+             "update_adam_s": [0.0, 0.0]}
+    m, P, t = regime.m, regime.stages, 3.0
+    f1b = tta.projected_seconds(tta.ARMS["1f1b-adam"], regime, times, 8)
+    assert f1b[8] == pytest.approx(8 * (m + P - 1) * t)  # m / (m + P - 1) utilisation
+    paci = tta.projected_seconds(tta.ARMS["paci-adam"], regime, times, 8)
+    assert sorted(paci) == [0, 4, 8]  # drained at each evaluation
+    assert paci[8] == pytest.approx(2 * (4 * m + P - 1) * t)  # one fill per segment
+    sync = tta.projected_seconds(tta.ARMS["paci-adam-sync"], regime, times, 8)
+    assert sorted(sync) == [0, 1, 2, 4, 8]  # warm-up iterations drained one by one
+    assert sync[2] == pytest.approx(f1b[2])
+    assert tta.iterations_within(tta.ARMS["paci-adam"], regime, times, f1b[8]) > 8
+
+
+def test_time_to_accuracy_quick_run_reports_consistent_numbers(tmp_path):
+    out, png = tmp_path / "tta.json", tmp_path / "tta.png"
+    rc = tta.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--data-dir",
+                   str(tmp_path / "data"), "--repeats", "2", "--output", str(out), "--png", str(png)])
+    assert rc == 0 and png.stat().st_size > 5000
     data = json.loads(out.read_text())
-    assert data["final_gap"] == pytest.approx(0.02)
-    assert data["final_tokens"] == 10 * 8 * 16
-    assert [p["tokens"] for p in data["curves"]["paci"]["train"]] == [5 * 128, 10 * 128]
-    assert png.stat().st_size > 5000
-    with pytest.raises(ValueError):
-        convergence.final_gap(5.0, 0.0)
-
-
-def test_convergence_runs_both_schedules_through_the_recipe(tmp_path):
-    out = tmp_path / "c.json"
-    rc = convergence.main([
-        "--stages", "2", "--train-iters", "2", "--eval-interval", "2", "--log-interval", "1",
-        "--global-batch-size", "4", "--micro-batch-size", "2", "--seq-length", "16",
-        "--lr-warmup-iters", "1",
-        "--recipe-args", "--num-layers 2 --hidden-size 16 --num-attention-heads 2 --eval-iters 1",
-        "--runs-dir", str(tmp_path), "--output", str(out)])
-    assert rc == 0
-    data = json.loads(out.read_text())
-    assert set(data["final_val_loss"]) == {"paci", "1f1b"}
-    assert data["final_tokens"] == 2 * 4 * 16
-    for s in ("paci", "1f1b"):
-        assert [p["iteration"] for p in data["curves"][s]["val"]] == [0, 2]
-        assert [p["iteration"] for p in data["curves"][s]["train"]] == [1, 2]
-        assert "--pipeline-schedule " + s in data["commands"][s]
-    # same initial weights and validation samples: the iteration-0 losses agree
-    assert data["curves"]["paci"]["val"][0]["loss"] == data["curves"]["1f1b"]["val"][0]["loss"]
-    assert data["final_gap"] == pytest.approx(
-        data["final_val_loss"]["paci"] / data["final_val_loss"]["1f1b"] - 1)
+    arms, budget = data["arms"], data["budget_seconds"]
+    assert set(arms) == set(tta.REGIMES["quick"].arms) and data["reference"] == "1f1b-adam"
+    for name, arm in arms.items():
+        seconds = {int(k): v for k, v in arm["seconds_at"].items()}
+        mean = {int(k): v for k, v in arm["mean_curve"].items()}
+        assert max(mean) == arm["iterations"] == data["iterations"][name]
+        assert arm["seconds_total"] <= budget * (1 + 1e-9)  # the same budget for every arm
+        assert len(arm["seeds"]) == 2
+        finals = [c[str(arm["iterations"])] for c in arm["seed_curves"]]
+        assert arm["final_val"]["mean"] == pytest.approx(sum(finals) / 2)
+        for t in arm["tta"]:  # TTA from the reported curves and times
+            mine = tta.crossing(mean, seconds, t["target_loss"])
+            ref = data["arms"][data["reference"]]
+            theirs = tta.crossing({int(k): v for k, v in ref["mean_curve"].items()},
+                                  {int(k): v for k, v in ref["seconds_at"].items()},
+                                  t["target_loss"])
+            if mine is None:
+                assert t["ratio"] is None
+            else:
+                assert t["seconds"] == pytest.approx(mine[1])
+                assert t["ratio"] == pytest.approx(theirs[1] / mine[1])
+    assert arms["1f1b-adam"]["tta"][-1]["ratio"] == pytest.approx(1.0)
+    assert "| PACI, AdamW |" in data["table"]
+    # rerunning reuses the finished runs and reads the same numbers
+    assert tta.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--analyse-only",
+                     "--output", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["table"] == data["table"]

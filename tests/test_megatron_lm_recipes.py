@@ -36,15 +36,20 @@ def test_gpt2_medium_recipe_has_the_papers_settings():
         "--seq-length": "1024", "--pipeline-model-parallel-size": "8",
         "--global-batch-size": "256", "--adam-beta1": "0.9", "--adam-beta2": "0.95",
         "--weight-decay": "0.1", "--lr": "0.0003", "--min-lr": "3e-05",
+        "--micro-batch-size": "32", "--train-iters": "190000",
         "--lr-warmup-fraction": "0.01", "--lr-decay-style": "cosine",
         "--pipeline-schedule": "paci", "--data-path": "/data/owt/owt_text_document",
         "--tokenizer-type": "GPT2BPETokenizer", "--nproc-per-node": "8", "--clip-grad": "0.0",
     }
     assert {k: flag(argv, k) for k in expected} == expected
     assert "--bf16" in argv and "--untie-embeddings-and-output-weights" in argv
+    # batch 128: lr x sqrt(1/2), the same tokens, still m = a = 8 micro-batches
     small = dry_run("gpt2_medium_pp8.sh", GLOBAL_BATCH="128")
-    assert (flag(small, "--global-batch-size"), flag(small, "--lr"), flag(small, "--min-lr")) == (
-        "128", "0.00015", "1.5e-05")
+    assert (flag(small, "--global-batch-size"), flag(small, "--lr"), flag(small, "--min-lr"),
+            flag(small, "--micro-batch-size"), flag(small, "--train-iters")) == (
+        "128", "0.0002121", "2.121e-05", "16", "380000")
+    two_nodes = dry_run("gpt2_medium_pp8.sh", NNODES="2")
+    assert flag(two_nodes, "--micro-batch-size") == "16"  # DP 2: 256 / (16 x 2) = 8
 
 
 def test_the_1f1b_baseline_differs_only_in_the_schedule_and_checkpoint_folder():

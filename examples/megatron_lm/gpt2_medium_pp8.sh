@@ -8,29 +8,34 @@
 #   SCHEDULE=1f1b bash examples/megatron_lm/gpt2_medium_pp8.sh # Megatron's 1F1B baseline
 #
 # Everything PACI needs is the one flag --pipeline-schedule paci (pip install
-# paci-megatron next to megatron-core). Environment knobs:
+# paci-megatron next to megatron-core). The paper's setting: m = a = 8 micro-batches per
+# iteration on P = 8 stages, peak lr 3e-4 at global batch 256 (x sqrt(batch / 256)
+# otherwise), about 190k updates at batch 256 (the same tokens at other batch sizes), 1%
+# warm-up, cosine to 10%, no clipping; the 1F1B baseline differs in the schedule only.
+# Environment knobs:
 #   SCHEDULE      paci | 1f1b                          (default paci)
 #   GLOBAL_BATCH  256 | 128 (sequences of 1024 tokens) (default 256)
-#   LR            peak learning rate                    (default 3e-4 at batch 256,
-#                                                        1.5e-4 at 128: linear scaling)
-#   TRAIN_ITERS   iterations                            (default 20000)
-#   MICRO_BATCH   micro-batch size                      (default 4: m = GLOBAL_BATCH/4/DP)
+#   LR            peak learning rate                    (default 3e-4 x sqrt(GLOBAL_BATCH/256))
+#   TRAIN_ITERS   iterations                            (default 190000 x 256 / GLOBAL_BATCH)
+#   MICRO_BATCH   micro-batch size                      (default GLOBAL_BATCH / (8 x DP): m = 8)
 #   NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  torchrun's rendezvous
 #   CHECKPOINTS   --save/--load folder                  (default runs/gpt2m_${SCHEDULE})
 #   DRY_RUN=1     print the command instead of running it
-# Extra arguments are passed on to pretrain_gpt.py.
+# Extra arguments are passed on to pretrain_gpt.py (e.g. PACI's --paci-* flags).
 set -euo pipefail
 
 SCHEDULE=${SCHEDULE:-paci}
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}
-if [[ -z "${LR:-}" ]]; then
-  LR=$(python3 -c "print(f'{3e-4 * ${GLOBAL_BATCH} / 256:g}')")
-fi
-MIN_LR=$(python3 -c "print(f'{${LR} / 10:g}')")   # cosine down to 10% of the peak
-TRAIN_ITERS=${TRAIN_ITERS:-20000}
-MICRO_BATCH=${MICRO_BATCH:-4}
 NPROC=${NPROC:-8}
 NNODES=${NNODES:-1}
+DP=$(( NPROC * NNODES / 8 ))
+if [[ -z "${LR:-}" ]]; then
+  LR=$(python3 -c "print(f'{3e-4 * (${GLOBAL_BATCH} / 256) ** 0.5:.4g}')")
+fi
+MIN_LR=$(python3 -c "print(f'{${LR} / 10:.4g}')")   # cosine down to 10% of the peak
+TRAIN_ITERS=${TRAIN_ITERS:-$(( 190000 * 256 / GLOBAL_BATCH ))}
+MICRO_BATCH=${MICRO_BATCH:-$(( GLOBAL_BATCH / (8 * DP) ))}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # as Megatron's own scripts
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
