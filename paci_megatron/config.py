@@ -42,38 +42,23 @@ def _flag(default: Any, flag: str, help: str, **argparse_kw: Any):
 
 @dataclass
 class PACIConfig:
-    """Settings of the PACI schedule; fields with a flag are PACI's command line.
+    """Settings of the PACI schedule. Each field with a flag is documented by that flag's
+    help (``--paci-<field>``, :meth:`add_arguments`); in short:
 
     Attributes:
-        accumulation: ``a``, backward micro-batches each stage accumulates before its own
-            optimizer update (``--paci-accumulation``); ``None`` = the micro-batches of one
-            iteration (``a = m``, one update per stage per iteration: the global batch
-            keeps its meaning).
-        drain_interval: also drain every this many iterations (``--paci-drain-interval``;
-            0: only before evaluation, checkpoint saving and exit).
-        max_drift: refuse a configuration whose drift bound ``ceil((P-1-s)/a)`` exceeds
-            this on any stage (``--paci-max-drift``); ``None`` = no limit.
-        memory_mode: ``"activations"`` keeps each in-flight micro-batch's activations, as
-            1F1B does; ``"recompute"`` keeps only the stage input (plus the data the
-            forward read) and recomputes the forward at backward time with the weights
-            current then (``--paci-memory-mode``): activation memory of one micro-batch
-            per stage, at the cost of a second forward.
-        skip_nonfinite_updates: skip (and report) a stage's update whose gradients hold
-            NaN/Inf instead of stopping (``--paci-skip-nonfinite-updates``).
-        sync_warmup_iters: drain after each of the first N training iterations, so that
-            they are exactly synchronous 1F1B; PACI takes over at iteration N + 1
-            (``--paci-sync-warmup-iters``). ``None``: the front ends use the learning-rate
-            warm-up iterations (a plain ``PACISchedule`` then uses 0).
-        lookahead: the delay correction's scale ``c`` (``--paci-lookahead``, 0 = off): on
-            stage ``s`` the weights forwards and backwards see are the optimizer's iterate
-            plus ``c * (P-1-s)/a`` times its last update (``(P-1-s)/a`` is the stage's
-            mean drift), a Nesterov-style look-ahead to where the stale gradients will be
-            applied (:class:`~paci_megatron.optimizer.PACIOptimizer`). A drain removes it.
-        trace: write the run's timeline (every forward, backward and update of every
-            stage) as a Chrome / Perfetto trace to this path (``--paci-trace``).
-        p2p_timeout_s: the longest one send/receive between stages may wait, in seconds;
-            then the stage raises an error naming the peer and the micro-batch (front
-            ends take it from ``--distributed-timeout-minutes``; default 600 s).
+        accumulation: ``a``, backwards per local update; ``None``: ``a = m``.
+        drain_interval: also drain every N iterations (0: only at evaluation, save, exit).
+        max_drift: refuse a bound ``ceil((P-1)/a)`` above this (``None``: no limit).
+        memory_mode: ``"activations"`` (as 1F1B) or ``"recompute"`` (keep each stage input,
+            recompute the forward with the weights current at backward time).
+        skip_nonfinite_updates: skip and report an update with NaN/Inf gradients.
+        sync_warmup_iters: drain after each of the first N iterations (exactly 1F1B);
+            ``None``: the front ends use the LR warm-up (a bare ``PACISchedule`` uses 0).
+        lookahead: scale ``c`` of the look-ahead of
+            :class:`~paci_megatron.optimizer.PACIOptimizer` (0: off).
+        trace: path of the run's Chrome / Perfetto trace.
+        p2p_timeout_s: longest wait of one send/receive, seconds (front ends: from
+            ``--distributed-timeout-minutes``).
         check_drift: raise if a measured drift ever exceeds the bound.
     """
 

@@ -46,7 +46,6 @@ __all__ = [
     "enable_megatron_lm_cpu_mode",
     "register_megatron_lm_cpu_patches",
     "cpu_mode_enabled",
-    "init_distributed_cpu",
 ]
 
 _CUDA_TYPE_NAMES = {
@@ -379,22 +378,3 @@ def register_megatron_lm_cpu_patches(hook) -> None:
     hook.register("megatron.core.datasets", _use_installed_dataset_helper)
     for name in ("megatron.core.datasets.utils", "megatron.legacy.fused_kernels"):
         hook.register(name, lambda module, name=name: _apply(name, module))
-
-
-def init_distributed_cpu(timeout_s: float = 120.0, backend: str = "gloo") -> None:
-    """Initialise ``torch.distributed`` from torchrun's environment with gloo.
-
-    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (set by
-    ``torchrun``). Does nothing if the default group exists already.
-
-    Args:
-        timeout_s: timeout of every collective and point-to-point wait, in seconds.
-        backend: process-group backend; ``gloo`` on CPU.
-    """
-    import datetime
-
-    if torch.distributed.is_initialized():
-        return
-    torch.distributed.init_process_group(
-        backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
-    )

@@ -49,10 +49,13 @@ def _worker(fn, rank, world_size, port, comm_timeout_s, args, queue, env):
         import torch
 
         torch.set_num_threads(1)
-        from paci_megatron.cpu import enable_cpu_mode, init_distributed_cpu
+        import datetime
+
+        from paci_megatron.cpu import enable_cpu_mode
 
         enable_cpu_mode(force=True)
-        init_distributed_cpu(timeout_s=comm_timeout_s)
+        torch.distributed.init_process_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=comm_timeout_s))
         result = fn(rank, world_size, *args)
         # Plain pickle (tensors by value): multiprocessing's pickler would share tensor
         # storage through file descriptors that die with this process.

@@ -14,12 +14,15 @@ def main() -> None:
 
     import paci_megatron as pm
     from gpt_recipe import model as gpt
-    from paci_megatron.cpu import enable_cpu_mode, init_distributed_cpu
+    import datetime
+
+    from paci_megatron.cpu import enable_cpu_mode
     from workers import MBS, SEQ, build_tiny_gpt, setup_parallel, synthetic_batches
 
     timeout = float(os.environ["PACI_TEST_TIMEOUT"])
     enable_cpu_mode(force=True)
-    init_distributed_cpu(timeout_s=timeout)
+    torch.distributed.init_process_group(backend="gloo",
+                                         timeout=datetime.timedelta(seconds=timeout))
     world = torch.distributed.get_world_size()
     setup_parallel(world)
     _, model, opt = build_tiny_gpt(world, bf16=False)
