@@ -170,6 +170,10 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"paci_accumulation": 3}, [], "--paci-accumulation 3 does not divide the 8 micro-batches"),
     ({"paci_max_drift": 1, "paci_accumulation": 1}, [], "exceeds --paci-max-drift 1: use --paci-accumulation 4"),
     ({"paci_drain_interval": -1}, [], "--paci-drain-interval -1: must be >= 0"),
+    ({"paci_sync_warmup_iters": -1}, [], "--paci-sync-warmup-iters -1: must be >= 0"),
+    ({"paci_lookahead": 5.0}, [], "--paci-lookahead 5.0: must be between 0 (off) and 4"),
+    ({"paci_lookahead": 1.0, "use_distributed_optimizer": True}, [],
+     "--paci-lookahead does not support --use-distributed-optimizer"),
 ])
 def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
     problems = check_args(megatron_args(**overrides), argv=["pretrain_gpt.py", *argv])
