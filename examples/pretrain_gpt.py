@@ -36,8 +36,41 @@ if __name__ == "__main__":  # from a clone without installing: the repository's 
 from paci_megatron.config import PACIConfig, check_arguments  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported once (rank 0), in two lines, with the
+    closest flag for each unknown one, and every rank exits with status 2."""
+
+    def error(self, message: str) -> None:
+        import difflib
+
+        hints = []
+        if message.startswith("unrecognized arguments:"):
+            known = list(self._option_string_actions)
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if word.startswith("--") and close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+        _say_once("error: " + message + "".join(f"\n  {h}" for h in hints)
+                  + f"\n  ({self.prog} --help lists every flag)")
+        _stop()
+
+
+def _say_once(text: str, speaker: int = 0) -> None:
+    """Print to stderr on rank ``speaker`` only (torchrun starts one process per rank)."""
+    if int(os.environ.get("RANK", "0")) == speaker:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _stop(speaker: int = 0) -> None:
+    """Exit with status 2. The other ranks first give the speaking rank time to print:
+    torchrun ends every rank as soon as one exits (then they exit non-zero by its signal)."""
+    if int(os.environ.get("RANK", "0")) != speaker:
+        time.sleep(10)
+    raise SystemExit(2)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(prog="examples/pretrain_gpt.py", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model (Megatron-LM names)")
     g.add_argument("--num-layers", type=int, default=8)
     g.add_argument("--hidden-size", type=int, default=128)
@@ -59,7 +92,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--min-lr", type=float, default=3e-4)
     g.add_argument("--lr-decay-style", default="cosine",
                    choices=["constant", "linear", "cosine", "inverse-square-root"])
-    g.add_argument("--lr-warmup-iters", type=int, default=30)
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="default: 10%% of --train-iters (30 of 300)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -104,6 +138,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    args.default_warmup = args.lr_warmup_iters is None
+    if args.default_warmup:
+        args.lr_warmup_iters = max(args.train_iters // 10, 0)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -179,11 +216,9 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         _refuse(problems)
 
 
-def _refuse(problems: List[str]) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per rank
-        print("error: bad configuration, nothing was started:\n"
-              + "\n".join(f"  - {x}" for x in problems), file=sys.stderr, flush=True)
-    raise SystemExit(2)
+def _refuse(problems: List[str], what: str = "bad configuration, nothing was started") -> None:
+    _say_once(f"error: {what}:\n" + "\n".join(f"  - {x}" for x in problems))
+    _stop()
 
 
 def setup_distributed(args: argparse.Namespace) -> None:
@@ -216,30 +251,59 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
     data_path = args.data_path
     if not data_path:
         prefix = os.path.join(args.data_cache_dir, "stdlib")
+        problem = None
         if torch.distributed.get_rank() == 0:
-            record = data.prepare_corpus(prefix)
-            print(f"> data: {record.num_documents} documents, {record.num_tokens} tokens "
-                  f"({'cached' if record.skipped else 'prepared'}) at {record.prefix}", flush=True)
-        torch.distributed.barrier()
+            try:
+                record = data.prepare_corpus(prefix, progress=_progress)
+                print(f"> data: {record.num_documents} documents, {record.num_tokens} tokens "
+                      f"({'cached' if record.skipped else 'prepared'}) at {record.prefix}",
+                      flush=True)
+            except (OSError, ValueError) as err:
+                problem = str(err)
+        _agree_or_stop(problem, "the default corpus could not be prepared")
         data_path = [prefix]
-    tokenizer = data.CorpusTokenizer(args.tokenizer_model) if args.tokenizer_model else None
-    gbs = args.global_batch_size
-    train_ds, valid_ds = data.build_gpt_datasets(
-        data_path if len(data_path) > 1 else data_path[0],
-        tokenizer,
-        seq_length=args.seq_length,
-        train_samples=args.train_iters * gbs,
-        valid_samples=args.eval_iters * gbs,  # the same validation set at every evaluation
-        seed=args.seed,
-        split=args.split,
-        create_attention_mask=False,  # GPTModel builds the causal mask itself
-    )
+    problem = None
+    try:
+        tokenizer = data.CorpusTokenizer(args.tokenizer_model) if args.tokenizer_model else None
+        gbs = args.global_batch_size
+        train_ds, valid_ds = data.build_gpt_datasets(
+            data_path if len(data_path) > 1 else data_path[0],
+            tokenizer,
+            seq_length=args.seq_length,
+            train_samples=args.train_iters * gbs,
+            valid_samples=args.eval_iters * gbs,  # the same validation set at every evaluation
+            seed=args.seed,
+            split=args.split,
+            create_attention_mask=False,  # GPTModel builds the causal mask itself
+        )
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    _agree_or_stop(problem, "the data cannot be used, nothing was trained")
     if tokenizer is None:
         prefix = data_path[0] if len(data_path) == 1 else data_path[1]
         tokenizer = data.CorpusTokenizer.for_data_prefix(prefix)
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     vocab = int(math.ceil(tokenizer.vocab_size / multiple) * multiple)
     return train_ds, valid_ds, vocab
+
+
+def _progress(done: int, total: int) -> None:
+    """The corpus preparation's progress line (rank 0)."""
+    print(f"\r> preparing the default corpus: {done}/{total} files tokenized", end="",
+          flush=True)
+    if done == total:
+        print(flush=True)
+
+
+def _agree_or_stop(problem: Optional[str], what: str) -> None:
+    """A collective: every rank learns whether any rank hit ``problem``; if one did, it is
+    printed once (the lowest such rank's) and every rank exits with status 2."""
+    flags = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, problem)
+    failed = [f for f in flags if f]
+    if failed:
+        _say_once(f"error: {what}:\n  - {failed[0]}", speaker=flags.index(failed[0]))
+        _stop(speaker=flags.index(failed[0]))
 
 
 def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: int):
@@ -394,12 +458,14 @@ def train(args: argparse.Namespace) -> List[dict]:
     def emit(record: dict) -> None:
         records.append(record)
         if is_writer:
-            text = json.dumps(record)
-            print(text, flush=True)
+            print(progress_line(record, args), flush=True)
             if log:
-                log.write(text + "\n")
+                log.write(json.dumps(record) + "\n")
                 log.flush()
 
+    if is_writer and args.default_warmup:
+        print(f"> lr warm-up: {args.lr_warmup_iters} iterations (10% of --train-iters; "
+              "--lr-warmup-iters sets it)", flush=True)
     if is_writer:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
               f"DP={dp_size} m={m} device={args.device} bf16={args.bf16} "
@@ -468,6 +534,22 @@ def train(args: argparse.Namespace) -> List[dict]:
     return records
 
 
+def progress_line(record: dict, args: argparse.Namespace) -> str:
+    """One log record in Megatron-LM's style (the JSON form goes to ``--log-json``)."""
+    it = record["iteration"]
+    parts = [f" iteration {it:>6}/{args.train_iters:>6}",
+             f"consumed samples: {it * args.global_batch_size:>9}"]
+    if record.get("lm_loss") is not None:
+        parts += [f"lm loss: {record['lm_loss']:.6E}", f"learning rate: {record['lr']:.6E}"]
+    if record.get("tokens_per_second"):
+        parts.append(f"tokens/s: {record['tokens_per_second']:.0f}")
+    if args.pipeline_schedule == "paci":
+        parts.append(f"drift max per stage: {record['drift_max']}")
+    if record.get("val_loss") is not None:
+        parts.append(f"validation lm loss: {record['val_loss']:.6E}")
+    return " | ".join(parts) + " |"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     # megatron-core announces at import that Apex / Transformer Engine are absent.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
@@ -484,9 +566,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     setup_distributed(args)
     try:
         records = train(args)
-        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-            vals = [r["val_loss"] for r in records if "val_loss" in r]
-            print(f"> done: validation loss {vals[0]:.3f} -> {vals[-1]:.3f}", flush=True)
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and records:
+            vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+            losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
+            summary = [f"> done: validation loss {vals[0][1]:.3f} -> {vals[-1][1]:.3f} at "
+                       f"iteration {vals[-1][0]}"]
+            if losses:
+                summary.append(f"last lm loss {losses[-1]:.3f}")
+            if args.pipeline_schedule == "paci":
+                summary.append(f"drift max per stage {records[-1]['drift_max']}")
+            summary.append(f"log: {args.log_json}" if args.log_json else "no --log-json")
+            print(" | ".join(summary), flush=True)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -184,9 +184,10 @@ def flush_utilisation(num_stages: int, num_microbatches: int) -> float:
     return num_microbatches / (num_microbatches + num_stages - 1)
 
 
-def plot_timeline(results: Sequence[SimResult], path: str) -> None:
-    """Timeline picture (PNG): one panel per result, one row per stage; each block shows
-    the micro-batch and the weight version it used (``F3/v1``). Needs matplotlib.
+def plot_timeline(results: Sequence[SimResult], path: str, width_in: float = 12.0) -> None:
+    """Timeline picture (PNG) readable at screen width: one panel per result, one row per
+    stage, ``width_in`` inches wide. Blocks wide enough for text show the micro-batch and
+    the weight version they used (``F3/v1``); a legend names the colours. Needs matplotlib.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install matplotlib``).
@@ -195,29 +196,32 @@ def plot_timeline(results: Sequence[SimResult], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     colors = {Kind.FORWARD: "#4c9be8", Kind.BACKWARD: "#f28e2b", Kind.UPDATE: "#59a14f"}
     span = max(r.makespan for r in results)
-    shortest = min(ev.end - ev.start for r in results for ev in r.events if ev.end > ev.start)
-    width = min(max(8.0, 0.45 * span / shortest), 60.0)  # ~0.45 inch per shortest block
+    P = len(results[0].busy)
     fig, axes = plt.subplots(len(results), 1, squeeze=False,
-                             figsize=(width, 1.2 + 0.55 * len(results[0].busy) * len(results)))
+                             figsize=(width_in, 1.0 + 0.4 * (P + 1) * len(results)))
     for ax, res in zip(axes[:, 0], results):
-        P = len(res.busy)
         for ev in res.events:
             width = max(ev.end - ev.start, span * 0.002)
             ax.broken_barh([(ev.start, width)], (P - 1 - ev.stage + 0.1, 0.8),
                            facecolors=colors[ev.kind], edgecolor="white", linewidth=0.5)
-            if ev.kind is not Kind.UPDATE:
+            if ev.kind is not Kind.UPDATE and width / span * width_in * 0.8 >= 0.09 * len(ev.label):
                 ax.text(ev.start + width / 2, P - 1 - ev.stage + 0.5, ev.label, ha="center",
-                        va="center", fontsize=5.5)
-        ax.set_yticks([P - 1 - s + 0.5 for s in range(P)], [f"stage {s}" for s in range(P)])
+                        va="center", fontsize=8)
+        ax.set_yticks([P - 1 - s + 0.5 for s in range(P)], [f"stage {s}" for s in range(P)],
+                      fontsize=9)
         ax.set_xlim(0, span)
         ax.set_title(f"{res.schedule}: bubble {res.bubble_fraction:.1%}, "
-                     f"drift max {res.drift_max}", fontsize=9)
+                     f"drift max {res.drift_max}", fontsize=10)
+    axes[0, 0].legend(handles=[Patch(color=c, label=k.name.lower()) for k, c in colors.items()],
+                      loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=3,
+                      frameon=False)
     axes[-1, 0].set_xlabel("time (s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -254,17 +258,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "drift_max": r.drift_max})
         print(f"| {r.schedule} | {r.makespan * 1e3:.1f} | {util:.3f} | {r.bubble_fraction:.3f} "
               f"| {r.peak_in_flight} | {r.drift_max} |")
+    written = []
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
+        written.append(args.json)
     if args.trace:
         for r in results:
             write_chrome_trace(r.events, f"{args.trace}.{r.schedule}.json", len(r.busy))
+            written.append(f"{args.trace}.{r.schedule}.json")
     if args.png:
         try:
             plot_timeline(results, args.png)
         except ImportError:
             p.exit(2, "error: --png needs matplotlib: pip install matplotlib\n")
+        written.append(args.png)
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

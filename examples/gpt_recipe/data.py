@@ -81,17 +81,13 @@ EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 """Special token used for padding (megatron-core's ``tokenizer.pad``); never in the data."""
 
-DEFAULT_VOCAB_SIZE = 4096
-"""Default BPE vocabulary size in tokens, special tokens included."""
-
-DEFAULT_MAX_BYTES = 8 * 1024 * 1024
-"""Default cap, in bytes of source text, on the stdlib corpus (8 MiB; prepares in seconds)."""
+from . import DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE  # noqa: E402 (defined without imports)
 
 TOKENIZER_FILENAME = "tokenizer.json"
 _MANIFEST_SUFFIX = ".manifest.json"
 _CACHE_DIRNAME = "index_cache"
 _FORMAT_VERSION = 1
-_CLI = "python examples/prepare_data.py"
+from . import DATA_CLI as _CLI  # noqa: E402
 
 # Directory names never descended into when collecting the stdlib corpus.  Test suites
 # (``test``, ``tests``, ``idle_test``, e.g. ``lib2to3/tests``, ``ctypes/test``) contain
@@ -561,6 +557,7 @@ def prepare_corpus(
     *,
     tokenizer_path: Optional[Union[str, os.PathLike]] = None,
     force: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> PreparedCorpus:
     """Tokenize a corpus into Megatron's indexed dataset format (``.bin`` / ``.idx``).
 
@@ -591,6 +588,7 @@ def prepare_corpus(
             default corpus and no cap for explicit ``files``.
         tokenizer_path: reuse this existing ``tokenizer.json`` instead of training one.
         force: rebuild even if the output is up to date.
+        progress: called as ``progress(files_tokenized, files)`` while tokenizing.
 
     Returns:
         A :class:`PreparedCorpus` record.
@@ -689,6 +687,8 @@ def prepare_corpus(
                 doc = numpy.asarray(ids + [tokenizer.eod], dtype=numpy.int64)
                 builder.add_document(doc, [doc.size])
                 num_tokens += doc.size
+            if progress is not None:
+                progress(min(start + chunk, len(paths)), len(paths))
         builder.finalize(get_idx_path(tmp_prefix))
         os.replace(get_bin_path(tmp_prefix), bin_path)
         os.replace(get_idx_path(tmp_prefix), idx_path)
@@ -945,9 +945,8 @@ def build_gpt_datasets(
             end = int(round(bookends[1] * float(num_docs)))
             if end <= beg:
                 raise ValueError(
-                    f"split {split!r} leaves the {name} split of {prefix} without documents "
-                    f"({num_docs} documents in all); use more documents or a larger {name} "
-                    f"share"
+                    f"--split {split} leaves the {name} split of {prefix} without documents "
+                    f"({num_docs} documents in all): {split_advice(num_docs)}"
                 )
 
     builder = _Builder(
@@ -960,17 +959,33 @@ def build_gpt_datasets(
     return train, valid
 
 
+def documents_per_split(num_documents: int, split: str = "98,2,0") -> List[int]:
+    """Documents Megatron gives each of the train/valid/test splits (its rounding of the
+    normalised cumulative shares, ``megatron.core.datasets.utils``)."""
+    shares = [float(x) for x in split.split(",")]
+    total, bounds = sum(shares), [0.0]
+    for share in shares:
+        bounds.append(bounds[-1] + share / total)
+    ends = [int(round(b * num_documents)) for b in bounds]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def split_advice(num_documents: int) -> str:
+    """What to change when a corpus is too small for its ``--split``."""
+    if num_documents < 2:
+        return "evaluation needs a second document: add more text"
+    return (f"use more documents, or --split {num_documents - 1},1,0 (one of the "
+            f"{num_documents} documents for validation)")
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: prepare a corpus and print what was written.
-
-    ``python examples/prepare_data.py --output-prefix PATH [--input FILE_OR_DIR ...]
-    [--vocab-size N] [--max-bytes N] [--tokenizer-model TOKENIZER_JSON] [--suffix .txt]
-    [--force]``
+    """Command line: prepare a corpus and print what was written (``examples/prepare_data.py``;
+    the flags are :func:`gpt_recipe.data_parser`'s).
 
     ``--input`` takes UTF-8 text files (one file = one document) and directories (all their
     text files); unlike Megatron-LM's ``preprocess_data.py`` it does not read loose JSON.
@@ -978,41 +993,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         Process exit status (0 on success; errors exit with status 2 and a message).
     """
-    parser = argparse.ArgumentParser(
-        prog=_CLI,
-        description="Tokenize text (default: the Python stdlib .py files) into Megatron's "
-        "indexed dataset format (<prefix>.bin/.idx) plus <dir>/tokenizer.json.",
-    )
-    parser.add_argument("--output-prefix", required=True, help="output path prefix (no .bin)")
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        metavar="FILE_OR_DIR",
-        help="UTF-8 text files (one document each) or directories; default: the Python "
-        "standard library's .py files",
-    )
-    parser.add_argument(
-        "--suffix",
-        action="append",
-        help="with directory inputs, only take files ending with this (repeatable)",
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary size (tokens)"
-    )
-    parser.add_argument(
-        "--max-bytes",
-        type=int,
-        default=None,
-        help=f"cap on source text in bytes (default {DEFAULT_MAX_BYTES} for the stdlib corpus, "
-        "none for --input)",
-    )
-    parser.add_argument(
-        "--tokenizer-model",
-        default=None,
-        help="reuse this tokenizer.json instead of training one (e.g. to blend corpora)",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    from . import data_parser
+
+    parser = data_parser()
     args = parser.parse_args(argv)
 
     try:
@@ -1040,4 +1023,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"from {record.num_bytes:,} bytes of text"
     )
     print(f"  use: --data-path {record.prefix}")
+    if documents_per_split(record.num_documents)[1] == 0:
+        print(f"warning: with --split 98,2,0 (the default) the validation split gets no "
+              f"document: {split_advice(record.num_documents)}", file=sys.stderr)
     return 0
