@@ -181,11 +181,26 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda but CUDA is not available: use --device cpu")
     if args.load:
-        from gpt_recipe.checkpoint import latest_iteration
-
-        if latest_iteration(args.load) is None:
-            problems.append(f"--load {args.load} holds no checkpoint "
-                            "(no latest_checkpointed_iteration.txt): check the path")
+        problems += _load_problems(args, tp, pp)
+    if args.data_path == []:
+        problems.append("--data-path was given without a value (an unset variable?): give "
+                        "a data prefix, or leave the flag out for the embedded corpus")
+    for flag in ("lr", "min_lr", "weight_decay", "lr_warmup_iters", "clip_grad"):
+        if not getattr(args, flag) >= 0:  # also NaN
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
+    for flag in ("ffn_hidden_size", "exit_interval", "save_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not args.distributed_timeout_minutes > 0:
+        problems.append(f"--distributed-timeout-minutes {args.distributed_timeout_minutes}: "
+                        "must be > 0")
+    weights = (args.data_path or [])[0::2] if len(args.data_path or []) > 1 else []
+    for w in weights:
+        try:
+            if not 0 < float(w) < float("inf"):
+                problems.append(f"--data-path weight {w}: must be a finite number > 0")
+        except ValueError:
+            pass  # a prefix in a weight's place: the dataset builder names it
     if args.lr_warmup_iters >= args.train_iters:
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters "
                         f"{args.train_iters} (the decay needs iterations after the warm-up)")
@@ -214,6 +229,58 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                                 pipeline_model_parallel_size=pp)
     if problems:
         _refuse(problems)
+
+
+def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
+    """What makes ``--load`` unusable, or a relaunch pointless, before anything starts."""
+    from gpt_recipe.checkpoint import checkpoint_shape, latest_iteration
+
+    try:
+        iteration = latest_iteration(args.load)
+    except ValueError as err:
+        return [str(err)]
+    if iteration is None:
+        return [f"--load {args.load} holds no checkpoint (no latest_checkpointed_iteration.txt): "
+                "check the path"]
+    problems = []
+    if iteration > args.train_iters:
+        problems.append(f"--load {args.load} is at iteration {iteration}, beyond --train-iters "
+                        f"{args.train_iters}: raise --train-iters (saving would overwrite "
+                        "later checkpoints with earlier ones)")
+    shape = checkpoint_shape(args.load, iteration)
+    if shape != (tp, pp):
+        problems.append(f"--load {args.load} iteration {iteration} was written with TP x PP = "
+                        f"{shape[0]} x {shape[1]}, this run has {tp} x {pp}: use the same "
+                        "--tensor-model-parallel-size and --pipeline-model-parallel-size")
+    return problems
+
+
+def _resume_problem(args, info, scheduler, schedule, m) -> Optional[str]:
+    """Why a loaded checkpoint cannot continue this run exactly (None if it can)."""
+    iteration, extra = info["iteration"], info["extra"]
+    saved_gbs = extra.get("global_batch_size", args.global_batch_size)
+    if saved_gbs != args.global_batch_size:
+        return (f"it was trained with --global-batch-size {saved_gbs}; this run has "
+                f"{args.global_batch_size}, which would re-read or skip samples: use {saved_gbs}")
+    if scheduler.num_steps != iteration * saved_gbs:
+        return (f"its iteration ({iteration}) and its LR scheduler ({scheduler.num_steps} "
+                "samples) disagree: the checkpoint is damaged")
+    state = getattr(schedule, "state", None)
+    if state is not None and state.forwarded != iteration * m:
+        return (f"its iteration ({iteration}) and its PACI state ({state.forwarded} "
+                f"micro-batches, version {state.version}) disagree: the checkpoint is damaged")
+    return None
+
+
+def _already_done(args: argparse.Namespace) -> bool:
+    """True (and says so, once) if ``--load`` already holds ``--train-iters``."""
+    from gpt_recipe.checkpoint import latest_iteration
+
+    if not args.load or latest_iteration(args.load) != args.train_iters:
+        return False
+    _say_once(f"> nothing to do: {args.load} holds iteration {args.train_iters} = --train-iters "
+              "(raise --train-iters to train on)")
+    return True
 
 
 def _refuse(problems: List[str], what: str = "bad configuration, nothing was started") -> None:
@@ -394,11 +461,16 @@ def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size
 
 
 def gather_to_last(value: Optional[float], group) -> Optional[float]:
-    """Broadcast a float held by the last pipeline stage to the whole pipeline group."""
+    """A float held by the last pipeline stage, averaged over the data-parallel replicas
+    (as Megatron-LM averages its logged losses), broadcast to the whole pipeline group."""
     from megatron.core import parallel_state as ps
 
     t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
                      device="cuda" if torch.cuda.is_available() else None)
+    dp = ps.get_data_parallel_world_size()
+    if ps.is_pipeline_last_stage() and dp > 1:
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+        t /= dp
     torch.distributed.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
     return float(t.item())
 
@@ -418,8 +490,11 @@ def train(args: argparse.Namespace) -> List[dict]:
     if args.load:
         from gpt_recipe.checkpoint import load_checkpoint
 
-        start_iteration = load_checkpoint(args.load, model, optimizer, scheduler,
-                                          schedule if hasattr(schedule, "drain") else None)["iteration"]
+        info = load_checkpoint(args.load, model, optimizer, scheduler,
+                               schedule if hasattr(schedule, "drain") else None)
+        start_iteration = info["iteration"]
+        _agree_or_stop(_resume_problem(args, info, scheduler, schedule, m),
+                       f"--load {args.load} cannot be resumed by this run")
     # micro-batch i of DP rank r reads samples (i * DP + r) * mbs ...: a resumed run
     # continues exactly where the saved one stopped
     train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -429,16 +504,28 @@ def train(args: argparse.Namespace) -> List[dict]:
     log = None
     if args.log_json and is_writer:
         os.makedirs(os.path.dirname(os.path.abspath(args.log_json)), exist_ok=True)
-        log = open(args.log_json, "w")
+        log = open(args.log_json, "a" if start_iteration else "w")  # a resume appends
     records: List[dict] = []
+
+    recent_losses: List[float] = []  # training losses since the last save (last stage)
 
     def save(iteration: int) -> None:
         from gpt_recipe.checkpoint import save_checkpoint
 
+        loss = gather_to_last(sum(recent_losses) / len(recent_losses) if recent_losses else 0.0,
+                              pp_group)
+        recent_losses.clear()
+        if not math.isfinite(loss):
+            _say_once(f"error: not saving iteration {iteration}: the training loss is {loss} "
+                      "(the run diverged; the last checkpoint is kept). Lower --lr.",
+                      speaker=torch.distributed.get_world_size() - 1)
+            raise SystemExit(3)
         paci = schedule if hasattr(schedule, "drain") else None
         if paci is not None:
             paci.drain()  # one consistent set of weights on every stage
-        path = save_checkpoint(args.save, iteration, model, optimizer, scheduler, paci)
+        path = save_checkpoint(args.save, iteration, model, optimizer, scheduler, paci,
+                               extra={"global_batch_size": args.global_batch_size,
+                                      "consumed_samples": iteration * args.global_batch_size})
         if is_writer:
             print(f"> saved iteration {iteration} to {os.path.dirname(os.path.dirname(path))}",
                   flush=True)
@@ -450,6 +537,13 @@ def train(args: argparse.Namespace) -> List[dict]:
             "drift_mean": [round(d["mean"], 4) for d in stages],
             "drift_histogram": [d["histogram"] for d in stages],
         }
+
+    def skipped() -> List[int]:
+        """Updates skipped for NaN/Inf gradients so far, per stage (a collective)."""
+        mine = [len(getattr(optimizer, "skipped_updates", []))]
+        out: List[Optional[List[int]]] = [None] * torch.distributed.get_world_size(pp_group)
+        torch.distributed.all_gather_object(out, mine, group=pp_group)
+        return [x[0] for x in out]
 
     def run_eval() -> float:
         val = evaluate(args, model, schedule, valid_ds, m, dp_rank, dp_size)
@@ -494,6 +588,7 @@ def train(args: argparse.Namespace) -> List[dict]:
             schedule.drain()
         if losses:
             window_losses.append(average_losses(losses))
+            recent_losses.append(window_losses[-1])
         tokens += args.global_batch_size * args.seq_length
         evaluated = iteration % args.eval_interval == 0 or iteration == args.train_iters
         if iteration % args.log_interval == 0 or evaluated:
@@ -507,6 +602,8 @@ def train(args: argparse.Namespace) -> List[dict]:
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                 **drift(),
             }
+            if args.paci_skip_nonfinite_updates:
+                record["skipped_updates"] = skipped()
             if evaluated:
                 record["val_loss"] = run_eval()
             emit(record)
@@ -519,7 +616,8 @@ def train(args: argparse.Namespace) -> List[dict]:
                 save(iteration)
             break
     else:
-        if args.save and (not args.save_interval or args.train_iters % args.save_interval):
+        if (args.save and start_iteration < args.train_iters
+                and (not args.save_interval or args.train_iters % args.save_interval)):
             save(args.train_iters)
     if hasattr(schedule, "drain"):
         schedule.drain()
@@ -545,6 +643,8 @@ def progress_line(record: dict, args: argparse.Namespace) -> str:
         parts.append(f"tokens/s: {record['tokens_per_second']:.0f}")
     if args.pipeline_schedule == "paci":
         parts.append(f"drift max per stage: {record['drift_max']}")
+    if record.get("skipped_updates") is not None:
+        parts.append(f"skipped updates per stage: {record['skipped_updates']}")
     if record.get("val_loss") is not None:
         parts.append(f"validation lm loss: {record['val_loss']:.6E}")
     return " | ".join(parts) + " |"
@@ -563,6 +663,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if _already_done(args):
+        return
     setup_distributed(args)
     try:
         records = train(args)

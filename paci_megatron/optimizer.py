@@ -129,7 +129,8 @@ class PACIOptimizer:
         distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
             (its grad stats are then reduced over the stage's TP x DP x CP group).
         skip_nonfinite_updates: when a window's gradients hold NaN/Inf, skip that update
-            (and say so) instead of raising :class:`NonFiniteGradientError`.
+            (and say so) instead of raising :class:`NonFiniteGradientError`; more than
+            ``max_consecutive_skips`` skips in a row raise it (the run has diverged).
         lookahead: the delay correction's scale ``c`` (0: off). With ``x`` the inner
             optimizer's iterate and ``d`` its last update, the stage's weights are
             ``x + g d`` with ``g = c * window.mean_drift``: forwards and backwards see
@@ -157,8 +158,10 @@ class PACIOptimizer:
         distributed_optimizer: Optional[bool] = None,
         skip_nonfinite_updates: bool = False,
         lookahead: float = 0.0,
+        max_consecutive_skips: int = 10,
     ):
         self.optimizer = optimizer
+        self.max_consecutive_skips = max_consecutive_skips
         self.lookahead = float(lookahead)
         self._delta: Optional[List[torch.Tensor]] = None  # the last update d (look-ahead)
         self._ahead = 0.0  # the g that the weights are ahead by now
@@ -225,9 +228,14 @@ class PACIOptimizer:
                     "skip such updates with --paci-skip-nonfinite-updates "
                     "(PACIOptimizer(skip_nonfinite_updates=True))"
                 )
+            self.skipped_updates.append(window.update)
+            run = self.skipped_updates[-self.max_consecutive_skips - 1:]
+            if len(run) > self.max_consecutive_skips and run[-1] - run[0] == len(run) - 1:
+                raise NonFiniteGradientError(
+                    f"{message}: {len(run)} consecutive updates of this stage had NaN/Inf "
+                    "gradients and were skipped; the run has diverged: lower the learning rate")
             warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
             self._zero()
-            self.skipped_updates.append(window.update)
             self.last_update_successful = False
             self.last_grad_norm = self.last_num_zeros = None  # no update, no norm
             return False

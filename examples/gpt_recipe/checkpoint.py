@@ -15,12 +15,14 @@ checkpoint with non-finite weights is refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "latest_iteration"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "latest_iteration",
+           "checkpoint_shape"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -36,12 +38,41 @@ def checkpoint_path(directory: str, iteration: int) -> str:
 
 
 def latest_iteration(directory: str) -> Optional[int]:
-    """Iteration named by the tracker file, or None if there is no checkpoint."""
+    """Iteration named by the tracker file, or None if there is no checkpoint.
+
+    Raises:
+        ValueError: the tracker holds no iteration number (Megatron-LM's ``release``
+            checkpoints, or a damaged file), naming the file.
+    """
     path = os.path.join(directory, TRACKER)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return int(f.read().strip())
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} holds {text!r}, not an iteration: this recipe resumes only "
+                         "from checkpoints it saved itself (point --load at one)")
+    return int(text)
+
+
+def checkpoint_shape(directory: str, iteration: int) -> Tuple[int, int]:
+    """``(TP, PP)`` of the model-parallel ranks that wrote ``iteration`` (from the
+    ``mp_rank_<tp>_<pp>`` folders); ``(0, 0)`` when there are none."""
+    folder = os.path.join(directory, f"iter_{iteration:07d}")
+    ranks = [name.split("_")[2:] for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if name.startswith("mp_rank_")]
+    if not ranks:
+        return 0, 0
+    return max(int(t) for t, _ in ranks) + 1, max(int(p) for _, p in ranks) + 1
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Files a killed save left behind (``*.tmp<pid>``), under ``directory``."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if ".tmp" in name and name.rsplit(".tmp", 1)[1].isdigit():
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -126,6 +157,10 @@ def save_checkpoint(
     if problem:
         raise RuntimeError(problem)
     path = checkpoint_path(directory, iteration)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        _remove_stale_temporaries(directory)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if ps.get_data_parallel_rank() == 0:
         state = {
             "iteration": iteration,

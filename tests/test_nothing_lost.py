@@ -1,0 +1,114 @@
+"""Nothing lost, nothing silently wrong (examples/pretrain_gpt.py): resume, relaunch,
+divergence, bad flags and data, each reproduced and refused or handled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S = ["--device", "cpu", "--untie-embeddings-and-output-weights", "--num-layers", "4",
+     "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+     "--micro-batch-size", "2", "--global-batch-size", "8", "--lr-warmup-iters", "1",
+     "--eval-iters", "1", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from gpt_recipe.data import prepare_corpus
+
+    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib", max_bytes=1_000_000,
+                          vocab_size=512).prefix
+
+
+def run(cwd, *flags, nproc=2, pp=2, corpus=None):
+    extra = ["--data-path", corpus] if corpus else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+         os.path.join(ROOT, "examples", "pretrain_gpt.py"), *S,
+         "--pipeline-model-parallel-size", str(pp), *extra, *map(str, flags)],
+        cwd=cwd, capture_output=True, text=True, timeout=400,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def tracker(path):
+    return (path / "latest_checkpointed_iteration.txt").read_text()
+
+
+def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path):
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    common = ["--pipeline-schedule", "paci", "--eval-interval", "2", "--save", ck,
+              "--log-json", log]
+    rc, out = run(tmp_path, *common, "--train-iters", "4", "--exit-interval", "2",
+                  corpus=corpus)
+    assert rc == 0, out[-3000:]
+    (ck / "iter_0000002" / "stale.pt.tmp4242").write_text("a killed save")
+    rc, out = run(tmp_path, *common, "--train-iters", "4", "--load", ck, corpus=corpus)
+    assert rc == 0, out[-3000:]
+    # the resumed run appended to the log: every record once
+    its = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
+    assert its == [0, 1, 2, 3, 4], its
+    assert not (ck / "iter_0000002" / "stale.pt.tmp4242").exists()  # cleaned by the next save
+    assert tracker(ck) == "4"
+    # a lower --train-iters would overwrite a good checkpoint: refused before start-up
+    rc, out = run(tmp_path, *common, "--train-iters", "2", "--load", ck, corpus=corpus)
+    assert rc != 0 and "is at iteration 4, beyond --train-iters 2" in out
+    assert tracker(ck) == "4" and out.count("beyond --train-iters") == 1
+    # a finished run relaunched: nothing to do, said once, exit 0
+    rc, out = run(tmp_path, *common, "--train-iters", "4", "--load", ck, corpus=corpus)
+    assert rc == 0 and out.count("nothing to do") == 1 and "Traceback" not in out
+    # another pipeline size: refused with the sizes, not a state-dict error
+    rc, out = run(tmp_path, "--train-iters", "6", "--load", ck, nproc=1, pp=1, corpus=corpus)
+    assert rc != 0 and "written with TP x PP = 1 x 2, this run has 1 x 1" in out
+    # another global batch: refused, it would re-read or skip samples
+    rc, out = run(tmp_path, *common, "--train-iters", "6", "--load", ck,
+                  "--global-batch-size", "16", corpus=corpus)
+    assert rc != 0 and "trained with --global-batch-size 8; this run has 16" in out
+    assert out.count("cannot be resumed") == 1 and tracker(ck) == "4"
+    # Megatron-LM's release tracker: refused by name
+    rel = tmp_path / "release"
+    rel.mkdir()
+    (rel / "latest_checkpointed_iteration.txt").write_text("release")
+    rc, out = run(tmp_path, "--train-iters", "6", "--load", rel, corpus=corpus)
+    assert rc != 0 and "holds 'release', not an iteration" in out
+
+
+def test_bad_values_are_refused_before_anything_starts(tmp_path):
+    rc, out = run(tmp_path, "--lr", "-1", "--weight-decay", "-0.1", "--ffn-hidden-size", "-4",
+                  "--lr-warmup-iters", "-2", "--exit-interval", "0",
+                  "--distributed-timeout-minutes", "0", "--data-path")
+    assert rc != 0 and out.count("bad configuration") == 1
+    for needle in ("--lr -1.0: must be >= 0", "--weight-decay -0.1: must be >= 0",
+                   "--ffn-hidden-size -4: must be >= 1", "--lr-warmup-iters -2: must be >= 0",
+                   "--exit-interval 0: must be >= 1",
+                   "--distributed-timeout-minutes 0.0: must be > 0",
+                   "--data-path was given without a value"):
+        assert needle in out, needle
+    rc, out = run(tmp_path, "--data-path", "nan", "a/b", "1", "c/d")
+    assert rc != 0 and "--data-path weight nan: must be a finite number > 0" in out
+
+
+def test_a_diverged_run_stops_without_saving(corpus, tmp_path):
+    ck = tmp_path / "ck"
+    rc, out = run(tmp_path, "--pipeline-schedule", "paci", "--paci-skip-nonfinite-updates",
+                  "--lr", "1e30", "--train-iters", "6", "--eval-interval", "6", "--save", ck,
+                  "--save-interval", "3", corpus=corpus)
+    assert rc != 0
+    assert "skipped updates per stage" in out
+    assert "not saving iteration 3: the training loss is nan" in out or \
+        "consecutive updates of this stage had NaN/Inf" in out
+    assert not (ck / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_logged_losses_average_over_data_parallel_replicas(corpus, tmp_path):
+    vals = []
+    for nproc in (2, 4):  # PP 2 with DP 1, then DP 2: the same validation samples
+        log = tmp_path / f"dp{nproc}.jsonl"
+        rc, out = run(tmp_path, "--train-iters", "2", "--eval-interval", "2", "--log-json", log,
+                      nproc=nproc, corpus=corpus)
+        assert rc == 0, out[-3000:]
+        vals.append(json.loads(log.read_text().splitlines()[0])["val_loss"])
+    assert vals[1] == pytest.approx(vals[0], rel=1e-5)
