@@ -136,8 +136,9 @@ REGIMES: Dict[str, Regime] = {
     "tiny": Regime("the tiny recipe: 8 layers, hidden 128, sequence 128, P = 4, m = 8",
                    stages=4, num_layers=8, hidden=128, heads=4, seq=128, mbs=4, gbs=32,
                    train_iters=300, lr_warmup_iters=30, eval_interval=25, eval_iters=4,
-                   lrs=(1e-3, 2e-3, 4e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
-                   arms=ALL_ARMS),
+                   lrs=(1e-3, 2e-3, 4e-3, 8e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
+                   arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead",
+                         "1f1b-muon", "paci-muon")),
     # GPT-2 Medium's per-update scale: peak lr 3e-4 with Megatron's init std 0.02 moves the
     # weights by ~lr/0.02 of their size per update, as the paper's setting does; wider,
     # longer, 1% warm-up, no clipping (the paper's), as far as 2 CPU cores allow
