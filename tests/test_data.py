@@ -441,3 +441,76 @@ def test_data_read_with_another_tokenizer_is_refused(corpus, tmp_path):
     bad.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="is not a tokenizers tokenizer.json"):
         CorpusTokenizer(bad)
+
+
+def test_an_interrupted_preparation_is_redone_not_wedged(tmp_path, monkeypatch):
+    files = _write_docs(tmp_path / "src", [f"value_{i} = {i}\n" * 40 for i in range(30)])
+    prefix = str(tmp_path / "out" / "corpus")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C once the tokenizer is trained
+
+    with monkeypatch.context() as m:
+        m.setattr(data.IndexedDatasetBuilder, "add_document", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_corpus(prefix, files=files, vocab_size=300)
+    left = sorted(os.listdir(tmp_path / "out"))
+    assert "corpus.manifest.json" not in left
+    record = prepare_corpus(prefix, files=files, vocab_size=300)  # the next run redoes it
+    assert not record.skipped and record.num_documents == 30
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "corpus.bin", "corpus.idx", "corpus.manifest.json", "tokenizer.json"]
+
+
+def _copy_prefix(record, directory):
+    import shutil
+
+    directory.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(record.prefix + suffix, str(directory / "d") + suffix)
+    return str(directory / "d")
+
+
+def test_data_files_that_do_not_belong_together_are_refused_by_name(corpus, tmp_path):
+    record, _ = corpus
+    truncated = _copy_prefix(record, tmp_path / "t")
+    with open(truncated + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(truncated + ".bin") - 6)
+    with pytest.raises(ValueError, match=r"d\.idx describes .* bytes of tokens but .*d\.bin holds"):
+        build_gpt_datasets(truncated, record.tokenizer_path, SEQ, 10, 2, seed=1)
+    mixed = _copy_prefix(record, tmp_path / "m")  # a small index over a bigger data file
+    small = prepare_corpus(str(tmp_path / "s" / "s"), files=_write_docs(tmp_path / "sd", ["a b\n"] * 3),
+                           tokenizer_path=record.tokenizer_path)
+    import shutil
+
+    shutil.copy(small.prefix + ".idx", mixed + ".idx")
+    with pytest.raises(ValueError, match="does not belong together"):
+        build_gpt_datasets(mixed, record.tokenizer_path, SEQ, 10, 2, seed=1)
+    empty = _copy_prefix(record, tmp_path / "e")
+    open(empty + ".bin", "wb").close()
+    with pytest.raises(ValueError, match=r"e/d\.bin is empty"):
+        build_gpt_datasets(empty, record.tokenizer_path, SEQ, 10, 2, seed=1)
+
+
+def test_a_tokenizer_smaller_than_the_data_is_refused(corpus, tmp_path):
+    record, files = corpus
+    bare = _copy_prefix(record, tmp_path / "bare")  # no manifest, as Megatron-LM's own data
+    small = prepare_corpus(str(tmp_path / "tok" / "x"), files=files[:3], vocab_size=300)
+    with pytest.raises(ValueError, match=r"holds token id \d+, but the tokenizer knows 300 tokens"):
+        build_gpt_datasets(bare, small.tokenizer_path, SEQ, 10, 2, seed=1)
+
+
+def test_the_data_tool_lists_the_files_it_skips(tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    _write_docs(mixed, ["good text\n" * 20])
+    (mixed / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    assert data.main(["--output-prefix", str(tmp_path / "o" / "o"), "--input", str(mixed),
+                      "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 file(s) that are not UTF-8 text" in err and "blob.bin" in err
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a.bin").write_bytes(b"\xff\xfe")
+    with pytest.raises(SystemExit):
+        data.main(["--output-prefix", str(tmp_path / "p" / "p"), "--input", str(only)])
+    assert "no UTF-8 text files under" in capsys.readouterr().err

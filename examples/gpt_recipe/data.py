@@ -179,13 +179,14 @@ def _read_utf8(path: str, strict: bool = True) -> Optional[str]:
         raise ValueError(f"{path} is not valid UTF-8 text ({err})") from err
 
 
-def _expand_inputs(inputs: Sequence[str], suffixes: Optional[Sequence[str]] = None) -> List[str]:
+def _expand_inputs(inputs: Sequence[str], suffixes: Optional[Sequence[str]] = None,
+                   skipped: Optional[List[str]] = None) -> List[str]:
     """Expand files and directories into a list of files (CLI helper).
 
     Files are kept as given, in the given order.  A directory contributes every regular file
     below it (hidden entries and ``__pycache__`` skipped) whose name ends with one of
     ``suffixes`` (all files when ``None``) and that is valid UTF-8, in sorted relative-path
-    order.
+    order; the files left out as not UTF-8 are appended to ``skipped``.
 
     Raises:
         FileNotFoundError: if an input does not exist.
@@ -205,8 +206,13 @@ def _expand_inputs(inputs: Sequence[str], suffixes: Optional[Sequence[str]] = No
                     ):
                         continue
                     path = os.path.join(dirpath, name)
-                    if os.path.isfile(path) and _read_utf8(path, strict=False) is not None:
-                        found.append((os.path.relpath(path, item).replace(os.sep, "/"), path))
+                    if not os.path.isfile(path):
+                        continue
+                    if _read_utf8(path, strict=False) is None:
+                        if skipped is not None:
+                            skipped.append(path)
+                        continue
+                    found.append((os.path.relpath(path, item).replace(os.sep, "/"), path))
             out.extend(path for _, path in sorted(found))
         else:
             raise FileNotFoundError(f"input not found: {item}")
@@ -666,14 +672,20 @@ def prepare_corpus(
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(manifest_path)  # invalid until the rebuild completes
+    marker = prefix + ".preparing"  # this prefix's build is under way (or was interrupted)
+    _remove_temporaries(prefix)
 
+    new_tok = tok_path
     if train:
-        owned = old is not None and old.get("tokenizer", {}).get("path") == tok_path
+        owned = (old is not None and old.get("tokenizer", {}).get("path") == tok_path) or (
+            os.path.exists(marker))
         _check_tokenizer_not_shared(tok_path, prefix, owned, force)
+        _atomic_write_text(marker, tok_path)
         texts = (_read_utf8(p) for p in paths)
         hf_tokenizer = _train_tokenizer(texts, len(paths), vocab_size)
-        _atomic_write_text(tok_path, hf_tokenizer.to_str(pretty=True))
-    tokenizer = CorpusTokenizer(tok_path)
+        new_tok = f"{tok_path}.tmp{os.getpid()}"  # in place only once the data is written
+        _atomic_write_text(new_tok, hf_tokenizer.to_str(pretty=True))
+    tokenizer = CorpusTokenizer(new_tok)
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp_prefix = f"{prefix}.tmp{os.getpid()}"
@@ -699,6 +711,8 @@ def prepare_corpus(
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
 
+    if new_tok != tok_path:
+        os.replace(new_tok, tok_path)
     _purge_index_cache(prefix)
     manifest = {
         "settings": settings,
@@ -718,7 +732,21 @@ def prepare_corpus(
         },
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)
     return _record(prefix, tok_path, manifest, skipped=False, t0=t0)
+
+
+def _remove_temporaries(prefix: str) -> None:
+    """What an interrupted preparation of ``prefix`` left (``*.tmp<pid>`` files)."""
+    import re
+
+    folder, base = os.path.split(prefix)
+    pattern = re.compile(rf"^({re.escape(base)}|{re.escape(TOKENIZER_FILENAME)})\.tmp\d+(\.bin|\.idx)?$")
+    for name in os.listdir(folder):
+        if pattern.match(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,6 +821,36 @@ def _parse_data_path(
         if missing:
             raise _missing_data_error(prefix, missing)
     return prefixes, weights
+
+
+def _check_data_files(prefix: str, vocab_size: int) -> None:
+    """Refuse a ``.bin``/``.idx`` pair that does not belong together, or token ids the
+    tokenizer does not know, naming the files.
+
+    Raises:
+        ValueError: an empty file, an index whose token count x item size is not the data
+            file's size, or a token id >= ``vocab_size``.
+    """
+    bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
+    for path in (bin_path, idx_path):
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty: prepare the data again")
+    try:
+        index = IndexedDataset(prefix, mmap=True)
+    except Exception as err:  # megatron-core's own reader: a damaged index
+        raise ValueError(f"{idx_path} cannot be read as Megatron's index ({err})") from err
+    itemsize = numpy.dtype(index.index.dtype).itemsize
+    expected = int(index.sequence_lengths.sum()) * itemsize
+    actual = os.path.getsize(bin_path)
+    if expected != actual:
+        raise ValueError(
+            f"{idx_path} describes {expected:,} bytes of tokens but {bin_path} holds {actual:,}: "
+            "the pair does not belong together (truncated or mixed up); prepare the data again")
+    largest = int(numpy.memmap(bin_path, dtype=index.index.dtype, mode="r").max())
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{bin_path} holds token id {largest}, but the tokenizer knows {vocab_size} tokens: "
+            "give the tokenizer the data was prepared with (--tokenizer-model)")
 
 
 def _check_same_tokenizer(prefixes: Sequence[str], tokenizer=None) -> None:
@@ -914,6 +972,8 @@ def build_gpt_datasets(
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = CorpusTokenizer(tokenizer)
     _check_same_tokenizer(prefixes, tokenizer)
+    for prefix in prefixes:
+        _check_data_files(prefix, tokenizer.vocab_size)
 
     if cache_dir is None:
         cache_dir = _default_cache_dir(prefixes[0])
@@ -999,7 +1059,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        files = _expand_inputs(args.input, args.suffix) if args.input else None
+        skipped: List[str] = []
+        files = _expand_inputs(args.input, args.suffix, skipped) if args.input else None
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            print(f"warning: skipped {len(skipped)} file(s) that are not UTF-8 text: {shown}",
+                  file=sys.stderr)
+        if files == []:
+            raise ValueError(f"no UTF-8 text files under {' '.join(args.input)}"
+                             + (f" ({len(skipped)} skipped as not UTF-8)" if skipped else ""))
         record = prepare_corpus(
             args.output_prefix,
             files=files,
