@@ -272,6 +272,17 @@ def _resume_problem(args, info, scheduler, schedule, m) -> Optional[str]:
     return None
 
 
+def _truncate_log(path: str, iteration: int) -> None:
+    """Keep the JSON records of ``path`` up to ``iteration``: a resumed run writes the later
+    ones again, and each must appear once."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+    if len(keep) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+
 def _already_done(args: argparse.Namespace) -> bool:
     """True (and says so, once) if ``--load`` already holds ``--train-iters``."""
     from gpt_recipe.checkpoint import latest_iteration
@@ -505,6 +516,8 @@ def train(args: argparse.Namespace) -> List[dict]:
     if args.log_json and is_writer:
         os.makedirs(os.path.dirname(os.path.abspath(args.log_json)), exist_ok=True)
         log = open(args.log_json, "a" if start_iteration else "w")  # a resume appends
+        if start_iteration:  # records a killed run wrote after its last checkpoint go
+            _truncate_log(args.log_json, start_iteration)
     records: List[dict] = []
 
     recent_losses: List[float] = []  # training losses since the last save (last stage)

@@ -1,27 +1,17 @@
 """CPU/gloo harness: run megatron-core's GPT model, DDP, optimizers and schedules on CPU.
 
 megatron-core assumes CUDA in many places (receive buffers, token counters, causal masks,
-the global memory buffer, rotary embeddings, param/grad buffers, optimizer type checks,
-the model-parallel RNG tracker). :func:`enable_cpu_mode` redirects those assumptions so
-the unmodified megatron-core code runs on CPU with the gloo backend:
+param/grad buffers, optimizer type checks, the RNG tracker; MEGATRON_NOTES.md, "Running
+megatron-core on CPU"). :func:`enable_cpu_mode` redirects them so that the unmodified code
+runs on CPU with gloo: ``torch.cuda``'s device, stream and RNG functions get CPU
+stand-ins, a :class:`CudaToCpuMode` rewrites every device argument naming CUDA to CPU (and
+reports CUDA type names, which Megatron's optimizers assert on), and the model-parallel
+RNG tracker keeps CPU generator states.
 
-1. ``torch.cuda.current_device()`` returns device index 0, ``torch.cuda.synchronize()``,
-   ``torch.cuda.set_device()`` and ``torch.cuda.empty_cache()`` do nothing.
-2. A :class:`torch.overrides.TorchFunctionMode` (:class:`CudaToCpuMode`) rewrites every
-   ``device=`` argument naming CUDA (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``,
-   a bare int) to CPU, makes ``Tensor.cuda()`` a no-op, ``Tensor.to("cuda")`` stay on CPU,
-   and makes ``Tensor.type()`` report CUDA type names (Megatron's optimizers and clipping
-   assert on ``'torch.cuda.FloatTensor'``).
-3. The model-parallel RNG tracker (``megatron.core.tensor_parallel.random``) keeps CPU
-   generator states in place of CUDA ones, so ``model_parallel_cuda_manual_seed`` works.
-
-Every patch is listed in one table, :data:`PATCHES` (target module -> the names replaced
-there), like the Megatron-LM glue's ``PATCHED``; the originals are kept in one object
-(:class:`_CpuModeState`) and :func:`disable_cpu_mode` puts them back (:func:`cpu_mode` is
-the context-manager form). Where CUDA is available :func:`enable_cpu_mode` changes
-nothing unless forced: the GPU path is untouched. The function mode is thread-local
-(PyTorch's mode stack); :func:`enable_cpu_mode` pushes it on the calling thread, which
-is the thread that runs the training loop.
+Every patch is listed in one table, :data:`PATCHES`; the originals are kept in one object
+and :func:`disable_cpu_mode` puts them back (:func:`cpu_mode`: the context-manager form).
+Where CUDA is available nothing changes unless forced. The function mode is thread-local:
+it applies to the thread that enabled it, the one that runs the training loop.
 """
 
 from __future__ import annotations

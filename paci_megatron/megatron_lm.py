@@ -253,8 +253,9 @@ class Glue:
 
         A collective over the pipeline group: call it on every rank at the same point.
         """
-        import torch
         from megatron.core import parallel_state as ps
+
+        from .telemetry import gather_stages
 
         local = {"drift": None, "updates": 0, "calls": self.train_steps}
         if self.schedule is not None:
@@ -264,10 +265,7 @@ class Glue:
             version = self.schedule.state.version
             local["updates"] = version - self.start_version - local["skipped"]
             local["version"] = version
-        group = ps.get_pipeline_model_parallel_group()
-        out: List[Any] = [None] * torch.distributed.get_world_size(group)
-        torch.distributed.all_gather_object(out, local, group=group)
-        return out
+        return gather_stages(local, ps.get_pipeline_model_parallel_group(), "PACI statistics")
 
     def log_line(self) -> str:
         """``paci | iteration N | drift_max per stage: [...] | ...`` (a collective)."""

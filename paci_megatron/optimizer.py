@@ -1,32 +1,19 @@
 """Per-stage optimizer wrapper: the stage's own update after ``a`` backward micro-batches.
 
 :class:`PACIOptimizer` wraps what megatron-core's ``get_megatron_optimizer`` returns. The
-PACI schedule calls :meth:`PACIOptimizer.local_update` after every ``a``-th backward of
-the stage; it then, with no collective that spans pipeline stages (docs/design.md, "The
-local update"):
+PACI schedule calls :meth:`PACIOptimizer.local_update` with the :class:`Window` each
+``a``-th backward closes; with no collective that spans pipeline stages it finishes the
+stage's DP (and TP-replicated) grad reduction, sets the learning rate of the window's
+first sample from Megatron's ``OptimizerParamScheduler``, steps the inner optimizer with
+grad norm, clipping and found-inf reduced over the stage only, and zeroes the grads
+(docs/design.md, "The local update"). The training loop's own ``optimizer.step()`` and
+``zero_grad()`` neither step again nor wipe a partly accumulated window.
 
-1. finishes the data-parallel grad reduction of the stage's own parameters
-   (``DistributedDataParallel.finish_grad_sync``: DP all-reduce, or reduce-scatter with
-   the distributed optimizer) and the TP all-reduce of TP-replicated grads;
-2. sets the learning rate and weight decay of update ``k`` from Megatron's
-   ``OptimizerParamScheduler`` at the sample count where the window started, which is
-   what synchronous Megatron uses for iteration ``k`` when ``a = m``
-   (``train_step``: ``optimizer.step()`` runs before ``opt_param_scheduler.step``);
-3. steps the inner optimizer with grad norm, clipping and found-inf reduced over the
-   stage's TP group (TP x DP x CP with the distributed optimizer) only;
-4. zeroes the stage's grad buffers.
-
-The training loop's own ``optimizer.step()`` and ``optimizer.zero_grad()`` neither step
-again nor wipe a partly accumulated window (the schedule guards the chunks'
-``zero_grad_buffer()`` likewise). The schedule tells each update which window it closes
-(:class:`Window`); the stage's version lives in the schedule's state alone.
-
-In-place updates and in-flight autograd graphs: parameters that in-flight graphs saved
-are updated in place, which bumps their autograd version counter and would make the
-next backward fail with "modified by an inplace operation". The wrapper records every
-parameter's version before the step and restores it afterwards (stock PyTorch's
-``_unsafe_set_version_counter``, see :mod:`paci_megatron.compat`), so in-flight backwards
-run on the CURRENT (updated) weights, as PACI specifies; no copies are kept.
+Parameters that in-flight autograd graphs saved are updated in place; the wrapper
+restores their autograd version counters after the step (stock PyTorch's
+``_unsafe_set_version_counter``, :mod:`paci_megatron.compat`), so in-flight backwards run
+on the CURRENT weights, as PACI specifies, with no copies (docs/design.md, "Weights seen
+by a backward").
 """
 
 from __future__ import annotations

@@ -1,30 +1,16 @@
 """Schedule IR: the ordered actions of one pipeline stage under PACI (pure, no torch).
 
-A stage runs one-forward-one-backward (1F1B) continuously. Counted from the last drain,
-stage ``s`` of ``P`` first forwards ``W = P - s - 1`` micro-batches (warm-up), then
-alternates ``F j+W``, ``B j`` (steady state), so it never holds more than ``P - s``
-micro-batches in flight. There is no flush between training iterations: a call of
-``forward_backward_func`` ends, on every stage, right after the forward of the call's
-last micro-batch and the backward paired with it; the in-flight micro-batches stay in
-flight into the next call. After every ``a`` backwards the stage applies its own
-optimizer update (``U k``, the ``k``-th update, 1-based). :func:`plan_drain` is the
-cool-down: backwards of everything in flight, then the update they complete
-(docs/design.md, "The schedule" and "Drain").
+Stage ``s`` of ``P`` runs 1F1B continuously: counted from the last drain it forwards
+``W = P - s - 1`` micro-batches (warm-up), then alternates ``F j+W``, ``B j`` (steady
+state), never flushing between calls of ``forward_backward_func``; after every ``a``
+backwards it applies its own update ``U k``. :func:`plan_drain` is the cool-down
+(docs/design.md, "The schedule" and "Drain"). :func:`lower` adds the exchanges with the
+neighbours in Megatron's pairing, such that every send of a call is received in the same
+call, and marks the backwards that close a window.
 
-Communication implied by the actions (the runtime derives it, the simulator checks it):
-``F j`` on stage ``s > 0`` receives activation ``j`` from ``s - 1``; on ``s < P - 1`` it
-sends activation ``j`` to ``s + 1``. ``B j`` on ``s < P - 1`` receives the gradient of
-micro-batch ``j`` from ``s + 1``; on ``s > 0`` it sends the input gradient to ``s - 1``.
-The send that follows the last backward of a call is issued at the start of the next
-call (together with the receive of that call's first activation, as Megatron's
-``send_backward_recv_forward`` does), so that every send of a call is received in the
-same call on both stages: no point-to-point operation is left unmatched between calls.
-
-Actions have a compact text form that round-trips: ``2F5`` (stage 2 forwards
-micro-batch 5), ``0B3``, ``1U2`` (stage 1 applies its 2nd update). So do the steps of a
-lowered plan (:func:`lower`): exchanges (``1:send_forward_recv_backward(act5,grad3)``) and
-the mark of a backward that closes an accumulation window (``1SYNC``).
-:func:`validate_plan` checks whole plans and shows a violation in the stages' grid.
+Actions, exchanges and marks have text forms that round-trip (``2F5``, ``0B3``, ``1U2``,
+``1:send_forward_recv_backward(act5,grad3)``, ``1SYNC``); :func:`validate_plan` checks
+whole plans and shows a violation in the stages' grid.
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 """The PACI schedule: a drop-in ``forward_backward_func`` for megatron-core.
 
 :class:`PACISchedule` is called exactly like the function Megatron's
-``get_forward_backward_func()`` returns (same keywords, same return value: the list of
-per-micro-batch loss dicts on the last stage, ``[]`` elsewhere), but it never flushes:
-the in-flight micro-batches of one call stay in flight into the next, and the stage's
-optimizer update runs inside the schedule after every ``a`` backwards
-(:class:`~paci_megatron.optimizer.PACIOptimizer`). The order of a stage's actions
-comes from the pure planner (:mod:`paci_megatron.plan`); this module executes it with
-megatron-core's ``forward_step`` / ``backward_step``, exchanging activations and
-gradients in the same pairing of sends and receives as Megatron's own 1F1B
-(``forward_backward_pipelining_without_interleaving``), but with a timeout on every wait
-(:mod:`paci_megatron.p2p`): a stalled pipeline raises an error that names the stage, the
-peer, the micro-batch and the action instead of hanging.
-
-Point-to-point operations never straddle two calls: the gradient send that follows a
-call's last backward is issued at the start of the next call (or of :meth:`drain`),
-paired with the receive of that call's first activation, exactly where Megatron's
-steady state would issue it. The training loop may therefore run collectives between
-calls. The loop must call the schedule on every rank of the pipeline for every
-iteration, as it does with Megatron's schedule.
+``get_forward_backward_func()`` returns (same keywords, same return value), but it never
+flushes: in-flight micro-batches stay in flight into the next call, and the stage's
+optimizer update runs inside the schedule after every ``a`` backwards. It executes the
+lowered plan of :mod:`paci_megatron.plan` with megatron-core's ``forward_step`` /
+``backward_step`` and Megatron's pairing of sends and receives, with a timeout on every
+wait (:mod:`paci_megatron.p2p`). No point-to-point operation straddles two calls, so the
+training loop may run collectives between them (docs/design.md, "The schedule").
 """
 
 from __future__ import annotations

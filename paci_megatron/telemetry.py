@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .plan import Kind, drift_bound
 
-__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift", "TimelineEvent",
+__all__ = ["DriftTelemetry", "DriftBoundError", "gather_drift", "gather_stages", "TimelineEvent",
            "write_chrome_trace", "write_run_trace"]
 
 
@@ -91,13 +91,27 @@ def gather_drift(telemetry: Optional[DriftTelemetry], pp_group=None) -> List[Dic
     Returns:
         ``P`` summaries in stage order: ``{"max", "mean", "count", "histogram"}``.
     """
+    local = telemetry.summary() if telemetry is not None else DriftTelemetry(1, 0).summary()
+    return gather_stages(local, pp_group, "drift statistics")
+
+
+def gather_stages(local: object, pp_group, what: str) -> List[object]:
+    """Every stage's ``local`` (any picklable object), in stage order: a collective over the
+    pipeline group (``[local]`` without one).
+
+    Raises:
+        RuntimeError: the collective failed (a peer stage stopped); names this stage.
+    """
     import torch  # here, so that the simulator imports this module without torch
 
-    local = telemetry.summary() if telemetry is not None else DriftTelemetry(1, 0).summary()
     if pp_group is None or not torch.distributed.is_initialized():
         return [local]
-    out: List[Dict[str, object]] = [None] * torch.distributed.get_world_size(pp_group)
-    torch.distributed.all_gather_object(out, local, group=pp_group)
+    out: List[object] = [None] * torch.distributed.get_world_size(pp_group)
+    try:
+        torch.distributed.all_gather_object(out, local, group=pp_group)
+    except Exception as err:  # a peer stage died or stalled mid-collective
+        raise RuntimeError(f"stage {pp_group.rank()}: gathering every stage's {what} failed "
+                           f"(did another stage stop?): {err}") from err
     return out
 
 
