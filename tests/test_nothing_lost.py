@@ -112,3 +112,42 @@ def test_logged_losses_average_over_data_parallel_replicas(corpus, tmp_path):
         assert rc == 0, out[-3000:]
         vals.append(json.loads(log.read_text().splitlines()[0])["val_loss"])
     assert vals[1] == pytest.approx(vals[0], rel=1e-5)
+
+
+def test_a_run_killed_while_training_resumes_from_its_last_checkpoint(corpus, tmp_path):
+    """Kill every rank right after the iteration-2 checkpoint, relaunch the same command:
+    the losses equal an uninterrupted run's and the log holds every record once."""
+    import signal
+    import time
+
+    flags = ["--pipeline-schedule", "paci", "--train-iters", "6", "--eval-interval", "3",
+             "--save-interval", "2", "--data-path", corpus]
+
+    def command(ck, log):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                os.path.join(ROOT, "examples", "pretrain_gpt.py"), *S,
+                "--pipeline-model-parallel-size", "2", *flags, "--save", str(ck), "--load",
+                str(ck), "--log-json", str(log)]
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    straight = tmp_path / "straight.jsonl"
+    proc = subprocess.run(command(tmp_path / "a", straight), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ck, log = tmp_path / "b", tmp_path / "killed.jsonl"
+    victim = subprocess.Popen(command(ck, log), cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ck / "latest_checkpointed_iteration.txt").exists():
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # every rank, mid-training
+    victim.wait()
+    proc = subprocess.run(command(ck, log), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)  # the same command again
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    mine = [json.loads(line) for line in log.read_text().splitlines()]
+    theirs = [json.loads(line) for line in straight.read_text().splitlines()]
+    assert [r["iteration"] for r in mine] == [r["iteration"] for r in theirs]
+    for a, b in zip(mine, theirs):  # --log-interval 1: every iteration's own loss
+        assert (a.get("lm_loss"), a.get("val_loss")) == (b.get("lm_loss"), b.get("val_loss"))

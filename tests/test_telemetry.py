@@ -21,3 +21,23 @@ def test_drift_above_the_bound_is_a_hard_error():
         t.record(7, 2, accumulation=2)
     assert t.count == 1  # the bad value was not recorded as if fine
     DriftTelemetry(4, 1, check=False).record(7, 2, accumulation=2)  # opt-out for experiments
+
+
+def test_a_failed_gather_names_the_stage(monkeypatch):
+    import torch
+
+    from paci_megatron import telemetry
+
+    class Group:
+        def rank(self):
+            return 2
+
+    def dead_peer(out, obj, group=None):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", dead_peer)
+    with pytest.raises(RuntimeError, match=r"stage 2: gathering every stage's drift statistics "
+                                           r"failed \(did another stage stop\?\): Connection closed"):
+        telemetry.gather_drift(DriftTelemetry(4, 2), Group())
