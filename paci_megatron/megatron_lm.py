@@ -225,7 +225,16 @@ class Glue:
         m = get_num_microbatches()
         a = paci.resolve_accumulation(m)
         self.start_iteration = int(getattr(args, "iteration", 0) or 0)
-        self.start_version = self.start_iteration * m // a
+        # Megatron-LM restores the samples consumed; a changed batch size keeps them exact
+        per_microbatch = args.micro_batch_size * (getattr(args, "data_parallel_size", 1) or 1)
+        consumed = int(getattr(args, "consumed_train_samples", 0) or 0)
+        microbatches = consumed // per_microbatch
+        if consumed % per_microbatch or microbatches % a:
+            _report_and_exit([f"the checkpoint consumed {consumed} samples, which are not whole "
+                              f"accumulation windows of a = {a} micro-batches of {per_microbatch} "
+                              "samples: resume with the checkpoint's --global-batch-size and "
+                              "--micro-batch-size"])
+        self.start_version = microbatches // a
         self.optimizer = wrapped
         self.schedule = PACISchedule(
             wrapped, paci,
@@ -233,7 +242,7 @@ class Glue:
                 args, "untie_embeddings_and_output_weights", False),
         )
         # Checkpoints are only written drained (save_checkpoint_and_time drains first).
-        self.schedule.load_state_dict(PACISchedule.drained_state(self.start_iteration * m, a))
+        self.schedule.load_state_dict(PACISchedule.drained_state(microbatches, a))
         from megatron.core import parallel_state as ps
 
         P = ps.get_pipeline_model_parallel_world_size()

@@ -179,6 +179,12 @@ def test_paci_checkpoint_saves_drained_and_resumes(tmp_path):
     assert a[9] == b[9] and a[11] == b[11] and a[12] == b[12]
     assert a[10] == b[10] or a[10] == pytest.approx((b[9] + b[10]) / 2, rel=1e-6)
     assert [v for v in validation(resumed) if v[0] == 12] == [v for v in validation(whole) if v[0] == 12]
+    # another global batch size: the stage version comes from the samples consumed (64 of
+    # 2 per micro-batch = 32 micro-batches = 4 windows of a = m = 8), not iteration x m / a
+    bigger = ok(2, *common, "--load", tmp_path / "a", "--global-batch-size", 16)
+    assert "starting at iteration 8, version 4" in bigger and sorted(losses(bigger)) == [9, 10, 11, 12]
+    rc, out = launch(2, *common, "--load", tmp_path / "a", "--global-batch-size", 12)
+    assert rc != 0 and "not whole accumulation windows of a = 6 micro-batches" in out
 
 
 def test_refusals_stop_megatron_lm_before_training():
