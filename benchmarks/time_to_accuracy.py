@@ -146,7 +146,8 @@ REGIMES: Dict[str, Regime] = {
                    stages=4, num_layers=4, hidden=256, heads=4, seq=64, mbs=4, gbs=32,
                    train_iters=600, lr_warmup_iters=6, eval_interval=50, eval_iters=4,
                    lrs=(1.5e-4, 3e-4, 6e-4), seeds=(1234, 4321, 2025), clip_grad=0.0,
-                   arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead")),
+                   arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead",
+                         "1f1b-muon", "paci-muon")),
     # small enough for the test suite: it checks the machinery, not the result
     "quick": Regime("test-suite size", stages=2, num_layers=2, hidden=32, heads=4, seq=32,
                     mbs=2, gbs=4, train_iters=6, lr_warmup_iters=1, eval_interval=3,

@@ -23,6 +23,7 @@ __all__ = [
     "main_parameters",
     "publish_main_parameters",
     "get_megatron_muon_optimizer",
+    "muon_module",
     "stage_grad_stats_group",
     "allreduce_stage_local_grads",
 ]
@@ -161,14 +162,14 @@ def publish_main_parameters(optimizer) -> None:
             copy()
 
 
-def get_megatron_muon_optimizer(config, model_chunks):
-    """megatron-core's Muon (``megatron.core.optimizer.muon``, Muon for 2-D weights and Adam
-    for the rest, chained) on Python < 3.12, whose ``typing`` lacks the ``override``
-    decorator that the ``emerging-optimizers`` package imports (a no-op is provided).
+def muon_module():
+    """megatron-core's ``megatron.core.optimizer.muon`` (Muon for 2-D weights, chained with
+    Adam), usable on Python < 3.12: ``typing`` gains the no-op ``override`` decorator that
+    ``emerging-optimizers`` imports (the module is reloaded if its optional import had
+    failed on it), and megatron-core 0.16's keywords are adapted to emerging-optimizers 0.3.
 
     Raises:
-        ImportError: this megatron-core has no Muon, or ``emerging-optimizers`` (with
-            ``absl-py`` and ``triton``) is not installed.
+        ImportError: ``emerging-optimizers`` (with ``absl-py`` and ``triton``) is missing.
     """
     import importlib
     import typing
@@ -177,13 +178,18 @@ def get_megatron_muon_optimizer(config, model_chunks):
 
     if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False) and not hasattr(typing, "override"):
         typing.override = lambda method: method
-        muon = importlib.reload(muon)  # its optional import failed on the missing name
+        muon = importlib.reload(muon)  # same module object: names imported from it stay valid
     if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False):
         raise ImportError("Muon needs the emerging-optimizers package: pip install absl-py triton "
                           "&& pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0")
     if not hasattr(muon, "HAVE_EO_V02"):
         _old_muon_keywords(muon)
-    return muon.get_megatron_muon_optimizer(config, list(model_chunks))
+    return muon
+
+
+def get_megatron_muon_optimizer(config, model_chunks):
+    """megatron-core's ``get_megatron_muon_optimizer`` through :func:`muon_module`."""
+    return muon_module().get_megatron_muon_optimizer(config, list(model_chunks))
 
 
 def _old_muon_keywords(muon) -> None:

@@ -379,6 +379,10 @@ def _setup_model_and_optimizer(module, original):
         args = module.get_args() if hasattr(module, "get_args") else None
         if args is not None and glue.args is not args:
             _accept(args)  # arguments that skipped validate_args (e.g. --yaml-cfg)
+        if "muon" in str(getattr(args, "optimizer", "")):  # under 1f1b as well
+            from . import compat
+
+            compat.muon_module()  # Megatron-LM's own Muon, usable on this Python
         model, optimizer, scheduler = original(*a, **k)
         if glue.active and optimizer is None:
             glue.evaluation_only = True  # --skip-train: evaluation alone, no schedule needed

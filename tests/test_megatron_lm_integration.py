@@ -163,6 +163,20 @@ def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():
     assert validation(explicit) == validation(plain) and len(validation(plain)) == 4
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_drained_paci_prints_1f1b_losses_and_the_synchronous_warm_up_is_1f1b(optimizer):
+    common = ["--pipeline-model-parallel-size", 2, "--train-iters", 6, "--eval-interval", 6,
+              "--clip-grad", 0, "--optimizer", optimizer]
+    base = losses(ok(2, *common, "--pipeline-schedule", "1f1b"))  # Megatron's own 1F1B
+    assert sorted(base) == list(range(1, 7))
+    drained = losses(ok(2, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1))
+    assert drained == base  # every printed digit
+    warm = ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 3)
+    assert "synchronous warm-up 3 iterations" in warm
+    warm = losses(warm)
+    assert [warm[i] for i in (1, 2, 3)] == [base[i] for i in (1, 2, 3)] and warm[6] != base[6]
+
+
 def test_paci_checkpoint_saves_drained_and_resumes(tmp_path):
     common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
               "--train-iters", 12, "--eval-interval", 4]
