@@ -240,8 +240,10 @@ def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
     except ValueError as err:
         return [str(err)]
     if iteration is None:
+        if args.save and os.path.abspath(args.save) == os.path.abspath(args.load):
+            return []  # Megatron-LM's resume idiom, --load = --save: nothing saved yet
         return [f"--load {args.load} holds no checkpoint (no latest_checkpointed_iteration.txt): "
-                "check the path"]
+                "check the path (with --save the same folder, a first run starts from scratch)"]
     problems = []
     if iteration > args.train_iters:
         problems.append(f"--load {args.load} is at iteration {iteration}, beyond --train-iters "
@@ -491,6 +493,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     from megatron.core import parallel_state as ps
 
     from gpt_recipe import model as gpt
+    from gpt_recipe.checkpoint import latest_iteration
     from paci_megatron.telemetry import gather_drift
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -498,7 +501,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     train_ds, valid_ds, vocab = build_data(args, dp_rank, dp_size)
     model, optimizer, scheduler, schedule = build_training(args, vocab, m)
     start_iteration = 0
-    if args.load:
+    if args.load and latest_iteration(args.load) is not None:
         from gpt_recipe.checkpoint import load_checkpoint
 
         info = load_checkpoint(args.load, model, optimizer, scheduler,

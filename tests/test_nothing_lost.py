@@ -38,7 +38,8 @@ def tracker(path):
     return (path / "latest_checkpointed_iteration.txt").read_text()
 
 
-def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path):
+def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path, capsys,
+                                                            monkeypatch):
     ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
     common = ["--pipeline-schedule", "paci", "--eval-interval", "2", "--save", ck,
               "--log-json", log]
@@ -53,42 +54,53 @@ def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path):
     assert its == [0, 1, 2, 3, 4], its
     assert not (ck / "iter_0000002" / "stale.pt.tmp4242").exists()  # cleaned by the next save
     assert tracker(ck) == "4"
-    # a lower --train-iters would overwrite a good checkpoint: refused before start-up
-    rc, out = run(tmp_path, *common, "--train-iters", "2", "--load", ck, corpus=corpus)
-    assert rc != 0 and "is at iteration 4, beyond --train-iters 2" in out
-    assert tracker(ck) == "4" and out.count("beyond --train-iters") == 1
+    # refused before start-up (checked in-process: the same check_args torchrun's ranks run)
+    assert "is at iteration 4, beyond --train-iters 2" in refusal(
+        capsys, monkeypatch, *common, "--train-iters", "2", "--load", ck)
+    assert tracker(ck) == "4"
+    assert "written with TP x PP = 1 x 2, this run has 1 x 1" in refusal(
+        capsys, monkeypatch, "--train-iters", "6", "--load", ck, pp=1, world=1)
+    rel = tmp_path / "release"
+    rel.mkdir()
+    (rel / "latest_checkpointed_iteration.txt").write_text("release")
+    assert "holds 'release', not an iteration" in refusal(
+        capsys, monkeypatch, "--train-iters", "6", "--load", rel)
     # a finished run relaunched: nothing to do, said once, exit 0
     rc, out = run(tmp_path, *common, "--train-iters", "4", "--load", ck, corpus=corpus)
     assert rc == 0 and out.count("nothing to do") == 1 and "Traceback" not in out
-    # another pipeline size: refused with the sizes, not a state-dict error
-    rc, out = run(tmp_path, "--train-iters", "6", "--load", ck, nproc=1, pp=1, corpus=corpus)
-    assert rc != 0 and "written with TP x PP = 1 x 2, this run has 1 x 1" in out
-    # another global batch: refused, it would re-read or skip samples
+    # another global batch: refused after loading, it would re-read or skip samples
     rc, out = run(tmp_path, *common, "--train-iters", "6", "--load", ck,
                   "--global-batch-size", "16", corpus=corpus)
     assert rc != 0 and "trained with --global-batch-size 8; this run has 16" in out
     assert out.count("cannot be resumed") == 1 and tracker(ck) == "4"
-    # Megatron-LM's release tracker: refused by name
-    rel = tmp_path / "release"
-    rel.mkdir()
-    (rel / "latest_checkpointed_iteration.txt").write_text("release")
-    rc, out = run(tmp_path, "--train-iters", "6", "--load", rel, corpus=corpus)
-    assert rc != 0 and "holds 'release', not an iteration" in out
 
 
-def test_bad_values_are_refused_before_anything_starts(tmp_path):
-    rc, out = run(tmp_path, "--lr", "-1", "--weight-decay", "-0.1", "--ffn-hidden-size", "-4",
-                  "--lr-warmup-iters", "-2", "--exit-interval", "0",
+def refusal(capsys, monkeypatch, *flags, pp=2, world=2):
+    """The problems ``check_args`` reports (and the exit status 2) for these flags."""
+    import pretrain_gpt
+
+    monkeypatch.setenv("RANK", "0")
+    args = pretrain_gpt.parse_args(S + ["--pipeline-model-parallel-size", str(pp)]
+                                   + [str(f) for f in flags])
+    with pytest.raises(SystemExit) as stop:
+        pretrain_gpt.check_args(args, world_size=world)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_values_are_refused_before_anything_starts(capsys, monkeypatch):
+    out = refusal(capsys, monkeypatch, "--lr", "-1", "--weight-decay", "-0.1",
+                  "--ffn-hidden-size", "-4", "--lr-warmup-iters", "-2", "--exit-interval", "0",
                   "--distributed-timeout-minutes", "0", "--data-path")
-    assert rc != 0 and out.count("bad configuration") == 1
+    assert out.count("bad configuration") == 1
     for needle in ("--lr -1.0: must be >= 0", "--weight-decay -0.1: must be >= 0",
                    "--ffn-hidden-size -4: must be >= 1", "--lr-warmup-iters -2: must be >= 0",
                    "--exit-interval 0: must be >= 1",
                    "--distributed-timeout-minutes 0.0: must be > 0",
                    "--data-path was given without a value"):
         assert needle in out, needle
-    rc, out = run(tmp_path, "--data-path", "nan", "a/b", "1", "c/d")
-    assert rc != 0 and "--data-path weight nan: must be a finite number > 0" in out
+    out = refusal(capsys, monkeypatch, "--data-path", "nan", "a/b", "1", "c/d")
+    assert "--data-path weight nan: must be a finite number > 0" in out
 
 
 def test_a_diverged_run_stops_without_saving(corpus, tmp_path):
