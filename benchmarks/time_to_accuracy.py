@@ -152,7 +152,7 @@ REGIMES: Dict[str, Regime] = {
     "quick": Regime("test-suite size", stages=2, num_layers=2, hidden=32, heads=4, seq=32,
                     mbs=2, gbs=4, train_iters=6, lr_warmup_iters=1, eval_interval=3,
                     eval_iters=1, lrs=(3e-3,), seeds=(1, 2), clip_grad=1.0,
-                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync")),
+                    arms=("1f1b-adam", "paci-adam-sync")),
 }
 
 
