@@ -172,6 +172,10 @@ class PACIOptimizer:
         group = compat.stage_grad_stats_group(distributed_optimizer)
         for inner in compat.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group
+            # Megatron's optimizer timers (--timing-log-level >= 1) start with a world
+            # barrier; inside a local update it would wait for stages that update later
+            if getattr(getattr(inner, "config", None), "barrier_with_L1_time", False):
+                inner.config.barrier_with_L1_time = False
         # the chunks' own zero_grad_buffer (the schedule guards the attribute afterwards)
         self._zero_grad_buffers: List[Callable[[], None]] = [c.zero_grad_buffer for c in self.model]
         self._stage_state: Optional[Callable[[], Any]] = None

@@ -205,6 +205,9 @@ class PACISchedule:
         run = dataclasses.replace(run, forward_step_func=forward_step_func,
                                   data_iterator=data_iterator)
         store: List[Any] = []
+        timers = run.config.timers  # Megatron-LM's timing log ('forward-backward')
+        if timers is not None:  # no barrier: it would realign the stages at every call
+            timers("forward-backward", log_level=1).start(barrier=False)
         try:
             if forward_only:
                 if not self._drained():
@@ -228,6 +231,8 @@ class PACISchedule:
                 self.drain()  # synchronous warm-up: this iteration is exactly 1F1B
             return store
         finally:
+            if timers is not None:
+                timers("forward-backward").stop()
             # Forwards read data only inside a call (recompute mode keeps what each read);
             # holding the iterator longer would keep a DataLoader's worker processes alive
             # until interpreter exit, where a SIGTERM handler can make their join hang.

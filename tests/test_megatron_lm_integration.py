@@ -177,6 +177,13 @@ def test_drained_paci_prints_1f1b_losses_and_the_synchronous_warm_up_is_1f1b(opt
     assert [warm[i] for i in (1, 2, 3)] == [base[i] for i in (1, 2, 3)] and warm[6] != base[6]
 
 
+def test_megatron_timing_log_shows_forward_backward_under_paci():
+    out = ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+             "--train-iters", 4, "--eval-interval", 4, "--timing-log-level", 1)
+    timed = re.findall(r"forward-backward \.+: \(([0-9.]+), ([0-9.]+)\)", out)
+    assert len(timed) >= 4 and all(float(hi) > 0 for _, hi in timed), timed
+
+
 def test_paci_checkpoint_saves_drained_and_resumes(tmp_path):
     common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
               "--train-iters", 12, "--eval-interval", 4]

@@ -19,3 +19,17 @@ def test_one_stage_equals_gradient_accumulation():
         assert r["version"] == 3 * m // a
         for name, ref in r["reference"].items():
             assert torch.equal(r["paci"][name], ref), (m, a, name)
+
+
+def test_the_schedule_drives_megatrons_forward_backward_timer_without_a_barrier():
+    from workers import timers_case
+
+    (events,) = run_distributed(timers_case, 1, 3, timeout_s=120)
+    outer = [e for e in events if e[1] == "forward-backward"]
+    assert outer == [("start", "forward-backward", False), ("stop", "forward-backward")] * 3
+    # megatron-core's own forward_step / backward_step time the compute inside each call
+    assert ("start", "forward-compute", False) in events
+    assert ("start", "backward-compute", False) in events
+    # the optimizer's own timers run inside the local update: never with a world barrier
+    inner = [e for e in events if e[0] == "start" and e[1].startswith("optimizer")]
+    assert inner and all(barrier is False for _, _, barrier in inner), inner

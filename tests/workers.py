@@ -710,3 +710,42 @@ def lookahead_update_case(rank: int, world: int) -> dict:
     seen["settled"] = weight.detach().clone()
     seen["grads"] = grads
     return seen
+
+
+class RecordingTimers:
+    """Megatron's ``config.timers`` stand-in: records what is started and stopped."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, name, log_level=None):
+        timers = self
+
+        class _Timer:
+            def start(self, barrier=False):
+                timers.events.append(("start", name, barrier))
+
+            def stop(self, barrier=False):
+                timers.events.append(("stop", name))
+
+        return _Timer()
+
+
+def timers_case(rank: int, world: int, calls: int):
+    """A single-stage PACI run under Megatron's timers: which ones the schedule drives."""
+    import paci_megatron as pm
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(1)
+    _, model, opt = build_tiny_gpt(1, bf16=False)
+    timers = RecordingTimers()
+    model[0].config.timers = timers
+    for inner in getattr(opt, "chained_optimizers", [opt]):  # Megatron-LM's L1 timer setup
+        inner.config.timers, inner.config.barrier_with_L1_time = timers, True
+    fb = pm.PACISchedule(pm.PACIOptimizer(opt, model))
+    it = iter(synthetic_batches(4 * calls))
+    for _ in range(calls):
+        fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
+           num_microbatches=4, seq_length=SEQ, micro_batch_size=MBS)
+    return timers.events
