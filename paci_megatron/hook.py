@@ -1,23 +1,13 @@
 """Self-activation inside Megatron-LM's training scripts, with no edit to Megatron-LM.
 
-The installed package puts ``paci_megatron.pth`` in ``site-packages``; Python runs its
-one line at interpreter start, which calls :func:`activate`. That costs one scan of
-``sys.argv`` and one environment lookup, and does nothing else unless
-
-- ``--pipeline-schedule`` or a ``--paci-*`` flag is on the command line (Megatron-LM glue,
-  :mod:`paci_megatron.megatron_lm`), or
-- ``PACI_MEGATRON_CPU=1`` is set (Megatron-LM's own training loop on CPU with gloo,
-  :func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`).
-
-Then it installs an import hook that patches Megatron-LM's modules right after Python
-executes them (``megatron.training.arguments``, ``megatron.training.training``, ...).
-Nothing is imported eagerly: at ``.pth`` time ``sys.path[0]`` is not yet the launch
-script's folder, so importing ``megatron`` here could load a different copy than the
-script's own checkout. The launching ``torchrun`` process sees the same arguments; it
-never imports ``megatron.training``, so the hook stays idle there.
-
-Set ``PACI_MEGATRON_DISABLE=1`` to switch the ``.pth`` hook off (a checkout edited by
-``paci-megatron patch`` activates the glue explicitly and is not affected).
+The installed ``paci_megatron.pth`` calls :func:`activate` at interpreter start: one scan of
+``sys.argv`` and one environment lookup, nothing else unless ``--pipeline-schedule`` (or a
+``--paci-*`` flag) is on the command line (the glue, :mod:`paci_megatron.megatron_lm`) or
+``PACI_MEGATRON_CPU=1`` is set (:func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`).
+Then an import hook patches Megatron-LM's modules right after Python executes them, from
+whichever checkout the launch script imports (nothing is imported eagerly: at ``.pth``
+time ``sys.path[0]`` is not yet the script's folder). ``PACI_MEGATRON_DISABLE=1`` switches
+the ``.pth`` hook off (a checkout edited by ``paci-megatron patch`` is not affected).
 """
 
 from __future__ import annotations

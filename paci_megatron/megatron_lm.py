@@ -1,34 +1,23 @@
 """Megatron-LM glue: ``--pipeline-schedule paci`` on Megatron-LM's own training loop.
 
-Activated by :mod:`paci_megatron.hook` when ``--pipeline-schedule`` is on the command
-line of a Megatron-LM script (``pretrain_gpt.py`` and friends), with no edit to
-Megatron-LM. Right after Python executes Megatron-LM's modules it rebinds (MEGATRON_NOTES.md,
-"How the training loop drives a schedule"):
+Activated by :mod:`paci_megatron.hook`, with no edit to Megatron-LM. Right after Python
+executes Megatron-LM's modules it rebinds the names listed in :data:`PATCHED`
+(MEGATRON_NOTES.md, "How the training loop drives a schedule"):
 
-``megatron.training.arguments``
-    ``_add_distributed_args`` also adds the PACI arguments (:func:`add_arguments`);
-    ``validate_args`` then runs :func:`check_args` and stops before anything is built
-    if the configuration cannot run under PACI, listing every problem and the flag to
-    change. Under ``paci`` the rerun state machine defaults to ``--rerun-mode disabled``
-    (its per-iteration world all-reduce and its re-runs of an iteration cannot work with
-    updates applied inside the schedule); an explicit other mode is refused.
-``megatron.training.initialize``
-    its imported name ``validate_args`` (releases that import it by name).
-``megatron.training.training``
-    ``setup_model_and_optimizer`` wraps the optimizer in
-    :class:`~paci_megatron.optimizer.PACIOptimizer` and creates the stage's
-    :class:`~paci_megatron.schedule.PACISchedule`; ``get_forward_backward_func`` returns
-    that schedule (for training and for evaluation); ``finalize_model_grads`` becomes the
-    stage-local :func:`~paci_megatron.optimizer.finalize_stage_grads`; ``evaluate``,
-    ``save_checkpoint_and_time``, the exit decision and the end of ``train`` drain the
-    pipeline first; ``train_step`` counts iterations (and drains every
-    ``--paci-drain-interval``); ``training_log`` adds a line with the drift per stage;
-    the end of training writes ``--paci-trace``.
-
-PACI's flags and refusals are :mod:`paci_megatron.config`'s, the same as the example's.
+- ``megatron.training.arguments``: PACI's flags are added (:func:`add_arguments`) and the
+  validated arguments checked (:func:`check_args`: every refusal of
+  :mod:`paci_megatron.config`, before anything is built); under ``paci`` the rerun state
+  machine defaults to ``--rerun-mode disabled`` (it re-runs whole iterations);
+- ``megatron.training.training``: the optimizer is wrapped in
+  :class:`~paci_megatron.optimizer.PACIOptimizer` with the stage's
+  :class:`~paci_megatron.schedule.PACISchedule` as ``forward_backward_func``;
+  ``finalize_model_grads`` becomes the stage-local one; evaluation, saving, the exit and
+  the end of training drain first; ``train_step`` counts iterations (and drains every
+  ``--paci-drain-interval``); ``training_log`` adds the drift per stage; the end of
+  training writes ``--paci-trace``.
 
 With ``--pipeline-schedule 1f1b`` (or without the flag) every rebound function calls
-Megatron-LM's original unchanged. All patched names are listed in :data:`PATCHED`.
+Megatron-LM's original unchanged.
 """
 
 from __future__ import annotations
