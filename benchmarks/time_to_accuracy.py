@@ -86,6 +86,8 @@ ARMS: Dict[str, Arm] = {
     "paci-adam-lookahead": Arm("paci", "adam", ("--paci-sync-warmup-iters", "0",
                                                 "--paci-lookahead", "1"),
                                label="PACI, AdamW, look-ahead"),
+    "paci-adam-sync-lookahead": Arm("paci", "adam", ("--paci-lookahead", "1"), True,
+                                    label="PACI, AdamW, synchronous warm-up + look-ahead"),
     "1f1b-muon": Arm("1f1b", "muon", label="1F1B, Muon"),
     "paci-muon": Arm("paci", "muon", ("--paci-sync-warmup-iters", "0"), label="PACI, Muon"),
     "paci-muon-sync": Arm("paci", "muon", (), True, label="PACI, Muon, synchronous warm-up"),
