@@ -359,6 +359,14 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
     except (OSError, ValueError) as err:
         problem = str(err)
     _agree_or_stop(problem, "the data cannot be used, nothing was trained")
+    if args.data_path and torch.distributed.get_rank() == 0:
+        prefixes = data_path if len(data_path) == 1 else data_path[1::2]
+        docs, tokens = (sum(x) for x in zip(*(data.corpus_size(p) for p in prefixes)))
+        share = float(args.split.split(",")[0]) / sum(float(x) for x in args.split.split(","))
+        passes = args.train_iters * args.global_batch_size * args.seq_length / max(tokens * share, 1)
+        print(f"> data: {' '.join(data_path)}: {docs} documents, {tokens:,} tokens"
+              + (f"; the run reads its training split about {passes:.0f} times" if passes >= 2
+                 else ""), flush=True)
     if tokenizer is None:
         prefix = data_path[0] if len(data_path) == 1 else data_path[1]
         tokenizer = data.CorpusTokenizer.for_data_prefix(prefix)

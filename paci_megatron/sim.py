@@ -208,8 +208,10 @@ def plot_timeline(results: Sequence[SimResult], path: str, width_in: float = 12.
             width = max(ev.end - ev.start, span * 0.002)
             ax.broken_barh([(ev.start, width)], (P - 1 - ev.stage + 0.1, 0.8),
                            facecolors=colors[ev.kind], edgecolor="white", linewidth=0.5)
-            if ev.kind is not Kind.UPDATE and width / span * width_in * 0.8 >= 0.09 * len(ev.label):
-                ax.text(ev.start + width / 2, P - 1 - ev.stage + 0.5, ev.label, ha="center",
+            room = width / span * width_in * 0.8 / 0.09  # characters that fit, fontsize 8
+            text = next((t for t in (ev.label, ev.label.split("/")[0]) if len(t) <= room), None)
+            if ev.kind is not Kind.UPDATE and text:
+                ax.text(ev.start + width / 2, P - 1 - ev.stage + 0.5, text, ha="center",
                         va="center", fontsize=8)
         ax.set_yticks([P - 1 - s + 0.5 for s in range(P)], [f"stage {s}" for s in range(P)],
                       fontsize=9)

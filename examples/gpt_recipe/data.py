@@ -1019,6 +1019,12 @@ def build_gpt_datasets(
     return train, valid
 
 
+def corpus_size(prefix: str) -> Tuple[int, int]:
+    """``(documents, tokens)`` of a prepared ``<prefix>.bin/.idx`` (read from the index)."""
+    lengths = IndexedDataset(prefix, mmap=True).sequence_lengths
+    return int(lengths.shape[0]), int(lengths.sum())
+
+
 def documents_per_split(num_documents: int, split: str = "98,2,0") -> List[int]:
     """Documents Megatron gives each of the train/valid/test splits (its rounding of the
     normalised cumulative shares, ``megatron.core.datasets.utils``)."""
@@ -1084,7 +1090,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bin_bytes = os.path.getsize(record.bin_path)
     print(f"  data:      {record.bin_path} ({bin_bytes:,} bytes, {record.dtype})")
     print(f"  index:     {record.idx_path}")
-    print(f"  tokenizer: {record.tokenizer_path} (vocab {record.vocab_size:,})")
+    asked = "" if args.tokenizer_model or record.vocab_size >= args.vocab_size else (
+        f"; {args.vocab_size:,} asked: this text has no more distinct merges")
+    print(f"  tokenizer: {record.tokenizer_path} (vocab {record.vocab_size:,}{asked})")
     print(f"  manifest:  {record.manifest_path}")
     print(
         f"  {record.num_documents:,} documents, {record.num_tokens:,} tokens "
