@@ -360,7 +360,7 @@ def build_data(args: argparse.Namespace, dp_rank: int, dp_size: int):
         problem = str(err)
     _agree_or_stop(problem, "the data cannot be used, nothing was trained")
     if args.data_path and torch.distributed.get_rank() == 0:
-        prefixes = data_path if len(data_path) == 1 else data_path[1::2]
+        prefixes = data._parse_data_path(data_path)[0]
         docs, tokens = (sum(x) for x in zip(*(data.corpus_size(p) for p in prefixes)))
         share = float(args.split.split(",")[0]) / sum(float(x) for x in args.split.split(","))
         passes = args.train_iters * args.global_batch_size * args.seq_length / max(tokens * share, 1)
