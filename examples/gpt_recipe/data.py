@@ -1021,8 +1021,8 @@ def build_gpt_datasets(
 
 def corpus_size(prefix: str) -> Tuple[int, int]:
     """``(documents, tokens)`` of a prepared ``<prefix>.bin/.idx`` (read from the index)."""
-    lengths = IndexedDataset(prefix, mmap=True).sequence_lengths
-    return int(lengths.shape[0]), int(lengths.sum())
+    index = IndexedDataset(prefix, mmap=True)  # alive while its memory map is read
+    return int(index.sequence_lengths.shape[0]), int(index.sequence_lengths.sum())
 
 
 def documents_per_split(num_documents: int, split: str = "98,2,0") -> List[int]:
