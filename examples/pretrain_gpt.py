@@ -182,6 +182,21 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         problems.append("--device cuda but CUDA is not available: use --device cpu")
     if args.load:
         problems += _load_problems(args, tp, pp)
+    if args.save and (not args.load or os.path.abspath(args.load) != os.path.abspath(args.save)):
+        from gpt_recipe.checkpoint import latest_iteration
+
+        try:
+            saved = latest_iteration(args.save)
+        except ValueError:
+            saved = "?"
+        if saved is not None:
+            problems.append(f"--save {args.save} holds checkpoints (up to iteration {saved}) that "
+                            "this run did not load: it would overwrite them. Resume with --load "
+                            f"{args.save}, or save elsewhere")
+    for flag in ("paci_trace", "log_json"):
+        problem = _unwritable(getattr(args, flag))
+        if problem:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {problem}")
     if args.data_path == []:
         problems.append("--data-path was given without a value (an unset variable?): give "
                         "a data prefix, or leave the flag out for the embedded corpus")
@@ -194,13 +209,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if not args.distributed_timeout_minutes > 0:
         problems.append(f"--distributed-timeout-minutes {args.distributed_timeout_minutes}: "
                         "must be > 0")
-    weights = (args.data_path or [])[0::2] if len(args.data_path or []) > 1 else []
-    for w in weights:
-        try:
-            if not 0 < float(w) < float("inf"):
+    paths = args.data_path or []
+    if len(paths) > 1 and _number(paths[0]) is not None:  # Megatron's weighted form
+        if len(paths) % 2:
+            problems.append(f"--data-path {' '.join(paths)}: weights and prefixes come in pairs "
+                            "(WEIGHT PREFIX WEIGHT PREFIX ...)")
+        for w in paths[0::2]:
+            if not 0 < (_number(w) or 0) < float("inf"):
                 problems.append(f"--data-path weight {w}: must be a finite number > 0")
-        except ValueError:
-            pass  # a prefix in a weight's place: the dataset builder names it
     if args.lr_warmup_iters >= args.train_iters:
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters "
                         f"{args.train_iters} (the decay needs iterations after the warm-up)")
@@ -220,7 +236,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be in [0, 1)")
     try:
         shares = [float(x) for x in args.split.split(",")]
-        if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
+        if (len(shares) != 3 or not all(0 <= x < float("inf") for x in shares)
+                or shares[0] <= 0 or shares[1] <= 0):
             raise ValueError
     except ValueError:
         problems.append(f"--split {args.split}: give three non-negative train,valid,test "
@@ -229,6 +246,27 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                                 pipeline_model_parallel_size=pp)
     if problems:
         _refuse(problems)
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _unwritable(path: Optional[str]) -> Optional[str]:
+    """Why a file cannot be written at ``path`` (None if it can, or no path was given)."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a folder: give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
 
 
 def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
@@ -250,7 +288,10 @@ def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
                         f"{args.train_iters}: raise --train-iters (saving would overwrite "
                         "later checkpoints with earlier ones)")
     shape = checkpoint_shape(args.load, iteration)
-    if shape != (tp, pp):
+    if shape == (0, 0):
+        problems.append(f"--load {args.load}: its pointer names iteration {iteration}, but "
+                        f"iter_{iteration:07d} is missing there: the checkpoint is incomplete")
+    elif shape != (tp, pp):
         problems.append(f"--load {args.load} iteration {iteration} was written with TP x PP = "
                         f"{shape[0]} x {shape[1]}, this run has {tp} x {pp}: use the same "
                         "--tensor-model-parallel-size and --pipeline-model-parallel-size")
@@ -267,10 +308,11 @@ def _resume_problem(args, info, scheduler, schedule, m) -> Optional[str]:
     if scheduler.num_steps != iteration * saved_gbs:
         return (f"its iteration ({iteration}) and its LR scheduler ({scheduler.num_steps} "
                 "samples) disagree: the checkpoint is damaged")
-    state = getattr(schedule, "state", None)
-    if state is not None and state.forwarded != iteration * m:
-        return (f"its iteration ({iteration}) and its PACI state ({state.forwarded} "
-                f"micro-batches, version {state.version}) disagree: the checkpoint is damaged")
+    if scheduler.lr_decay_steps != max(args.train_iters * args.global_batch_size, 1):
+        trained_for = scheduler.lr_decay_steps // args.global_batch_size
+        return (f"its learning-rate schedule decays over {trained_for} iterations; this run "
+                f"asks --train-iters {args.train_iters}: resume with --train-iters {trained_for} "
+                "(a longer run needs a schedule of its own, from a new --save folder)")
     return None
 
 
@@ -285,14 +327,32 @@ def _truncate_log(path: str, iteration: int) -> None:
             f.writelines(keep)
 
 
+def _resumed_paci_state(args, schedule, iteration: int, m: int, dp_size: int):
+    """The schedule to continue with: the checkpoint's PACI state, or, where that does not
+    count this run's micro-batches (a 1F1B checkpoint, another --micro-batch-size), a
+    drained state rebuilt from the samples consumed (its drift statistics start afresh)."""
+    if not hasattr(schedule, "drain"):
+        return schedule
+    microbatches = iteration * m
+    if schedule.state.forwarded == microbatches:
+        return schedule
+    fresh = type(schedule)(schedule.optimizer, schedule.paci_config,
+                           schedule.share_embeddings_and_output_weights)
+    a = schedule.paci_config.resolve_accumulation(m)
+    if microbatches % a:
+        _agree_or_stop(f"{iteration} iterations of {m} micro-batches are not whole windows of "
+                       f"--paci-accumulation {a}", f"--load {args.load} cannot be resumed")
+    fresh.load_state_dict(fresh.drained_state(microbatches, a))
+    return fresh
+
+
 def _already_done(args: argparse.Namespace) -> bool:
     """True (and says so, once) if ``--load`` already holds ``--train-iters``."""
     from gpt_recipe.checkpoint import latest_iteration
 
     if not args.load or latest_iteration(args.load) != args.train_iters:
         return False
-    _say_once(f"> nothing to do: {args.load} holds iteration {args.train_iters} = --train-iters "
-              "(raise --train-iters to train on)")
+    _say_once(f"> nothing to do: {args.load} holds iteration {args.train_iters} = --train-iters")
     return True
 
 
@@ -512,11 +572,18 @@ def train(args: argparse.Namespace) -> List[dict]:
     if args.load and latest_iteration(args.load) is not None:
         from gpt_recipe.checkpoint import load_checkpoint
 
-        info = load_checkpoint(args.load, model, optimizer, scheduler,
-                               schedule if hasattr(schedule, "drain") else None)
+        info, problem = {"iteration": 0, "extra": {}}, None
+        try:
+            info = load_checkpoint(args.load, model, optimizer, scheduler,
+                                   schedule if hasattr(schedule, "drain") else None)
+        except Exception as err:  # torch's state-dict and unpickling errors, many kinds
+            problem = (f"it does not fit this model and optimizer (another --optimizer, model "
+                       f"shape or flag?) or a file is damaged: {str(err).splitlines()[0][:300]}")
+        _agree_or_stop(problem, f"--load {args.load} cannot be loaded")
         start_iteration = info["iteration"]
         _agree_or_stop(_resume_problem(args, info, scheduler, schedule, m),
                        f"--load {args.load} cannot be resumed by this run")
+        schedule = _resumed_paci_state(args, schedule, start_iteration, m, dp_size)
     # micro-batch i of DP rank r reads samples (i * DP + r) * mbs ...: a resumed run
     # continues exactly where the saved one stopped
     train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -590,8 +657,9 @@ def train(args: argparse.Namespace) -> List[dict]:
               f"optimizer={args.optimizer}", flush=True)
     sync = schedule.paci_config.sync_warmup_iters if hasattr(schedule, "drain") else 0
     if sync and is_writer:
-        print(f"> paci: synchronous warm-up, iterations 1..{sync} drained (exactly 1F1B); PACI "
-              f"takes over at iteration {sync + 1}", flush=True)
+        exact = " (exactly 1F1B)" if schedule.paci_config.accumulation in (None, m) else ""
+        print(f"> paci: synchronous warm-up, iterations 1..{sync} drained after each{exact}; "
+              f"PACI takes over at iteration {sync + 1}", flush=True)
     if start_iteration == 0:
         emit({"iteration": 0, "val_loss": run_eval(), **drift()})
     window_losses: List[float] = []
@@ -695,8 +763,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and records:
             vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
             losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
-            summary = [f"> done: validation loss {vals[0][1]:.3f} -> {vals[-1][1]:.3f} at "
-                       f"iteration {vals[-1][0]}"]
+            summary = [f"> done: iteration {records[-1]['iteration']}",
+                       f"validation loss {vals[0][1]:.3f} (iteration {vals[0][0]}) -> "
+                       f"{vals[-1][1]:.3f} (iteration {vals[-1][0]})"]
             if losses:
                 summary.append(f"last lm loss {losses[-1]:.3f}")
             if args.pipeline_schedule == "paci":

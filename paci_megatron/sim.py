@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -244,6 +245,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if min(args.stages, args.microbatches, args.iterations) < 1:
         p.error("--stages, --microbatches and --iterations must be >= 1")
+    times = (args.forward_ms, args.backward_ms, args.comm_ms)
+    if not all(0 <= t < float("inf") for t in times) or args.forward_ms + args.backward_ms <= 0:
+        p.error("--forward-ms, --backward-ms, --comm-ms must be finite and >= 0, forward plus "
+                "backward above 0")
+    if args.accumulation is not None and (args.accumulation < 1
+                                          or args.microbatches % args.accumulation):
+        p.error(f"--accumulation must divide --microbatches {args.microbatches} (as PACI requires)")
+    for path in (args.json, args.png, args.trace):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{path}: its folder does not exist")
     results = [simulate(s, args.stages, args.microbatches, args.iterations,
                         args.forward_ms / 1e3, args.backward_ms / 1e3, args.comm_ms / 1e3,
                         accumulation=args.accumulation if s == "paci" else None)

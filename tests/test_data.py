@@ -504,10 +504,12 @@ def test_the_data_tool_lists_the_files_it_skips(tmp_path, capsys):
     mixed = tmp_path / "mixed"
     _write_docs(mixed, ["good text\n" * 20])
     (mixed / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    (mixed / "empty.txt").write_text("")
     assert data.main(["--output-prefix", str(tmp_path / "o" / "o"), "--input", str(mixed),
                       "--vocab-size", "300"]) == 0
     err = capsys.readouterr().err
-    assert "skipped 1 file(s) that are not UTF-8 text" in err and "blob.bin" in err
+    assert "skipped 2 file(s) that hold no UTF-8 text" in err and "blob.bin (not UTF-8)" in err
+    assert "empty.txt (empty)" in err  # an empty file is no document
     only = tmp_path / "only"
     only.mkdir()
     (only / "a.bin").write_bytes(b"\xff\xfe")

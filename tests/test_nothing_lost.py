@@ -65,6 +65,12 @@ def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path, ca
     (rel / "latest_checkpointed_iteration.txt").write_text("release")
     assert "holds 'release', not an iteration" in refusal(
         capsys, monkeypatch, "--train-iters", "6", "--load", rel)
+    (rel / "latest_checkpointed_iteration.txt").write_text("3")
+    assert "iter_0000003 is missing there" in refusal(
+        capsys, monkeypatch, "--train-iters", "6", "--load", rel)
+    # --save onto another run's checkpoints without loading them: refused
+    assert "holds checkpoints (up to iteration 4) that this run did not load" in refusal(
+        capsys, monkeypatch, "--train-iters", "6", "--save", ck)
     # a finished run relaunched: nothing to do, said once, exit 0
     rc, out = run(tmp_path, *common, "--train-iters", "4", "--load", ck, corpus=corpus)
     assert rc == 0 and out.count("nothing to do") == 1 and "Traceback" not in out
@@ -73,6 +79,22 @@ def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path, ca
                   "--global-batch-size", "16", corpus=corpus)
     assert rc != 0 and "trained with --global-batch-size 8; this run has 16" in out
     assert out.count("cannot be resumed") == 1 and tracker(ck) == "4"
+    # a longer run than the saved schedule: refused (its lr would sit at --min-lr)
+    rc, out = run(tmp_path, *common, "--train-iters", "6", "--load", ck, corpus=corpus)
+    assert rc != 0 and "learning-rate schedule decays over 4 iterations" in out
+    # a 1F1B checkpoint resumed under PACI: a drained state, not "damaged"
+    ck2 = tmp_path / "ck2"
+    rc, out = run(tmp_path, "--train-iters", "4", "--exit-interval", "2", "--save", ck2,
+                  "--eval-interval", "4", corpus=corpus)
+    assert rc == 0, out[-3000:]
+    rc, out = run(tmp_path, "--pipeline-schedule", "paci", "--train-iters", "4", "--load", ck2,
+                  "--save", ck2, "--eval-interval", "4", "--micro-batch-size", "1", corpus=corpus)
+    assert rc == 0 and "> done: iteration 4" in out, out[-3000:]
+    # a checkpoint of another model shape: one message, not a state-dict traceback per rank
+    rc, out = run(tmp_path, "--train-iters", "6", "--load", ck, "--save", ck, "--hidden-size",
+                  "64", "--lr-warmup-iters", "1", corpus=corpus)
+    assert rc != 0 and out.count("cannot be loaded") == 1
+    assert "it does not fit this model and optimizer" in out
 
 
 def refusal(capsys, monkeypatch, *flags, pp=2, world=2):
@@ -88,7 +110,7 @@ def refusal(capsys, monkeypatch, *flags, pp=2, world=2):
     return capsys.readouterr().err
 
 
-def test_bad_values_are_refused_before_anything_starts(capsys, monkeypatch):
+def test_bad_values_are_refused_before_anything_starts(capsys, monkeypatch, tmp_path):
     out = refusal(capsys, monkeypatch, "--lr", "-1", "--weight-decay", "-0.1",
                   "--ffn-hidden-size", "-4", "--lr-warmup-iters", "-2", "--exit-interval", "0",
                   "--distributed-timeout-minutes", "0", "--data-path")
@@ -101,6 +123,16 @@ def test_bad_values_are_refused_before_anything_starts(capsys, monkeypatch):
         assert needle in out, needle
     out = refusal(capsys, monkeypatch, "--data-path", "nan", "a/b", "1", "c/d")
     assert "--data-path weight nan: must be a finite number > 0" in out
+    out = refusal(capsys, monkeypatch, "--data-path", "0.5", "a/b", "0.5")
+    assert "weights and prefixes come in pairs" in out
+    out = refusal(capsys, monkeypatch, "--split", "inf,1,0")
+    assert "--split inf,1,0: give three non-negative" in out
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = refusal(capsys, monkeypatch, "--pipeline-schedule", "paci", "--paci-trace",
+                  afile / "trace.json", "--log-json", tmp_path)
+    assert f"--paci-trace {afile / 'trace.json'}: {afile} is a file, not a folder" in out
+    assert f"--log-json {tmp_path}: is a folder: give a file name" in out
 
 
 def test_a_diverged_run_stops_without_saving(corpus, tmp_path):

@@ -56,7 +56,7 @@ def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expect
     for key in ("lm_loss", "lr", "tokens_per_second", "drift_mean", "drift_histogram"):
         assert key in last
     assert len(last["drift_histogram"]) == 4
-    assert "> done: validation loss" in out
+    assert "> done: iteration 6 | validation loss" in out
 
 
 def test_recipe_checkpoint_resume_matches_run_that_saved_at_the_same_iteration(corpus, tmp_path):

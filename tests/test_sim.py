@@ -72,3 +72,17 @@ def test_command_line_table_and_json(tmp_path, capsys):
     rows = {r["schedule"]: r for r in json.loads((tmp_path / "r.json").read_text())}
     assert rows["1f1b"]["utilisation"] == pytest.approx(8 / 15)
     assert rows["paci"]["utilisation"] == pytest.approx(32 / 39)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--forward-ms", "0", "--backward-ms", "0"], "forward plus backward above 0"),
+    (["--forward-ms", "-5"], "must be finite and >= 0"),
+    (["--comm-ms", "nan"], "must be finite and >= 0"),
+    (["--accumulation", "-2"], "--accumulation must divide --microbatches 8"),
+    (["--accumulation", "3"], "--accumulation must divide --microbatches 8"),
+    (["--png", "/nonexistent/dir/t.png"], "its folder does not exist"),
+])
+def test_simulator_refuses_bad_input_with_a_short_message(flags, needle, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--stages", "4", "--microbatches", "8", "--iterations", "2", *flags])
+    assert stop.value.code == 2 and needle in capsys.readouterr().err

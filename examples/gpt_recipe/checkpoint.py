@@ -49,7 +49,7 @@ def latest_iteration(directory: str) -> Optional[int]:
         return None
     with open(path, encoding="utf-8") as f:
         text = f.read().strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{path} holds {text!r}, not an iteration: this recipe resumes only "
                          "from checkpoints it saved itself (point --load at one)")
     return int(text)

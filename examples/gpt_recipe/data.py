@@ -186,7 +186,7 @@ def _expand_inputs(inputs: Sequence[str], suffixes: Optional[Sequence[str]] = No
     Files are kept as given, in the given order.  A directory contributes every regular file
     below it (hidden entries and ``__pycache__`` skipped) whose name ends with one of
     ``suffixes`` (all files when ``None``) and that is valid UTF-8, in sorted relative-path
-    order; the files left out as not UTF-8 are appended to ``skipped``.
+    order; the files left out (not UTF-8, or empty) are appended to ``skipped``.
 
     Raises:
         FileNotFoundError: if an input does not exist.
@@ -208,9 +208,10 @@ def _expand_inputs(inputs: Sequence[str], suffixes: Optional[Sequence[str]] = No
                     path = os.path.join(dirpath, name)
                     if not os.path.isfile(path):
                         continue
-                    if _read_utf8(path, strict=False) is None:
+                    text = _read_utf8(path, strict=False)
+                    if not text:  # not UTF-8, or empty: no document
                         if skipped is not None:
-                            skipped.append(path)
+                            skipped.append(f"{path} ({'empty' if text == '' else 'not UTF-8'})")
                         continue
                     found.append((os.path.relpath(path, item).replace(os.sep, "/"), path))
             out.extend(path for _, path in sorted(found))
@@ -1069,11 +1070,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = _expand_inputs(args.input, args.suffix, skipped) if args.input else None
         if skipped:
             shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-            print(f"warning: skipped {len(skipped)} file(s) that are not UTF-8 text: {shown}",
+            print(f"warning: skipped {len(skipped)} file(s) that hold no UTF-8 text: {shown}",
                   file=sys.stderr)
         if files == []:
             raise ValueError(f"no UTF-8 text files under {' '.join(args.input)}"
-                             + (f" ({len(skipped)} skipped as not UTF-8)" if skipped else ""))
+                             + (f" ({len(skipped)} skipped: not UTF-8 or empty)" if skipped else ""))
         record = prepare_corpus(
             args.output_prefix,
             files=files,
