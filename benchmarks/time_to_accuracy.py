@@ -19,9 +19,10 @@ a lower learning rate, in four steps:
 3. **Curves.** Validation loss against iterations does not depend on timing (the plan
    fixes every stage's order of work), so the runs train on the shared CPU cores of this
    machine (``torchrun``, one process per stage) and their curves are those of one
-   device per stage. Every arm sees the same learning-rate grid; the sweep runs the first
-   seed at every rate, then the other seeds at each arm's best rate (``--full-grid``: every
-   seed at every rate). An arm's best rate is the one with the lowest mean final
+   device per stage. Every arm sees the same learning-rate grid (an optimizer whose best
+   rate sat at the grid's top gets higher rates too, for its 1F1B and PACI arms alike); the
+   sweep runs the first seed at every rate, then the other seeds at each arm's best rate
+   (``--full-grid``: every seed at every rate). An arm's best rate is the one with the lowest mean final
    validation loss over the seeds run at it.
 4. **Time to accuracy.** Targets are the best 1F1B arm's mean validation loss at the end,
    and at one and two thirds of its run. For each arm at its best rate: its mean final
@@ -119,6 +120,14 @@ class Regime:
     clip_grad: float
     arms: Tuple[str, ...]
     extra: Tuple[str, ...] = ()
+    # more rates for one optimizer's arms (1F1B's and PACI's alike) where its best rate
+    # sat at the top of the common grid
+    optimizer_lrs: Tuple[Tuple[str, Tuple[float, ...]], ...] = ()
+
+    def lrs_for(self, arm: str) -> Tuple[float, ...]:
+        """The rates ``arm`` is swept over: the common grid, plus its optimizer's extras."""
+        more = dict(self.optimizer_lrs).get(ARMS[arm].optimizer, ())
+        return tuple(sorted(set(self.lrs) | set(more)))
 
     @property
     def m(self) -> int:
@@ -139,6 +148,7 @@ REGIMES: Dict[str, Regime] = {
                    stages=4, num_layers=8, hidden=128, heads=4, seq=128, mbs=4, gbs=32,
                    train_iters=300, lr_warmup_iters=30, eval_interval=25, eval_iters=4,
                    lrs=(1e-3, 2e-3, 4e-3, 8e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
+                   optimizer_lrs=(("muon", (1.6e-2, 3.2e-2)),),
                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead",
                          "1f1b-muon", "paci-muon")),
     # GPT-2 Medium's per-update scale: peak lr 3e-4 with Megatron's init std 0.02 moves the
@@ -566,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     first, rest = regime.seeds[0], regime.seeds[1:]
     for name in regime.arms:
-        for lr in regime.lrs:
+        for lr in regime.lrs_for(name):
             for seed in (regime.seeds if args.full_grid else (first,)):
                 get(name, lr, seed)
     for name in regime.arms:
