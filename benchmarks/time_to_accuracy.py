@@ -150,7 +150,7 @@ REGIMES: Dict[str, Regime] = {
                    lrs=(1e-3, 2e-3, 4e-3, 8e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
                    optimizer_lrs=(("muon", (1.6e-2, 3.2e-2)),),
                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead",
-                         "1f1b-muon", "paci-muon")),
+                         "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon")),
     # GPT-2 Medium's per-update scale: peak lr 3e-4 with Megatron's init std 0.02 moves the
     # weights by ~lr/0.02 of their size per update, as the paper's setting does; wider,
     # longer, 1% warm-up, no clipping (the paper's), as far as 2 CPU cores allow
