@@ -207,6 +207,22 @@ def _valid_shape(s: Setup) -> bool:
 
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
+_WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
+#: Megatron-LM flags whose work PACI would skip or get wrong: (argument, flag, what it does)
+_LM_REFUSED = (
+    ("rampup_batch_size", "--rampup-batch-size", _WINDOW),
+    ("step_batch_size_schedule", "--step-batch-size-schedule", _WINDOW),
+    ("optimizer_cuda_graph", "--optimizer-cuda-graph",
+     "replaces optimizer.step(), which PACI runs inside the schedule"),
+    ("moe_expert_rank_capacity_factor", "--moe-expert-rank-capacity-factor",
+     "re-runs iterations whose updates PACI has already applied"),
+    ("save_wgrads_interval", "--save-wgrads-interval",
+     "needs a whole iteration's gradients at once, which PACI's local updates consume"),
+    ("freeze_all_layers", "--freeze-all-layers", "makes the training calls forward-only"),
+    ("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias",
+     "updates the expert bias in Megatron's finalize_model_grads, which PACI replaces"),
+)
+
 #: Every refusal: ``(condition, message)``, evaluated in order on a :class:`Setup`.
 REFUSALS: Sequence[Refusal] = (
     (lambda s: s.m < 1,
@@ -278,13 +294,13 @@ REFUSALS: Sequence[Refusal] = (
                "over the world after each one; under PACI the updates happen inside the schedule "
                "and cannot be re-run: use --rerun-mode disabled (the default with "
                "--pipeline-schedule paci)"),
-    (lambda s: bool(s.arg("rampup_batch_size")),
-     lambda s: "--rampup-batch-size changes the micro-batches per iteration, and with them the "
-               "accumulation window: remove it with PACI"),
     (lambda s: bool(s.arg("overlap_param_gather")),
      lambda s: "--overlap-param-gather gathers updated parameters in forward hooks that the "
                "training loop arms once per iteration, but PACI updates inside the iteration: "
                "remove it (the distributed optimizer still works without it)"),
+) + tuple(
+    (lambda s, name=name: bool(s.arg(name)), lambda s, flag=flag, does=does: f"{flag} {does}: "
+     "remove it with PACI") for name, flag, does in _LM_REFUSED
 ) + tuple(
     (lambda s, name=name: bool(s.arg(name)),
      lambda s, flag=flag: f"{flag} is not supported by PACI: use --use-distributed-optimizer")
@@ -292,6 +308,9 @@ REFUSALS: Sequence[Refusal] = (
                        ("--use-megatron-fsdp", "use_megatron_fsdp"),
                        ("--use-custom-fsdp", "use_custom_fsdp"))
 ) + (
+    (lambda s: (s.arg("tensor_parallel_num_weight_shards") or 1) > 1,
+     lambda s: "--tensor-parallel-num-weight-shards reduces replicated gradients (and scales the "
+               "LR step) in Megatron's finalize_model_grads, which PACI replaces: remove it"),
     (lambda s: (s.arg("cuda_graph_impl", "none") not in (None, "none")
                 or bool(s.arg("enable_cuda_graph")) or bool(s.arg("external_cuda_graph"))),
      lambda s: "CUDA graphs capture a fixed iteration; PACI's iterations differ in what is in "
@@ -310,15 +329,9 @@ def validate_setup(
 ) -> int:
     """Check a Megatron setup against every entry of :data:`REFUSALS` before training.
 
-    Args:
-        paci: the :class:`PACIConfig`.
-        num_microbatches: ``m`` = global batch / (micro batch x DP).
-        pipeline_model_parallel_size: ``P``.
-        model_config: megatron-core ``TransformerConfig`` (or None to skip its checks).
-        share_embeddings_and_output_weights: True if the input embedding and output
-            layer share weights (Megatron's default unless
-            ``--untie-embeddings-and-output-weights``).
-        training_args: Megatron-LM's parsed arguments, for its own flags (or None).
+    ``num_microbatches`` is ``m`` = global batch / (micro batch x DP), ``P`` the pipeline
+    size; ``model_config`` (a ``TransformerConfig``) and ``training_args`` (Megatron-LM's
+    arguments) may be None, which skips their checks (see :class:`Setup`).
 
     Returns:
         The accumulation factor ``a`` to use.

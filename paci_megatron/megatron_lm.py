@@ -105,8 +105,9 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
             from defaults.
 
     Returns:
-        The list of problems (empty when the run may start). With ``1f1b`` the only
-        possible problem is a PACI flag given without ``--pipeline-schedule paci``.
+        The list of problems (empty when the run may start). Without ``paci`` in the
+        arguments the only possible problems are a PACI flag given without it, or ``paci``
+        on the command line that the arguments lost (``--yaml-cfg`` replaces them).
 
     Side effect: under ``paci`` with no ``--rerun-mode`` on the command line, sets
     ``args.rerun_mode = "disabled"``.
@@ -117,6 +118,11 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
     paci = getattr(args, "pipeline_schedule", "1f1b") == "paci"
     if paci and not _given(argv, "--rerun-mode"):
         args.rerun_mode = "disabled"
+    if not paci and ("--pipeline-schedule=paci" in argv or ("--pipeline-schedule", "paci") in
+                     zip(argv, argv[1:])):
+        return ["--pipeline-schedule paci is on the command line but not in the arguments "
+                "Megatron-LM uses (--yaml-cfg replaces them): put pipeline_schedule: paci in "
+                "the YAML file"]
     return check_arguments(
         args, num_microbatches=_num_microbatches(args) if paci else 0,
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),

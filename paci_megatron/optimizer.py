@@ -69,15 +69,12 @@ class Window:
 
     Attributes:
         update: ``k``, the stage's update number (1-based).
-        first_microbatch: index of the window's first micro-batch (``(k - 1) a`` in a run
-            that never changed ``a``).
-        size: backward micro-batches in the window (``a``; fewer for a drain's last).
-        samples_per_microbatch: micro batch size x DP size, in samples.
-        num_microbatches: micro-batches per training iteration (``m``), for messages.
-        stage: the pipeline stage, for messages.
-        mean_drift: the mean drift of the micro-batches that cross this update: the
-            stage's ``(P-1-s)/a`` (:func:`paci_megatron.plan.mean_drift`) with micro-batches
-            in flight, 0 when the update ends a drain; it scales the look-ahead.
+        first_microbatch: the window's first micro-batch; ``size``: its backwards (``a``,
+            fewer for a drain's last window).
+        samples_per_microbatch: micro batch size x DP, in samples.
+        num_microbatches: ``m``; ``stage``: the pipeline stage (both for messages).
+        mean_drift: the stage's ``(P-1-s)/a`` (:func:`paci_megatron.plan.mean_drift`) with
+            micro-batches in flight, 0 when the update ends a drain (scales the look-ahead).
     """
 
     update: int
@@ -106,26 +103,19 @@ class PACIOptimizer:
         optimizer: the optimizer ``get_megatron_optimizer(config, model)`` returned
             (a ``ChainedOptimizer`` or a single ``MegatronOptimizer``).
         model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
-        opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` (optional); when
-            given, update ``k`` uses its learning rate / weight decay at the sample count
-            where the window of update ``k`` began: ``S0 + (j_k - j0) * mbs * DP``, with
-            ``j_k`` the window's first micro-batch and ``(S0, j0)`` the scheduler's count
-            and the stage's backwarded micro-batches when the schedule first ran (0 and 0
-            for a fresh run; a loaded scheduler resumes the same way). The training loop
-            keeps stepping the scheduler as Megatron does.
+        opt_param_scheduler: Megatron's ``OptimizerParamScheduler`` (optional): update
+            ``k`` uses its values at the sample where its window began,
+            ``S0 + (j_k - j0) * mbs * DP`` (``j_k``: the window's first micro-batch;
+            ``(S0, j0)``: the scheduler's count and the stage's backwards at the first call).
         distributed_optimizer: True if ``optimizer`` is Megatron's distributed optimizer
             (its grad stats are then reduced over the stage's TP x DP x CP group).
         skip_nonfinite_updates: when a window's gradients hold NaN/Inf, skip that update
             (and say so) instead of raising :class:`NonFiniteGradientError`; more than
             ``max_consecutive_skips`` skips in a row raise it (the run has diverged).
-        lookahead: the delay correction's scale ``c`` (0: off). With ``x`` the inner
-            optimizer's iterate and ``d`` its last update, the stage's weights are
-            ``x + g d`` with ``g = c * window.mean_drift``: forwards and backwards see
-            weights moved ahead by the stage's mean drift, the Nesterov-style look-ahead
-            of PipeNAG (delay-aware) in the spirit of arXiv 2606.30634's optimizer-agnostic
-            correction. Cost: one fp32 buffer per stepped parameter, on stages with
-            ``g > 0``. :meth:`settle` (at every drain) returns the weights to ``x`` and
-            forgets ``d``, so a drained PACI run is unchanged by it.
+        lookahead: the look-ahead's scale ``c`` (0: off): with ``x`` the inner optimizer's
+            iterate and ``d`` its last update, the weights are ``x + c * mean_drift * d``
+            (docs/design.md, "Staleness mitigations"); one fp32 buffer per parameter.
+            :meth:`settle` (every drain) returns them to ``x`` and forgets ``d``.
 
     Attributes:
         version: updates applied by this stage (``v_s``), read from the schedule's

@@ -275,10 +275,6 @@ def measure_drift(actions: Sequence[Action], version: int = 0) -> dict:
     return drift
 
 
-def format_actions(actions: Sequence[Action]) -> str:
-    """Space-separated text form, e.g. ``"1F0 1F1 1B0 1U1"``."""
-    return " ".join(str(a) for a in actions)
-
 
 def parse_actions(text: str) -> List[Action]:
     """Inverse of :func:`format_actions`. Raises ``ValueError`` on a malformed token."""
@@ -371,8 +367,12 @@ Step = Union[Action, Comm, GradSync]
 
 
 def format_steps(steps: Sequence[Step]) -> str:
-    """Space-separated text form of a lowered plan (actions, exchanges, ``SYNC`` marks)."""
+    """Space-separated text form of actions (``"1F0 1F1 1B0 1U1"``) or of a lowered plan
+    (with exchanges and ``SYNC`` marks)."""
     return " ".join(str(x) for x in steps)
+
+
+format_actions = format_steps
 
 
 def parse_steps(text: str) -> List[Step]:

@@ -174,6 +174,15 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"paci_lookahead": 5.0}, [], "--paci-lookahead 5.0: must be between 0 (off) and 4"),
     ({"paci_lookahead": 1.0, "use_distributed_optimizer": True}, [],
      "--paci-lookahead does not support --use-distributed-optimizer"),
+    ({"step_batch_size_schedule": "0:8,100:16"}, [], "--step-batch-size-schedule changes"),
+    ({"optimizer_cuda_graph": True}, [], "--optimizer-cuda-graph replaces optimizer.step()"),
+    ({"moe_expert_rank_capacity_factor": 1.5}, [], "--moe-expert-rank-capacity-factor re-runs"),
+    ({"save_wgrads_interval": 10}, [], "--save-wgrads-interval needs a whole iteration's"),
+    ({"freeze_all_layers": True}, [], "--freeze-all-layers makes the training calls forward-only"),
+    ({"moe_router_enable_expert_bias": True}, [], "--moe-router-enable-expert-bias updates"),
+    ({"tensor_parallel_num_weight_shards": 2}, [], "--tensor-parallel-num-weight-shards reduces"),
+    ({"pipeline_schedule": "1f1b"}, ["--yaml-cfg", "x.yaml", "--pipeline-schedule", "paci"],
+     "put pipeline_schedule: paci in the YAML file"),
 ])
 def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
     problems = check_args(megatron_args(**overrides), argv=["pretrain_gpt.py", *argv])
@@ -400,3 +409,14 @@ def test_skip_train_evaluates_with_megatrons_schedule(monkeypatch):
     m.get_args = lambda: glue.args
     assert m.setup_model_and_optimizer()[1] is None and glue.evaluation_only
     assert m.get_forward_backward_func() == "megatron-1f1b"
+
+
+def test_arguments_from_a_yaml_file_without_paci_attributes_are_read_with_defaults():
+    # --yaml-cfg builds the namespace from the YAML: pipeline_schedule: paci, no paci_* keys
+    args = megatron_args()
+    for name in [n for n in vars(args) if n.startswith("paci_")]:
+        delattr(args, name)
+    assert check_args(args, argv=["pretrain_gpt.py", "--yaml-cfg", "x.yaml"]) == []
+    glue = Glue()
+    glue.args = args
+    assert glue.paci.drain_interval == 0 and glue.paci.accumulation is None
