@@ -155,11 +155,16 @@ def main_parameters(optimizer) -> List[torch.Tensor]:
 
 
 def publish_main_parameters(optimizer) -> None:
-    """Copy changed main parameters into the model's (mixed precision; a no-op for fp32)."""
+    """Copy changed main parameters into the model's (mixed precision; a no-op for fp32);
+    the distributed optimizer's shards then reach every DP replica through the same
+    stage-local all-gather its own step makes (``start_param_sync``)."""
     for inner in inner_optimizers(optimizer):
         copy = getattr(inner, "_copy_main_params_to_model_params", None)
         if copy is not None:
             copy()
+        if type(inner).__name__ == "DistributedOptimizer":
+            for chunk in inner.model_chunks:
+                chunk.start_param_sync()
 
 
 def muon_module():

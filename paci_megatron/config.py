@@ -253,9 +253,6 @@ REFUSALS: Sequence[Refusal] = (
      lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters}: must be >= 0"),
     (lambda s: not 0.0 <= s.paci.lookahead <= 4.0,
      lambda s: f"--paci-lookahead {s.paci.lookahead}: must be between 0 (off) and 4"),
-    (lambda s: s.paci.lookahead > 0 and bool(s.arg("use_distributed_optimizer")),
-     lambda s: "--paci-lookahead does not support --use-distributed-optimizer yet (its "
-               "parameters are sharded over DP): remove one of them"),
     (lambda s: s.tied and s.P > 1,
      lambda s: "tied input embedding and output weights across pipeline stages need a "
                "gradient all-reduce between the first and last stage at every update: add "

@@ -156,9 +156,6 @@ class PACIOptimizer:
                 type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)
             )
         self.distributed_optimizer = distributed_optimizer
-        if self.lookahead and distributed_optimizer:
-            raise ValueError("the look-ahead (--paci-lookahead) does not support the "
-                             "distributed optimizer yet: remove one of them")
         group = compat.stage_grad_stats_group(distributed_optimizer)
         for inner in compat.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group

@@ -46,3 +46,11 @@ def test_composition(name):
         assert drift["count"] == ITERS * M
         assert drift["max"] == (1 if r["stage"] < pp - 1 else 0), where
         assert r["continuous_version"] == ITERS
+    # continuous PACI with the look-ahead: every data-parallel replica of a stage holds the
+    # same weights, also mid-run (the look-ahead reaches sharded and fp32 main parameters)
+    for r in results:
+        for q in results:
+            if (q["stage"], q["tp_rank"]) == (r["stage"], r["tp_rank"]) and q is not r:
+                for key in ("continuous_params", "continuous_params_ahead"):
+                    for pname, value in r[key].items():
+                        assert torch.equal(q[key][pname], value), f"{name} {key} {pname}"

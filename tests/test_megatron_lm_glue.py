@@ -172,8 +172,6 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"paci_drain_interval": -1}, [], "--paci-drain-interval -1: must be >= 0"),
     ({"paci_sync_warmup_iters": -1}, [], "--paci-sync-warmup-iters -1: must be >= 0"),
     ({"paci_lookahead": 5.0}, [], "--paci-lookahead 5.0: must be between 0 (off) and 4"),
-    ({"paci_lookahead": 1.0, "use_distributed_optimizer": True}, [],
-     "--paci-lookahead does not support --use-distributed-optimizer"),
     ({"step_batch_size_schedule": "0:8,100:16"}, [], "--step-batch-size-schedule changes"),
     ({"optimizer_cuda_graph": True}, [], "--optimizer-cuda-graph replaces optimizer.step()"),
     ({"moe_expert_rank_capacity_factor": 1.5}, [], "--moe-expert-rank-capacity-factor re-runs"),

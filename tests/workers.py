@@ -435,14 +435,17 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
                                         group=ps.get_pipeline_model_parallel_group())
     out["combined_norms"] = [math.sqrt(sum(g[k] ** 2 for g in gathered)) for k in range(iters)]
 
-    # continuous PACI on the same composition: trains and reaches the drift bound
+    # continuous PACI on the same composition, with the look-ahead: trains and reaches the
+    # drift bound, and the look-ahead's weights reach every data-parallel replica alike
     _, model, opt = build_tiny_gpt(pp, bf16, **kw)
-    popt = pm.PACIOptimizer(opt, model)
+    popt = pm.PACIOptimizer(opt, model, lookahead=1.0)
     sched = pm.PACISchedule(popt, paci)
     train_steps(model, popt, sched, iter(batches), iters, m)
+    out["continuous_params_ahead"] = gpt.model_parameters(model)  # before the drain
     sched.drain()
     out["continuous_drift"] = sched.telemetry.summary()
     out["continuous_version"] = popt.version
+    out["continuous_params"] = gpt.model_parameters(model)
     return out
 
 
