@@ -271,18 +271,17 @@ class PACIOptimizer:
         compat.publish_main_parameters(self.optimizer)
 
     def _nonfinite_grads(self) -> bool:
-        """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group."""
-        bad = any(
-            not bool(torch.isfinite(buf.grad_data).all())
-            for chunk in self.model
-            for buf in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))
-        )
-        if not torch.distributed.is_initialized():
-            return bad
-        flag = torch.tensor([1.0 if bad else 0.0],
-                            device="cuda" if torch.cuda.is_available() else None)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
-                                     group=compat.stage_grad_stats_group(True))
+        """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group.
+        One host sync per update: the flag is reduced on the device, read once."""
+        bufs = [buf.grad_data for chunk in self.model for buf in
+                list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))]
+        device = bufs[0].device if bufs else ("cuda" if torch.cuda.is_available() else "cpu")
+        flag = torch.zeros(1, device=device)
+        for data in bufs:
+            flag = torch.maximum(flag, torch.isfinite(data).logical_not().any().float())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                         group=compat.stage_grad_stats_group(True))
         return flag.item() > 0
 
     def _zero(self) -> None:

@@ -752,3 +752,73 @@ def timers_case(rank: int, world: int, calls: int):
         fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
            num_microbatches=4, seq_length=SEQ, micro_batch_size=MBS)
     return timers.events
+
+
+# ------------------------------------------------------------------ host syncs
+HOST_SYNCS = (("Tensor", "item"), ("Tensor", "__bool__"), ("Tensor", "tolist"),
+              ("Tensor", "cpu"), ("Tensor", "numpy"), ("Tensor", "__float__"),
+              ("Tensor", "__int__"), ("cuda", "synchronize"))
+
+
+class HostSyncCounter:
+    """Counts calls of the host-sync entry points in :data:`HOST_SYNCS`, by the first
+    source file outside torch on the stack (``"paci_megatron/schedule.py"``, ...)."""
+
+    def __init__(self):
+        self.counts: Dict[str, int] = {}
+        self._saved = []
+
+    def __enter__(self):
+        import sys
+
+        for owner_name, attr in HOST_SYNCS:
+            owner = torch.Tensor if owner_name == "Tensor" else torch.cuda
+            original = getattr(owner, attr)
+            self._saved.append((owner, attr, original))
+
+            def counted(*args, _original=original, _name=f"{owner_name}.{attr}", **kwargs):
+                frame = sys._getframe(1)
+                while frame is not None and f"{os_sep}torch{os_sep}" in frame.f_code.co_filename:
+                    frame = frame.f_back
+                where = "?" if frame is None else _short(frame.f_code.co_filename)
+                key = f"{where}: {_name}"
+                self.counts[key] = self.counts.get(key, 0) + 1
+                return _original(*args, **kwargs)
+
+            setattr(owner, attr, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+
+
+os_sep = __import__("os").sep
+
+
+def _short(path: str) -> str:
+    for root in ("paci_megatron", "megatron", "gpt_recipe", "tests"):
+        marker = f"{os_sep}{root}{os_sep}"
+        if marker in path:
+            return root + os_sep + path.rsplit(marker, 1)[1]
+    return path
+
+
+def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int) -> dict:
+    """Continuous PACI (a = m) on a tiny GPT: host syncs counted over ``calls`` steady-state
+    calls (after ``warmup_calls``), by source; the updates those calls made."""
+    import paci_megatron as pm
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(world)
+    _, model, opt = build_tiny_gpt(world, bf16=False, clip_grad=1.0)
+    popt = pm.PACIOptimizer(opt, model)
+    fb = pm.PACISchedule(popt)
+    it = iter(synthetic_batches(m * (warmup_calls + calls)))
+    train_steps(model, popt, fb, it, warmup_calls, m)
+    updates_before = popt.version
+    with HostSyncCounter() as counter:
+        train_steps(model, popt, fb, it, calls, m)
+    return {"counts": counter.counts, "updates": popt.version - updates_before,
+            "microbatches": m * calls}

@@ -1,0 +1,46 @@
+"""The steady state queues work without waiting on the device: no host sync per micro-batch.
+
+Every host-sync entry point (``Tensor.item``, ``bool(tensor)``, ``.tolist()``, ``.cpu()``,
+``.numpy()``, ``float()``, ``int()``, ``torch.cuda.synchronize``) is counted during steady-
+state calls of continuous PACI on a tiny GPT, on CPU (each would block the host on a GPU).
+Runs with m = 4 and m = 8 micro-batches per call make the same number of local updates, so
+any sync per micro-batch shows as a difference between them.
+"""
+
+from harness import run_distributed
+
+from workers import host_sync_case
+
+CALLS = 3
+
+
+def _counts(m):
+    return run_distributed(host_sync_case, 2, m, 2, CALLS, timeout_s=240)
+
+
+# Not syncs on a GPU: CPU mode's emulation of the CUDA RNG (absent there), and Megatron's
+# RNG tracker comparing two CPU RNG states (``tensor_parallel/random.py``, host tensors on
+# a GPU too). Every other count is kept, host-resident tensors included (torch's Adam reads
+# its CPU step counters with ``.item()``), so the counts are an upper bound.
+NOT_DEVICE_SYNCS = ("paci_megatron/cpu.py", "megatron/core/tensor_parallel/random.py")
+
+
+def _device_syncs(result):
+    return {k: v for k, v in result["counts"].items() if not k.startswith(NOT_DEVICE_SYNCS)}
+
+
+def test_no_host_sync_per_microbatch_and_a_few_per_update():
+    small, large = _counts(4), _counts(8)
+    for stage, (a, b) in enumerate(zip(small, large)):
+        a["counts"], b["counts"] = _device_syncs(a), _device_syncs(b)
+        assert a["updates"] == b["updates"] == CALLS, (a["updates"], b["updates"])
+        assert b["microbatches"] == 2 * a["microbatches"]
+        # twice the micro-batches, the same updates: the same syncs, source by source
+        assert a["counts"] == b["counts"], f"stage {stage}: m=4 {a['counts']} m=8 {b['counts']}"
+        schedule_own = {k: v for k, v in b["counts"].items()
+                        if k.startswith(("paci_megatron/schedule", "paci_megatron/p2p",
+                                         "paci_megatron/plan"))}
+        assert schedule_own == {}, f"stage {stage}: the schedule syncs the host: {schedule_own}"
+        # the wrapper's own: one read of the non-finite flag (reduced on the device) per update
+        wrapper_own = {k: v for k, v in b["counts"].items() if k.startswith("paci_megatron/")}
+        assert wrapper_own == {"paci_megatron/optimizer.py: Tensor.item": CALLS}, wrapper_own
