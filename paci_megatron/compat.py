@@ -11,22 +11,10 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = [
-    "MEGATRON_CORE_VERSION",
-    "backward_step",
-    "forward_step",
-    "get_tensor_shapes",
-    "get_model_config",
-    "get_model_type",
-    "set_version_counters",
-    "inner_optimizers",
-    "main_parameters",
-    "publish_main_parameters",
-    "get_megatron_muon_optimizer",
-    "muon_module",
-    "stage_grad_stats_group",
-    "allreduce_stage_local_grads",
-]
+__all__ = ["MEGATRON_CORE_VERSION", "backward_step", "forward_step", "get_tensor_shapes",
+           "get_model_config", "get_model_type", "set_version_counters", "inner_optimizers",
+           "main_parameters", "publish_main_parameters", "get_megatron_muon_optimizer",
+           "muon_module", "stage_grad_stats_group", "allreduce_stage_local_grads"]
 
 try:
     from megatron.core import package_info as _pkg

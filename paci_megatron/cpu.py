@@ -27,16 +27,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = [
-    "PATCHES",
-    "CudaToCpuMode",
-    "enable_cpu_mode",
-    "disable_cpu_mode",
-    "cpu_mode",
-    "enable_megatron_lm_cpu_mode",
-    "register_megatron_lm_cpu_patches",
-    "cpu_mode_enabled",
-]
+__all__ = ["PATCHES", "CudaToCpuMode", "enable_cpu_mode", "disable_cpu_mode", "cpu_mode",
+           "enable_megatron_lm_cpu_mode", "register_megatron_lm_cpu_patches",
+           "cpu_mode_enabled"]
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",

@@ -26,14 +26,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = [
-    "PATCHED",
-    "add_arguments",
-    "check_args",
-    "register",
-    "Glue",
-    "glue",
-]
+__all__ = ["PATCHED", "add_arguments", "check_args", "register", "Glue", "glue"]
 
 #: Megatron-LM module -> names this module rebinds there (documentation and tests).
 PATCHED: Dict[str, Sequence[str]] = {

@@ -1,28 +1,100 @@
-"""Point-to-point exchange between neighbouring pipeline stages, with a timeout on every wait.
+"""Point-to-point exchange between neighbouring pipeline stages; no wait can hang.
 
-Megatron's ``P2PCommunicator`` waits on its requests without a timeout, and on gloo a
-point-to-point wait without one never ends when the peer is gone. This module posts the
-same operations Megatron posts (``torch.distributed.batch_isend_irecv`` of the sends and
-receives of one step, then a wait on every request, never just one: a gloo pitfall) and
-waits with ``Work.wait(timeout)``, so a stalled pipeline raises
-:class:`PipelineTimeout` instead of hanging. Receive buffers are created like Megatron's:
-``torch.empty(shape, dtype=config.pipeline_dtype, requires_grad=True)`` on the current
-device.
+Posts what Megatron's ``P2PCommunicator`` posts (``batch_isend_irecv`` of one step's sends
+and receives, then a wait on every request, never just one: a gloo pitfall). gloo: the host
+waits with ``Work.wait(timeout)`` and a stalled peer raises :class:`PipelineTimeout`.
+NCCL: ``Work.wait()`` without a timeout, so the current stream waits for the NCCL stream
+while the host goes on (a wait with a timeout blocks the host until the GPU is done,
+``ProcessGroupNCCL.hpp`` ``WorkNCCL::wait``; Megatron's ``batch_p2p_sync`` even synchronizes
+the device); a :class:`Watchdog` thread times the exchange. Receive buffers as Megatron's:
+``torch.empty(shape, dtype=config.pipeline_dtype, requires_grad=True)``.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
-from typing import List, Optional, Sequence, Tuple
+import os
+import sys
+import threading
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PipelineP2P", "PipelineTimeout"]
+__all__ = ["PipelineP2P", "PipelineTimeout", "Watchdog", "wait_all"]
 
 
 class PipelineTimeout(RuntimeError):
     """A send or receive between two stages did not complete within the timeout."""
+
+
+def _exit(message: str) -> None:
+    sys.stderr.write(f"PACI watchdog: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)  # the launcher (torchrun, srun) then stops the other ranks
+
+
+class Watchdog:
+    """Watches asynchronous (NCCL) exchanges from a daemon thread: one not completed within
+    ``timeout_s`` seconds calls ``on_expire(message)`` (default: the message to stderr,
+    then exit code 1). The message is the exchange's label (stage, peer, micro-batch,
+    action) and the timeout. ``poll_s``: seconds between checks."""
+
+    def __init__(self, timeout_s: float, on_expire: Optional[Callable[[str], None]] = None,
+                 poll_s: Optional[float] = None):
+        self.timeout_s = timeout_s
+        self.on_expire = on_expire or _exit
+        self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 10)
+        self._pending: collections.deque = collections.deque()  # (deadline, works, label)
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, works: Sequence, label: str) -> None:
+        with self._lock:
+            self._prune()  # completed works release their tensors now, not at the next poll
+            self._pending.append((time.monotonic() + self.timeout_s, list(works), label))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True)
+                self._thread.start()
+
+    def _prune(self) -> None:  # exchanges complete in the order they were posted
+        while self._pending and all(w.is_completed() for w in self._pending[0][1]):
+            self._pending.popleft()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            with self._lock:
+                self._prune()
+                head = self._pending[0] if self._pending else None
+            if head is not None and time.monotonic() > head[0]:
+                return self.on_expire(f"{head[2]}: not completed within {self.timeout_s:g} s")
+
+
+def wait_all(works: Sequence, label: str, timeout: datetime.timedelta,
+             watchdog: Optional[Watchdog] = None) -> None:
+    """Wait for every request of one exchange: on the host with ``timeout`` (gloo), or,
+    given a ``watchdog`` (NCCL), on the current stream while the watchdog times it.
+
+    Raises:
+        PipelineTimeout: (host wait) a request did not complete within ``timeout``.
+        RuntimeError: the transport failed (for example the peer process died).
+    """
+    for work in works:
+        if watchdog is not None:
+            work.wait()  # stream-level: the host does not block
+            continue
+        try:
+            work.wait(timeout)
+        except RuntimeError as exc:
+            if "timed out" in str(exc).lower():
+                raise PipelineTimeout(
+                    f"no answer within {timeout.total_seconds():g} s: {exc}") from exc
+            raise  # e.g. the peer process died: its own error says why
+    if watchdog is not None:
+        watchdog.watch(works, label)
 
 
 class PipelineP2P:
@@ -46,6 +118,8 @@ class PipelineP2P:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+        nccl = "nccl" in str(dist.get_backend(pp_group)) and self.device.type == "cuda"
+        self.watchdog = Watchdog(timeout_s) if nccl else None
 
     def exchange(
         self,
@@ -53,6 +127,7 @@ class PipelineP2P:
         send_prev: Optional[torch.Tensor] = None,
         recv_prev_shape: Optional[Sequence[int]] = None,
         recv_next_shape: Optional[Sequence[int]] = None,
+        label: str = "a pipeline exchange",
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Post the given sends and receives together and wait for all of them.
 
@@ -61,13 +136,14 @@ class PipelineP2P:
             send_prev: gradient ``[s, b, h]`` for the previous stage, or None.
             recv_prev_shape / recv_next_shape: shape to receive from the previous / next
                 stage, or None.
+            label: what the exchange is, for the watchdog's message (stage, peer,
+                micro-batch, action).
 
         Returns:
             ``(from_prev, from_next)``: the received tensors (None where nothing was asked).
 
         Raises:
-            PipelineTimeout: a request did not complete within ``timeout_s``.
-            RuntimeError: the transport failed (for example the peer process died).
+            PipelineTimeout, RuntimeError: as :func:`wait_all`.
         """
         ops: List[dist.P2POp] = []
         from_prev = from_next = None
@@ -82,16 +158,7 @@ class PipelineP2P:
             from_next = self._buffer(recv_next_shape)
             ops.append(dist.P2POp(dist.irecv, from_next, self.next_rank, self.pp_group))
         if ops:
-            works = dist.batch_isend_irecv(ops)
-            for work in works:
-                try:
-                    work.wait(self.timeout)
-                except RuntimeError as exc:
-                    if "timed out" in str(exc).lower():
-                        raise PipelineTimeout(
-                            f"no answer within {self.timeout.total_seconds():g} s: {exc}"
-                        ) from exc
-                    raise  # e.g. the peer process died: its own error says why
+            wait_all(dist.batch_isend_irecv(ops), label, self.timeout, self.watchdog)
         return from_prev, from_next
 
     def _buffer(self, shape: Sequence[int]) -> torch.Tensor:

@@ -21,30 +21,10 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = [
-    "Kind",
-    "Action",
-    "StageState",
-    "plan_call",
-    "plan_drain",
-    "plan_forward_only",
-    "drift_bound",
-    "mean_drift",
-    "warmup_microbatches",
-    "measure_drift",
-    "advance",
-    "Comm",
-    "GradSync",
-    "lower",
-    "format_steps",
-    "parse_steps",
-    "PlanError",
-    "validate_plan",
-    "simulate_p2p",
-    "P2PError",
-    "format_actions",
-    "parse_actions",
-]
+__all__ = ["Kind", "Action", "StageState", "plan_call", "plan_drain", "plan_forward_only",
+           "drift_bound", "mean_drift", "warmup_microbatches", "measure_drift", "advance",
+           "Comm", "GradSync", "lower", "format_steps", "parse_steps", "PlanError",
+           "validate_plan", "simulate_p2p", "P2PError", "format_actions", "parse_actions"]
 
 
 class Kind(str, Enum):

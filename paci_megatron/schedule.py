@@ -449,23 +449,17 @@ class PACISchedule:
                 recv_prev = run.recv_shapes[0]
             else:
                 recv_next = run.send_shapes[0]
+        what = ([f"sending the {_name(comm.send)}"] if comm.send is not None else []) + (
+            [f"receiving the {_name(comm.recv)}"] if comm.recv is not None else [])
+        label = (f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} ({comm.op}) "
+                 f"with stage {comm.peer()}")
         try:
             from_prev, from_next = run.p2p.exchange(
                 send_next=out0 if comm.send is not None and comm.send[0] == "act" else None,
                 send_prev=out0 if comm.send is not None and comm.send[0] == "grad" else None,
-                recv_prev_shape=recv_prev,
-                recv_next_shape=recv_next,
-            )
+                recv_prev_shape=recv_prev, recv_next_shape=recv_next, label=label)
         except Exception as exc:  # PipelineTimeout, or gloo/NCCL errors from a dead peer
-            what = []
-            if comm.send is not None:
-                what.append(f"sending the {_name(comm.send)}")
-            if comm.recv is not None:
-                what.append(f"receiving the {_name(comm.recv)}")
-            raise PACICommunicationError(
-                f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} "
-                f"({comm.op}) with stage {comm.peer()} failed: {exc}"
-            ) from exc
+            raise PACICommunicationError(f"{label} failed: {exc}") from exc
         got = from_prev if from_prev is not None else from_next
         if comm.recv is not None:
             self._inbox[comm.recv] = got
