@@ -52,14 +52,15 @@ def test_gpt2_medium_recipe_has_the_papers_settings():
     assert flag(two_nodes, "--micro-batch-size") == "16"  # DP 2: 256 / (16 x 2) = 8
 
 
-def test_the_1f1b_baseline_differs_only_in_the_schedule_and_checkpoint_folder():
+def test_the_1f1b_baseline_differs_only_in_the_schedule_and_output_folders():
     paci = dry_run("gpt2_medium_pp8.sh")
     base = dry_run("gpt2_medium_pp8_1f1b.sh")
     assert flag(base, "--pipeline-schedule") == "1f1b"
     diff = [(a, b) for a, b in zip(paci, base) if a != b]
     assert len(paci) == len(base) and sorted(diff) == [
         ("paci", "1f1b"), ("runs/gpt2m_paci", "runs/gpt2m_1f1b"),
-        ("runs/gpt2m_paci", "runs/gpt2m_1f1b")]
+        ("runs/gpt2m_paci", "runs/gpt2m_1f1b"),
+        ("runs/gpt2m_paci/tensorboard", "runs/gpt2m_1f1b/tensorboard")]
 
 
 def test_slurm_recipe_runs_pp8_by_dp2_on_two_nodes():

@@ -20,6 +20,7 @@
 #   MICRO_BATCH   micro-batch size                      (default GLOBAL_BATCH / (8 x DP): m = 8)
 #   NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  torchrun's rendezvous
 #   CHECKPOINTS   --save/--load folder                  (default runs/gpt2m_${SCHEDULE})
+#   TENSORBOARD   --tensorboard-dir                     (default $CHECKPOINTS/tensorboard)
 #   DRY_RUN=1     print the command instead of running it
 # Extra arguments are passed on to pretrain_gpt.py (e.g. PACI's --paci-* flags).
 set -euo pipefail
@@ -40,6 +41,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 CHECKPOINTS=${CHECKPOINTS:-runs/gpt2m_${SCHEDULE}}
+TENSORBOARD=${TENSORBOARD:-$CHECKPOINTS/tensorboard}
 MEGATRON_LM=${MEGATRON_LM:?set MEGATRON_LM to your Megatron-LM checkout}
 DATA_PREFIX=${DATA_PREFIX:?set DATA_PREFIX to OpenWebText preprocessed by Megatron (see prepare_openwebtext.sh)}
 TOKENIZER_DIR=${TOKENIZER_DIR:-$(dirname "$DATA_PREFIX")}
@@ -66,6 +68,7 @@ ARGS=(
   --vocab-file "$TOKENIZER_DIR/gpt2-vocab.json" --merge-file "$TOKENIZER_DIR/gpt2-merges.txt"
   # logging, evaluation, checkpoints (PACI drains the pipeline before each)
   --log-interval 10 --log-throughput --eval-interval 500 --eval-iters 20
+  --tensorboard-dir "$TENSORBOARD" --log-timers-to-tensorboard
   --save "$CHECKPOINTS" --load "$CHECKPOINTS" --save-interval 2000
   --distributed-backend nccl
 )
