@@ -144,9 +144,9 @@ def _print_last(text: str) -> None:
     """Print on the last rank, where Megatron-LM prints its training log."""
     import torch
 
-    if torch.distributed.is_initialized():
-        if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
-            return
+    dist = torch.distributed
+    if dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
+        return
     print(text, flush=True)
 
 
@@ -261,12 +261,24 @@ class Glue:
             local["skipped"] = len(self.optimizer.skipped_updates)
             version = self.schedule.state.version
             local["updates"] = version - self.start_version - local["skipped"]
-            local["version"] = version
+            local.update(version=version, grad_norm=self.optimizer.last_grad_norm,
+                         lr=self.optimizer.last_lr)
         return gather_stages(local, ps.get_pipeline_model_parallel_group(), "PACI statistics")
 
-    def log_line(self) -> str:
-        """``paci | iteration N | drift_max per stage: [...] | ...`` (a collective)."""
+    def log_line(self, writers=()) -> str:
+        """``paci | iteration N | drift_max per stage: [...] | ...`` (a collective). Also
+        writes ``paci/{drift_max,drift_mean,grad_norm,lr}/stage_S`` to Megatron-LM's
+        TensorBoard and W&B writers in ``writers`` (None where not configured)."""
         rows = self.stage_summaries()
+        scalars = {f"paci/{key}/stage_{s}": value for s, r in enumerate(rows) for key, value in (
+            ("drift_max", r["drift"] and r["drift"]["max"]),
+            ("drift_mean", r["drift"] and r["drift"]["mean"]),
+            ("grad_norm", r.get("grad_norm")), ("lr", r.get("lr"))) if value is not None}
+        tensorboard, wandb = (list(writers) + [None, None])[:2]
+        for name, value in scalars.items() if tensorboard is not None else ():
+            tensorboard.add_scalar(name, float(value), self.iteration)
+        if wandb is not None:
+            wandb.log({k: float(v) for k, v in scalars.items()}, self.iteration)
         drift_max = [r["drift"]["max"] if r["drift"] else 0 for r in rows]
         drift_mean = [round(float(r["drift"]["mean"]), 4) if r["drift"] else 0.0 for r in rows]
         versions = [r.get("version", 0) for r in rows]
@@ -420,7 +432,10 @@ def _training_log(module, original):
         result = original(*a, **k)
         interval = glue.args.log_interval if glue.active else 0
         if interval and glue.iteration % interval == 0:
-            _print_last(glue.log_line())
+            from megatron.training import global_vars
+
+            _print_last(glue.log_line((global_vars.get_tensorboard_writer(),
+                                       global_vars.get_wandb_writer())))
         return result
 
     return training_log

@@ -114,10 +114,8 @@ class PipelineP2P:
         self.next_rank = dist.get_global_rank(pp_group, (rank + 1) % size)
         self.dtype = pipeline_dtype
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if torch.cuda.is_available() else torch.device("cpu"))
         nccl = "nccl" in str(dist.get_backend(pp_group)) and self.device.type == "cuda"
         self.watchdog = Watchdog(timeout_s) if nccl else None
 

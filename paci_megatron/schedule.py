@@ -443,12 +443,9 @@ class PACISchedule:
         """One exchange with a neighbour; errors name stage, peer, micro-batch and action."""
         payload = self._outbox.pop(comm.send, None) if comm.send is not None else None
         out0 = payload[0] if isinstance(payload, list) else payload
-        recv_prev = recv_next = None
-        if comm.recv is not None:
-            if comm.recv[0] == "act":
-                recv_prev = run.recv_shapes[0]
-            else:
-                recv_next = run.send_shapes[0]
+        kind = comm.recv[0] if comm.recv is not None else None
+        recv_prev = run.recv_shapes[0] if kind == "act" else None
+        recv_next = run.send_shapes[0] if kind == "grad" else None
         what = ([f"sending the {_name(comm.send)}"] if comm.send is not None else []) + (
             [f"receiving the {_name(comm.recv)}"] if comm.recv is not None else [])
         label = (f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} ({comm.op}) "

@@ -418,3 +418,32 @@ def test_arguments_from_a_yaml_file_without_paci_attributes_are_read_with_defaul
     glue = Glue()
     glue.args = args
     assert glue.paci.drain_interval == 0 and glue.paci.accumulation is None
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, name, value, step):
+        self.calls.append((name, value, step))
+
+    def log(self, values, step):
+        self.calls.append((values, step))
+
+
+def test_log_line_writes_drift_grad_norm_and_lr_per_stage_to_megatrons_writers(monkeypatch):
+    rows = [{"drift": {"max": 1, "mean": 0.25}, "version": 7, "grad_norm": 2.5, "lr": 1e-3},
+            {"drift": {"max": 0, "mean": 0.0}, "version": 8, "grad_norm": None, "lr": 2e-3}]
+    g = Glue()
+    g.start_iteration, g.train_steps = 30, 10  # iteration 40
+    monkeypatch.setattr(g, "stage_summaries", lambda: rows)
+    tensorboard, wandb = _Recorder(), _Recorder()
+    line = g.log_line((tensorboard, wandb))
+    expected = {"paci/drift_max/stage_0": 1.0, "paci/drift_mean/stage_0": 0.25,
+                "paci/grad_norm/stage_0": 2.5, "paci/lr/stage_0": 1e-3,
+                "paci/drift_max/stage_1": 0.0, "paci/drift_mean/stage_1": 0.0,
+                "paci/lr/stage_1": 2e-3}  # no update yet on stage 1: no grad norm
+    assert tensorboard.calls == [(k, v, 40) for k, v in expected.items()]
+    assert wandb.calls == [(expected, 40)]
+    assert "drift_max per stage: [1, 0]" in line and "version per stage: [7, 8]" in line
+    assert g.log_line((None, None)) == line  # writers not configured: the line alone
