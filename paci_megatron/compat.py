@@ -14,7 +14,7 @@ import torch
 __all__ = ["MEGATRON_CORE_VERSION", "backward_step", "forward_step", "get_tensor_shapes",
            "get_model_config", "get_model_type", "set_version_counters", "inner_optimizers",
            "main_parameters", "publish_main_parameters", "get_megatron_muon_optimizer",
-           "muon_module", "stage_grad_stats_group", "allreduce_stage_local_grads"]
+           "muon_module", "stage_grad_stats_group", "finalize_stage_local"]
 
 try:
     from megatron.core import package_info as _pkg
@@ -88,9 +88,7 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, c
     if "pipeline_model_parallel_size" in names:
         from megatron.core import parallel_state
 
-        values["pipeline_model_parallel_size"] = (
-            parallel_state.get_pipeline_model_parallel_world_size()
-        )
+        values["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
     return schedules.backward_step(*[values[n] for n in names if n in values])
 
 
@@ -217,24 +215,34 @@ def stage_grad_stats_group(distributed_optimizer: bool):
     return ps.get_tensor_model_parallel_group()
 
 
-def allreduce_stage_local_grads(model: Sequence[torch.nn.Module], config) -> None:
-    """Stage-local part of ``finalize_model_grads`` besides DDP's own grad sync.
+def finalize_stage_local(model: Sequence[torch.nn.Module], config) -> None:
+    """The stage-local parts of ``finalize_model_grads`` besides DDP's own grad sync, as
+    far as the installed release has them: the TP all-reduce of grads replicated across
+    TP ranks (layer norms with sequence parallelism, ...; a no-op with TP = 1); for MoE the
+    router expert-bias update (0.14+), the quantile-balancing update (0.19+) and the reset
+    of the per-window tensors (tokens per expert, global aux-loss tracker; 0.15+). Their
+    collectives stay within the stage (TP x DP x CP); nothing crosses stages.
 
-    All-reduces, over the stage's TP group, the grads of parameters that are replicated
-    across TP ranks (layer norms with sequence parallelism, modules that average their
-    grads over TP). A no-op with TP = 1. Nothing crosses stages.
+    Raises:
+        RuntimeError: megatron-core has no stage-local layer-norm grad all-reduce.
     """
     import importlib
 
+    from megatron.core import parallel_state as ps
+
     # The package re-exports the function under the module's name: import the module.
     fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
-
     fn = getattr(fmg, "_allreduce_non_tensor_model_parallel_grads", None) or getattr(
-        fmg, "_allreduce_layernorm_grads", None
-    )
+        fmg, "_allreduce_layernorm_grads", None)
     if fn is None:  # pragma: no cover - depends on the installed version
-        raise RuntimeError(
-            "this megatron-core has no stage-local layer-norm grad all-reduce; "
-            "use --tensor-model-parallel-size 1 with PACI"
-        )
-    _call_with_supported(fn, {"model": list(model), "config": config})
+        raise RuntimeError("this megatron-core has no stage-local layer-norm grad all-reduce; "
+                           "use --tensor-model-parallel-size 1 with PACI")
+    model = list(model)
+    _call_with_supported(fn, {"model": model, "config": config})
+    if getattr(config, "moe_router_enable_expert_bias", False):
+        fmg._update_router_expert_bias(model, config)
+    if getattr(config, "moe_router_load_balancing_type", None) == "quantile_balancing":
+        fmg._update_router_qb_beta(model, config,
+                                   dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
+    if hasattr(fmg, "reset_model_temporary_tensors"):
+        fmg.reset_model_temporary_tensors(config, model)

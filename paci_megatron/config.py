@@ -219,8 +219,6 @@ _LM_REFUSED = (
     ("save_wgrads_interval", "--save-wgrads-interval",
      "needs a whole iteration's gradients at once, which PACI's local updates consume"),
     ("freeze_all_layers", "--freeze-all-layers", "makes the training calls forward-only"),
-    ("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias",
-     "updates the expert bias in Megatron's finalize_model_grads, which PACI replaces"),
 )
 
 #: Every refusal: ``(condition, message)``, evaluated in order on a :class:`Setup`.

@@ -36,10 +36,10 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
     tied word-embedding grads between the first and last stage, conditional-embedder
     grads over the pipeline group and the per-token-loss token count over the pipeline
     group; none of that may run under PACI (docs/design.md, "What stays stage-local").
-    This keeps only ``finish_grad_sync()`` of every chunk (DP all-reduce, or
-    reduce-scatter with the distributed optimizer) and the TP all-reduce of grads that
-    are replicated across TP ranks. Same call signature as Megatron's, so it can stand in
-    for ``config.finalize_model_grads_func``.
+    This keeps ``finish_grad_sync()`` of every chunk (DP all-reduce, or reduce-scatter
+    with the distributed optimizer) and :func:`compat.finalize_stage_local` (TP all-reduce
+    of replicated grads, MoE router updates). Same call signature as Megatron's, so it can
+    stand in for ``config.finalize_model_grads_func``.
 
     Args:
         model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
@@ -49,14 +49,12 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
         ValueError: ``num_tokens`` was given (``--calculate-per-token-loss``).
     """
     if num_tokens is not None:
-        raise ValueError(
-            "a per-token loss needs the token count of the last stage on every stage: "
-            "remove --calculate-per-token-loss with PACI"
-        )
+        raise ValueError("a per-token loss needs the token count of the last stage on every "
+                         "stage: remove --calculate-per-token-loss with PACI")
     model = list(model)
     for chunk in model:
         chunk.finish_grad_sync()
-    compat.allreduce_stage_local_grads(model, compat.get_model_config(model[0]))
+    compat.finalize_stage_local(model, compat.get_model_config(model[0]))
 
 
 class NonFiniteGradientError(FloatingPointError):

@@ -24,19 +24,8 @@ from . import compat
 from .config import PACIConfig, PACIConfigError, validate_setup
 from .optimizer import PACIOptimizer, Window
 from .p2p import PipelineP2P
-from .plan import (
-    Action,
-    Comm,
-    GradSync,
-    Kind,
-    StageState,
-    advance,
-    lower,
-    mean_drift,
-    plan_call,
-    plan_drain,
-    plan_forward_only,
-)
+from .plan import (Action, Comm, GradSync, Kind, StageState, advance, lower, mean_drift,
+                   plan_call, plan_drain, plan_forward_only)
 from .telemetry import DriftTelemetry, TimelineEvent
 
 __all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]

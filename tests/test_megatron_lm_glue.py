@@ -177,7 +177,6 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"moe_expert_rank_capacity_factor": 1.5}, [], "--moe-expert-rank-capacity-factor re-runs"),
     ({"save_wgrads_interval": 10}, [], "--save-wgrads-interval needs a whole iteration's"),
     ({"freeze_all_layers": True}, [], "--freeze-all-layers makes the training calls forward-only"),
-    ({"moe_router_enable_expert_bias": True}, [], "--moe-router-enable-expert-bias updates"),
     ({"tensor_parallel_num_weight_shards": 2}, [], "--tensor-parallel-num-weight-shards reduces"),
     ({"pipeline_schedule": "1f1b"}, ["--yaml-cfg", "x.yaml", "--pipeline-schedule", "paci"],
      "put pipeline_schedule: paci in the YAML file"),
@@ -185,6 +184,12 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
 def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
     problems = check_args(megatron_args(**overrides), argv=["pretrain_gpt.py", *argv])
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_moe_router_expert_bias_is_accepted_it_is_updated_at_each_local_update():
+    # tests/test_moe.py: drained PACI == 1F1B with the expert bias on
+    assert check_args(megatron_args(moe_router_enable_expert_bias=True, num_moe_experts=4),
+                      argv=["pretrain_gpt.py"]) == []
 
 
 def test_refusals_are_reported_together_once_before_training(capsys, monkeypatch):

@@ -9,13 +9,14 @@ import torch
 VOCAB, SEQ, MBS = 64, 16, 2
 
 
-def setup_parallel(pp: int, tp: int = 1) -> None:
+def setup_parallel(pp: int, tp: int = 1, ep: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
     )
 
 
@@ -45,14 +46,15 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
-                   overlap: bool = False, recompute=None, optimizer: str = "adam"):
+                   overlap: bool = False, recompute=None, optimizer: str = "adam",
+                   moe=None):
     from gpt_recipe import model as gpt
 
     seed_all(seed)
     cfg = gpt.transformer_config(
         num_layers=num_layers, hidden_size=32, num_attention_heads=4,
         pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp, bf16=bf16,
-        recompute_granularity=recompute,
+        recompute_granularity=recompute, **(moe or {}),
     )
     model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
                             overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt)
@@ -822,3 +824,49 @@ def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int)
         train_steps(model, popt, fb, it, calls, m)
     return {"counts": counter.counts, "updates": popt.version - updates_before,
             "microbatches": m * calls}
+
+
+#: a tiny MoE: 4 experts, top-2, load-balancing aux loss, aux-loss-free expert bias
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
+           moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type="alltoall",
+           moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+           moe_router_bias_update_rate=1e-2, add_bias_linear=False)
+
+
+def moe_case(rank: int, world: int, pp: int, iters: int, m: int, ep: int = 1) -> dict:
+    """A tiny MoE GPT: Megatron's 1F1B, drained PACI (a = m), continuous PACI (a = m);
+    ``ep``: expert parallelism (DP = world / pp >= ep; each DP replica its own data)."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from gpt_recipe import model as gpt
+
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 without TE: unbound
+        moe_utils.te_general_gemm = None
+    setup_parallel(pp, ep=ep)
+    batches = synthetic_batches(m, seed=ps.get_data_parallel_rank()) * iters
+    out: dict = {"stage": ps.get_pipeline_model_parallel_rank(),
+                 "dp_rank": ps.get_data_parallel_rank()}
+    moe = dict(MOE, expert_model_parallel_size=ep,
+               moe_token_dispatcher_type="allgather" if ep > 1 else "alltoall")
+    _, model, opt = build_tiny_gpt(pp, False, moe=moe)
+    out["megatron_losses"] = train_megatron_1f1b(model, opt, batches, iters, m)
+    out["megatron_params"] = gpt.model_parameters(model)
+    out["megatron_bias"] = _expert_biases(model)
+    for name, drained in (("drained", True), ("continuous", False)):
+        _, model, opt = build_tiny_gpt(pp, False, moe=moe)
+        popt = pm.PACIOptimizer(opt, model)
+        fb = pm.PACISchedule(popt)
+        history = train_steps(model, popt, fb, iter(batches), iters, m, drain_each=drained)
+        out[f"{name}_drift"] = fb.telemetry.summary()["max"]
+        fb.drain()
+        out[f"{name}_losses"] = losses_of(history)
+        out[f"{name}_params"] = gpt.model_parameters(model)
+        out[f"{name}_bias"] = _expert_biases(model)
+    return out
+
+
+def _expert_biases(model) -> List[torch.Tensor]:
+    return [m.expert_bias.detach().clone() for chunk in model for m in chunk.modules()
+            if getattr(m, "expert_bias", None) is not None]

@@ -40,11 +40,14 @@ def transformer_config(
     attention_dropout: float = 0.0,
     recompute_granularity: Optional[str] = None,
     on_gpu: bool = False,
+    **more,
 ):
     """megatron-core ``TransformerConfig`` for a GPT, from Megatron-LM's flag values.
 
     On CPU (``on_gpu=False``) the fused kernels that need CUDA/Apex are switched off
-    (Megatron-LM's ``--no-*-fusion`` flags) and weights are initialised on CPU.
+    (Megatron-LM's ``--no-*-fusion`` flags) and weights are initialised on CPU. ``more``:
+    further ``TransformerConfig`` fields (MoE: ``num_moe_experts``, ``moe_router_topk``,
+    ``moe_aux_loss_coeff``, ...).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -73,6 +76,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=True,
+        **more,
     )
 
 
@@ -97,9 +101,9 @@ def build_model(
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_transformer_engine:
-        layer_spec = specs.get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = specs.get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
     else:
-        layer_spec = specs.get_gpt_layer_local_spec()
+        layer_spec = specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
