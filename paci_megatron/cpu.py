@@ -301,6 +301,8 @@ PATCHES: Dict[str, Dict[str, Callable]] = {
     },
     "megatron.core.datasets.utils": {"compile_helpers": _no_op("compile_helpers")},
     "megatron.legacy.fused_kernels": {"load": _no_op("fused_kernels.load")},
+    # megatron-core 0.16's MoE router reads this name, bound only when TE imports
+    "megatron.core.transformer.moe.moe_utils": {"te_general_gemm": None},
 }
 
 
@@ -359,5 +361,6 @@ def register_megatron_lm_cpu_patches(hook) -> None:
     enable_megatron_lm_cpu_mode()
     hook.register("megatron.core.tensor_parallel.random", _patch_megatron_rng)
     hook.register("megatron.core.datasets", _use_installed_dataset_helper)
-    for name in ("megatron.core.datasets.utils", "megatron.legacy.fused_kernels"):
+    for name in ("megatron.core.datasets.utils", "megatron.legacy.fused_kernels",
+                 "megatron.core.transformer.moe.moe_utils"):
         hook.register(name, lambda module, name=name: _apply(name, module))

@@ -177,6 +177,24 @@ def test_drained_paci_prints_1f1b_losses_and_the_synchronous_warm_up_is_1f1b(opt
     assert [warm[i] for i in (1, 2, 3)] == [base[i] for i in (1, 2, 3)] and warm[6] != base[6]
 
 
+MOE = ["--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 1e-2,
+       "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+       "--moe-router-load-balancing-type", "aux_loss", "--moe-token-dispatcher-type", "alltoall",
+       "--disable-bias-linear"]
+
+
+def test_moe_drained_paci_prints_1f1b_losses_and_continuous_paci_trains():
+    common = ["--pipeline-model-parallel-size", 2, "--train-iters", 6, "--eval-interval", 6,
+              "--clip-grad", 0, *MOE]
+    base = losses(ok(2, *common, "--pipeline-schedule", "1f1b"))
+    assert sorted(base) == list(range(1, 7))
+    drained = losses(ok(2, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1))
+    assert drained == base  # every printed digit, router expert bias included
+    out = ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0)
+    assert DRIFT.findall(out)[-1] == ("6", "[1, 0]")
+    assert losses(out)[6] != base[6]
+
+
 def test_megatron_timing_log_shows_forward_backward_under_paci():
     out = ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
              "--train-iters", 4, "--eval-interval", 4, "--timing-log-level", 1)
