@@ -424,33 +424,73 @@ def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
             "seconds_at": {it: clock[it] for it in curves[0]},
             "seconds_total": clock[iterations[name]],
         }
-    reference = min((n for n in arms if ARMS[n].schedule == "1f1b"),
-                    key=lambda n: arms[n]["final_val"]["mean"])
-    ref = arms[reference]
+
+    def best_1f1b(optimizer=None):
+        return min((n for n in arms if ARMS[n].schedule == "1f1b"
+                    and optimizer in (None, ARMS[n].optimizer)),
+                   key=lambda n: arms[n]["final_val"]["mean"], default=None)
+
+    reference = best_1f1b()
+    targets = targets_of(regime, arms[reference])
+    for name, arm in arms.items():
+        arm["tta"] = tta(arm, arms[reference], targets)
+        arm["final_gap_vs_reference"] = gap(arm, arms[reference])
+        own = best_1f1b(ARMS[name].optimizer)  # the same optimizer under 1F1B
+        if own is not None:
+            arm["same_optimizer_reference"] = own
+            arm["final_gap_vs_same_optimizer"] = gap(arm, arms[own])
+            arm["tta_same_optimizer"] = tta(arm, arms[own], targets_of(regime, arms[own]))
+    return {"reference": reference, "targets": targets, "arms": arms}
+
+
+def gap(arm: Dict[str, Any], ref: Dict[str, Any]) -> float:
+    """Relative final-loss gap of ``arm`` over ``ref`` (positive: ``arm`` is worse)."""
+    return (arm["final_val"]["mean"] - ref["final_val"]["mean"]) / ref["final_val"]["mean"]
+
+
+def targets_of(regime: Regime, ref: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The reference's mean loss at about 1/3 and 2/3 of the run, and its final loss."""
     evals = sorted(ref["mean_curve"])
     picks = sorted({min(evals, key=lambda it: abs(it - regime.train_iters * f))
                     for f in (1 / 3, 2 / 3)} - {0, regime.train_iters})
     targets = [{"name": f"1F1B at iteration {it}", "loss": ref["mean_curve"][it]} for it in picks]
-    targets.append({"name": "1F1B final", "loss": ref["final_val"]["mean"]})
-    for name, arm in arms.items():
-        arm["tta"] = []
-        for target in targets:
-            mine = crossing(arm["mean_curve"], arm["seconds_at"], target["loss"])
-            theirs = crossing(ref["mean_curve"], ref["seconds_at"], target["loss"])
-            per_seed = []
-            for mine_c, ref_c in zip(arm["seed_curves"], ref["seed_curves"]):
-                a = crossing(mine_c, arm["seconds_at"], target["loss"])
-                b = crossing(ref_c, ref["seconds_at"], target["loss"])
-                per_seed.append(b[1] / a[1] if a and b and a[1] > 0 else None)
-            arm["tta"].append({
-                "target": target["name"], "target_loss": target["loss"],
-                "iterations": mine[0] if mine else None, "seconds": mine[1] if mine else None,
-                "ratio": theirs[1] / mine[1] if mine and theirs and mine[1] > 0 else None,
-                "ratio_per_seed": per_seed, "ratio_spread": spread(per_seed),
-            })
-        arm["final_gap_vs_reference"] = (arm["final_val"]["mean"] - ref["final_val"]["mean"]) \
-            / ref["final_val"]["mean"]
-    return {"reference": reference, "targets": targets, "arms": arms}
+    return targets + [{"name": "1F1B final", "loss": ref["final_val"]["mean"]}]
+
+
+def tta(arm: Dict[str, Any], ref: Dict[str, Any], targets: List[Dict[str, Any]]
+        ) -> List[Dict[str, Any]]:
+    """Per target: when ``arm`` reaches it (iterations, projected seconds) and the TTA
+    ratio ``ref's seconds / arm's seconds`` (> 1: ``arm`` is faster), of the mean curves
+    and per seed pair."""
+    out = []
+    for target in targets:
+        mine = crossing(arm["mean_curve"], arm["seconds_at"], target["loss"])
+        theirs = crossing(ref["mean_curve"], ref["seconds_at"], target["loss"])
+        per_seed = []
+        for mine_c, ref_c in zip(arm["seed_curves"], ref["seed_curves"]):
+            a = crossing(mine_c, arm["seconds_at"], target["loss"])
+            b = crossing(ref_c, ref["seconds_at"], target["loss"])
+            per_seed.append(b[1] / a[1] if a and b and a[1] > 0 else None)
+        out.append({
+            "target": target["name"], "target_loss": target["loss"],
+            "iterations": mine[0] if mine else None, "seconds": mine[1] if mine else None,
+            "ratio": theirs[1] / mine[1] if mine and theirs and mine[1] > 0 else None,
+            "ratio_per_seed": per_seed, "ratio_spread": spread(per_seed),
+        })
+    return out
+
+
+def _tta_cells(rows: List[Dict[str, Any]]) -> List[str]:
+    cells = []
+    for t in rows:
+        s = t["ratio_spread"]
+        if t["ratio"] is None:
+            cells.append("not reached")
+        else:
+            seeds = (f" [{s['min']:.2f}-{s['max']:.2f}, {s['n']} seeds]" if s["n"]
+                     else " [no seed pair]")
+            cells.append(f"{t['ratio']:.2f}x{seeds}")
+    return cells
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -464,15 +504,17 @@ def markdown(result: Dict[str, Any]) -> str:
         row = [arm["label"], f"{arm['best_lr']:g}", str(arm["iterations"]),
                f"{f['mean']:.4f} ± {f['std']:.4f} ({f['n']})",
                f"{arm['final_gap_vs_reference']:+.2%}"]
-        for t in arm["tta"]:
-            s = t["ratio_spread"]
-            if t["ratio"] is None:
-                row.append("not reached")
-            else:
-                seeds = (f" [{s['min']:.2f}-{s['max']:.2f}, {s['n']} seeds]" if s["n"]
-                         else " [no seed pair]")
-                row.append(f"{t['ratio']:.2f}x{seeds}")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(row + _tta_cells(arm["tta"])) + " |")
+    same = [(n, a) for n, a in result["arms"].items() if a.get("same_optimizer_reference")
+            and a["same_optimizer_reference"] != n]
+    if same:
+        lines += ["", "Against 1F1B with the same optimizer (its final loss and earlier points):",
+                  "", "| arm | reference | vs its final loss | TTA to 1/3, 2/3, final |",
+                  "| --- | --- | --- | --- |"]
+        for name, arm in same:
+            ref = result["arms"][arm["same_optimizer_reference"]]["label"]
+            lines.append(f"| {arm['label']} | {ref} | {arm['final_gap_vs_same_optimizer']:+.2%} | "
+                         + "; ".join(_tta_cells(arm["tta_same_optimizer"])) + " |")
     return "\n".join(lines)
 
 

@@ -170,7 +170,14 @@ def test_time_to_accuracy_quick_run_reports_consistent_numbers(tmp_path):
                 assert t["seconds"] == pytest.approx(mine[1])
                 assert t["ratio"] == pytest.approx(theirs[1] / mine[1])
     assert arms["1f1b-adam"]["tta"][-1]["ratio"] == pytest.approx(1.0)
+    # the same-optimizer comparison: here the reference is the same 1F1B-AdamW arm
+    sync = arms["paci-adam-sync"]
+    assert sync["same_optimizer_reference"] == "1f1b-adam"
+    assert sync["tta_same_optimizer"] == sync["tta"]
+    assert sync["final_gap_vs_same_optimizer"] == pytest.approx(
+        sync["final_val"]["mean"] / arms["1f1b-adam"]["final_val"]["mean"] - 1)
     assert "| PACI, AdamW, synchronous warm-up |" in data["table"]
+    assert "Against 1F1B with the same optimizer" in data["table"]
     # rerunning reuses the finished runs and reads the same numbers
     assert tta.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--analyse-only",
                      "--output", str(tmp_path / "again.json")]) == 0

@@ -3,7 +3,7 @@
 These tests launch the real training entry point of a Megatron-LM checkout under
 torchrun with gloo (``PACI_MEGATRON_CPU=1``: :func:`paci_megatron.cpu.enable_megatron_lm_cpu_mode`),
 mock data and a tiny GPT. They need a checkout, named by the environment variable
-``MEGATRON_LM_PATH`` (tested with the tags core_v0.16.1 and core_v0.14.0); without it
+``MEGATRON_LM_PATH`` (``tools/release_matrix.py`` runs them for each release); without it
 they are skipped with that message. Distributed-optimizer checkpoints are not loaded
 here: on CPU, Megatron's torch-Adam fallback cannot reload them, with or without PACI. The
 glue is activated the way users get it: by the installed ``paci_megatron.pth`` hook (or,
@@ -112,6 +112,49 @@ def losses(out):
 
 def validation(out):
     return [(int(i), where.strip(), float(v)) for i, where, v in VALID.findall(out)]
+
+
+CONTRACT = r"""
+import inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+import megatron.training.arguments, megatron.training.initialize, megatron.training.training
+import megatron.training.global_vars
+out = {}
+for module in ("megatron.training.arguments", "megatron.training.initialize",
+               "megatron.training.training", "megatron.training.global_vars"):
+    for name, value in vars(sys.modules[module]).items():
+        if callable(value):
+            try:
+                out[f"{module}:{name}"] = list(inspect.signature(value).parameters)
+            except (TypeError, ValueError):
+                out[f"{module}:{name}"] = None
+print(json.dumps(out))
+"""
+#: where the glue relies on more than the name: the parameters it passes by position
+LEADING = {"megatron.training.arguments:_add_distributed_args": ["parser"],
+           "megatron.training.arguments:validate_args": ["args"],
+           "megatron.training.training:finalize_model_grads": ["model"]}
+#: rebound only where the release has it (gone from megatron.training.initialize in 0.18)
+OPTIONAL = {"megatron.training.initialize:validate_args"}
+
+
+def test_every_name_the_glue_rebinds_exists_with_the_parameters_it_expects():
+    from paci_megatron.megatron_lm import PATCHED
+
+    proc = subprocess.run([sys.executable, "-c", CONTRACT, CHECKOUT], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    rebound = {f"{module}:{name}" for module, names in PATCHED.items() for name in names}
+    missing = sorted(rebound - set(found) - OPTIONAL)
+    assert missing == [], f"this Megatron-LM lacks what the glue rebinds: {missing}"
+    for key, leading in LEADING.items():
+        params = found[key]
+        assert params[:len(leading)] == leading, f"{key}{params}: the glue passes {leading}"
+    for key in ("megatron.training.training:get_args",  # read by the glue's wrappers
+                "megatron.training.global_vars:get_tensorboard_writer",
+                "megatron.training.global_vars:get_wandb_writer"):
+        assert key in found, key
 
 
 @pytest.mark.parametrize("pp,expected", [(2, [1, 0]), (4, [1, 1, 1, 0])])
