@@ -178,6 +178,28 @@ def test_paci_trains_megatron_lm_with_drift_per_stage(pp, expected):
     assert "--pipeline-schedule paci (rerun mode disabled)" in out
 
 
+def test_tensorboard_event_file_holds_the_drift_per_stage(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard (Megatron-LM's writer)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ok(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+       "--train-iters", 4, "--eval-interval", 4, "--paci-accumulation", 1,
+       "--tensorboard-dir", tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    series = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+              for tag in events.Tags()["scalars"] if tag.startswith("paci/")}
+    # a = 1 on 2 stages: stage 0 drifts by its bound 1 from the first iteration on
+    assert [v for _, v in series["paci/drift_max/stage_0"]] == [1.0] * 4
+    assert [v for _, v in series["paci/drift_max/stage_1"]] == [0.0] * 4
+    assert [step for step, _ in series["paci/drift_max/stage_0"]] == [1, 2, 3, 4]
+    for stage in (0, 1):
+        assert len(series[f"paci/grad_norm/stage_{stage}"]) == 4
+        assert all(v > 0 for _, v in series[f"paci/grad_norm/stage_{stage}"])
+        lrs = [v for _, v in series[f"paci/lr/stage_{stage}"]]
+        assert len(lrs) == 4 and lrs[1] > lrs[0] > 0  # the LR warm-up, as each stage applied it
+
+
 def test_accumulation_one_gives_drift_bound_per_stage(tmp_path):
     trace = tmp_path / "trace.json"
     out = ok(4, "--pipeline-model-parallel-size", 4, "--pipeline-schedule", "paci",
