@@ -11,7 +11,7 @@ the layers are megatron-core's local spec. Four checks, one JSON report:
 (a) PP = 1, bf16, GPT-2 Medium layers (hidden 1024, 16 heads, sequence 1024): the PACI
     schedule (a = m) against megatron-core's ``forward_backward_no_pipelining`` from the
     same weights: per-iteration losses (must be identical) and tokens/s of each.
-(b) A single-process replay of a 4-stage PACI plan (:func:`paci_megatron.plan.plan_call`)
+(b) A single-process replay of a 4-stage PACI plan (:func:`paci_megatron.sim.stage_actions`)
     on the device in bf16, weights updated in place while micro-batches are in flight
     (version counters restored as the optimizer wrapper does): no autograd version error,
     and the bits of a replay that recomputes each backward with the current weights (the
@@ -225,19 +225,14 @@ def replay(device: str, width: int, mode: str, P: int = 4, m: int = 4, a: int = 
     import torch
 
     from paci_megatron import compat
-    from paci_megatron.plan import Kind, StageState, plan_call, plan_drain
+    from paci_megatron.plan import Kind
+    from paci_megatron.sim import stage_actions
 
     g = torch.Generator().manual_seed(7)
     weights = [(torch.randn(width, width, generator=g) / width ** 0.5).to(device, torch.bfloat16)
                .requires_grad_() for _ in range(P)]
     inputs = [torch.randn(8, width, generator=g).to(device, torch.bfloat16) for _ in range(m * calls)]
-    plans = []
-    for s in range(P):
-        st, acts = StageState(), []
-        for _ in range(calls):
-            more, st = plan_call(P, s, m, a, st)
-            acts += more
-        plans.append(acts + plan_drain(P, s, a, st)[0])
+    plans = [stage_actions("paci", P, s, m, calls, a) for s in range(P)]  # calls, then a drain
     pos, acts_in, grads_in, saved, input_grads = [0] * P, {}, {}, {}, []
     while any(pos[s] < len(plans[s]) for s in range(P)):
         progressed = False

@@ -7,7 +7,8 @@ import contextlib
 import pytest
 import torch
 
-from paci_megatron.plan import Kind, StageState, plan_call, plan_drain
+from paci_megatron.plan import Kind
+from paci_megatron.sim import stage_actions
 from harness import DistributedFailure, run_distributed
 
 from workers import TOY_LR, make_toy_stage, toy_batch, toy_paci_case
@@ -21,14 +22,7 @@ def replay(P, m, a, calls, stash, recompute=False, clip=None):
     ``recompute``: the forward keeps only its input and the backward recomputes the
     stage's forward with the weights current at that time (PACI's memory mode)."""
     stages = [make_toy_stage(s, P, stash=stash) for s in range(P)]
-    plans = []
-    for s in range(P):
-        st, acts = StageState(), []
-        for _ in range(calls):
-            x, st = plan_call(P, s, m, a, st)
-            acts += x
-        acts += plan_drain(P, s, a, st)[0]
-        plans.append(acts)
+    plans = [stage_actions("paci", P, s, m, calls, a) for s in range(P)]  # calls, then a drain
     pos = [0] * P
     acts_msg, grads_msg, saved = {}, {}, {}
     while any(pos[s] < len(plans[s]) for s in range(P)):
