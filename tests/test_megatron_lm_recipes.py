@@ -80,3 +80,23 @@ def test_tiny_cpu_recipe_asks_for_cpu_mode_and_paci():
     argv = dry_run("tiny_gpt_cpu.sh")
     assert flag(argv, "--pipeline-schedule") == "paci" and flag(argv, "--distributed-backend") == "gloo"
     assert flag(dry_run("tiny_gpt_cpu.sh", SCHEDULE="1f1b"), "--pipeline-schedule") == "1f1b"
+
+
+def _last(argv, name):
+    """The value argparse keeps: the last occurrence of ``name``."""
+    return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+
+
+def test_muon_variant_sets_the_studys_optimizer_for_both_schedules():
+    paci = dry_run("gpt2_medium_pp8_muon.sh")
+    base = dry_run("gpt2_medium_pp8_muon.sh", SCHEDULE="1f1b")
+    for argv in (paci, base):
+        assert _last(argv, "--optimizer") == "muon"
+        assert (flag(argv, "--muon-momentum"), flag(argv, "--muon-extra-scale-factor")) == ("0.95", "0.2")
+        assert "--muon-use-nesterov" in argv
+        assert float(flag(argv, "--lr")) == pytest.approx(1.2e-3)  # 4 x AdamW's 3e-4
+        assert float(flag(argv, "--min-lr")) == pytest.approx(1.2e-4)
+    assert flag(paci, "--paci-sync-warmup-iters") == "0" and "--paci-sync-warmup-iters" not in base
+    assert (flag(paci, "--pipeline-schedule"), flag(base, "--pipeline-schedule")) == ("paci", "1f1b")
+    half = dry_run("gpt2_medium_pp8_muon.sh", GLOBAL_BATCH="128")
+    assert float(flag(half, "--lr")) == pytest.approx(1.2e-3 * 0.5 ** 0.5, rel=1e-3)
