@@ -15,7 +15,8 @@ project (a regular install: it places the hook); and, on Python < 3.12, a one-li
 column of the table read from its tests' outcomes (JUnit XML).
 
 Runs are resumable: a release whose ``result.json`` exists in ``--workdir`` is reused
-(``--rerun`` to redo).
+(``--rerun`` tests again, in the environments already built; delete a release's folder to
+rebuild it).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def build_venv(release: str, venv: str, megatron_lm: str, log) -> Optional[str]:
     import torch
 
     py = os.path.join(venv, "bin", "python")
+    done = os.path.join(venv, "installed-for-release-matrix")
+    if os.path.exists(done):  # built by an earlier run (--rerun keeps the environment)
+        return py
     pip = [py, "-m", "pip", "install", "--quiet"]
     core = [megatron_lm] if release == "main" else [f"megatron-core=={release}"]
     steps = [
@@ -94,6 +98,7 @@ def build_venv(release: str, venv: str, megatron_lm: str, log) -> Optional[str]:
                               capture_output=True, text=True).stdout.strip()
         with open(os.path.join(site, "typing_override_shim.pth"), "w") as f:
             f.write(SHIM)
+    open(done, "w").close()
     return py
 
 
