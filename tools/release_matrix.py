@@ -75,9 +75,10 @@ def build_venv(release: str, venv: str, megatron_lm: str, log) -> Optional[str]:
 
     py = os.path.join(venv, "bin", "python")
     done = os.path.join(venv, "installed-for-release-matrix")
-    if os.path.exists(done):  # built by an earlier run (--rerun keeps the environment)
-        return py
     pip = [py, "-m", "pip", "install", "--quiet"]
+    this_project = pip + ["--no-deps", "--force-reinstall", ROOT]  # the launches import it
+    if os.path.exists(done):  # built by an earlier run (--rerun keeps the environment)
+        return py if run(this_project, log) == 0 else None
     core = [megatron_lm] if release == "main" else [f"megatron-core=={release}"]
     steps = [
         [sys.executable, "-m", "venv", "--clear", venv],
@@ -85,7 +86,7 @@ def build_venv(release: str, venv: str, megatron_lm: str, log) -> Optional[str]:
         pip + ["--ignore-requires-python"] + core,
         # this project without its megatron-core pin (main is past it), then the packages
         # of its extras megatron-lm, test and muon (setup.py), and TensorBoard
-        pip + ["--no-deps", ROOT],
+        this_project,
         pip + ["six", "regex", "pyyaml", "pydantic", "psutil", "triton", "absl-py",
                "pytest", "pytest-timeout", "matplotlib", "tokenizers", "tensorboard"],
         pip + ["--no-deps", "--ignore-requires-python", "emerging-optimizers==0.3.0"],
