@@ -29,7 +29,8 @@ a lower learning rate, in four steps:
    loss (spread over seeds), the iterations and projected seconds its mean curve needs to
    reach each target (linear between evaluations), and the TTA ratio: the reference's
    time over the arm's (above 1: faster than 1F1B), with per-seed ratios (seeds paired by
-   position) for the spread.
+   position) for the spread. A second table compares each PACI arm with 1F1B under the
+   same optimizer (its targets taken from that arm).
 
 Usage::
 
