@@ -158,11 +158,21 @@ def test_logged_losses_average_over_data_parallel_replicas(corpus, tmp_path):
     assert vals[1] == pytest.approx(vals[0], rel=1e-5)
 
 
-def test_a_run_killed_while_training_resumes_from_its_last_checkpoint(corpus, tmp_path):
-    """Kill every rank right after the iteration-2 checkpoint, relaunch the same command:
-    the losses equal an uninterrupted run's and the log holds every record once."""
+@pytest.mark.parametrize("phase", ["training", "evaluation"])
+def test_a_run_killed_resumes_from_its_last_checkpoint(corpus, tmp_path, phase):
+    """Kill every rank while training (right after the iteration-2 checkpoint) or right
+    after the evaluation of iteration 3 (before the iteration-4 checkpoint), relaunch the
+    same command: the losses equal an uninterrupted run's and the log holds every record
+    once. (Killed while preparing data or saving: tests/test_data.py, test_checkpoint.py.)"""
     import signal
     import time
+
+    def reached(ck, log):
+        if phase == "training":
+            return (ck / "latest_checkpointed_iteration.txt").exists()
+        records = [json.loads(line) for line in log.read_text().splitlines()
+                   if line.endswith("}")] if log.exists() else []
+        return any(r.get("iteration") == 3 and "val_loss" in r for r in records)
 
     flags = ["--pipeline-schedule", "paci", "--train-iters", "6", "--eval-interval", "3",
              "--save-interval", "2", "--data-path", corpus]
@@ -182,11 +192,13 @@ def test_a_run_killed_while_training_resumes_from_its_last_checkpoint(corpus, tm
     victim = subprocess.Popen(command(ck, log), cwd=tmp_path, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (ck / "latest_checkpointed_iteration.txt").exists():
+    while not reached(ck, log):
         assert victim.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # every rank, mid-training
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # every rank
     victim.wait()
+    saved = (ck / "latest_checkpointed_iteration.txt").read_text().strip()
+    assert saved == "2", f"killed after the checkpoint of iteration {saved}: too late"
     proc = subprocess.run(command(ck, log), cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)  # the same command again
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
