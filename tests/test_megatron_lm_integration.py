@@ -230,6 +230,9 @@ def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
 def test_drained_paci_prints_1f1b_losses_and_the_synchronous_warm_up_is_1f1b(optimizer):
+    if optimizer == "muon" and "'muon'" not in open(
+            os.path.join(CHECKOUT, "megatron", "training", "arguments.py")).read():
+        pytest.skip("this Megatron-LM has no --optimizer muon (added in core_v0.16)")
     common = ["--pipeline-model-parallel-size", 2, "--train-iters", 6, "--eval-interval", 6,
               "--clip-grad", 0, "--optimizer", optimizer]
     base = losses(ok(2, *common, "--pipeline-schedule", "1f1b"))  # Megatron's own 1F1B
