@@ -121,15 +121,17 @@ def cell(tests: Dict[str, str], prefixes: Sequence[str]) -> str:
     return "NO" if "failed" in found else "yes"
 
 
-def run_release(repo: str, release: str, workdir: str, timeout: int, all_tests: bool
+def run_release(repo: str, release: str, workdir: str, timeout: int, all_tests: bool,
+                only: Optional[str] = None, earlier: Optional[Dict[str, str]] = None
                 ) -> Dict[str, object]:
     """Check out, install and test one release (the tests of :data:`COLUMNS`, or all of
-    them); the row of the table."""
+    them, or the ``-k`` expression ``only``, whose outcomes then replace those in
+    ``earlier``); the row of the table."""
     where = os.path.join(workdir, release)
     os.makedirs(where, exist_ok=True)
     start = time.time()
     row: Dict[str, object] = {"release": release, "log": os.path.join(where, "log.txt")}
-    with open(row["log"], "w") as log:
+    with open(row["log"], "a" if only else "w") as log:
         checkout_dir = os.path.join(where, "Megatron-LM")
         py = build_venv(release, os.path.join(where, "venv"), checkout_dir, log) if checkout(
             repo, release, checkout_dir, log) else None
@@ -137,16 +139,18 @@ def run_release(repo: str, release: str, workdir: str, timeout: int, all_tests: 
         if py:
             junit = os.path.join(where, "junit.xml")
             env = dict(os.environ, MEGATRON_LM_PATH=checkout_dir, PYTHONWARNINGS="ignore")
-            select = [] if all_tests else ["-k", " or ".join(
+            select = [] if all_tests else ["-k", only or " or ".join(
                 p for prefixes in COLUMNS.values() for p in prefixes)]
             row["pytest_exit"] = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                       "tests/test_megatron_lm_integration.py", *select,
                                       f"--junitxml={junit}"], log, cwd=ROOT, env=env,
                                      timeout=timeout)
-            tests = outcomes(junit) if os.path.exists(junit) else {}
+            tests = dict(earlier or {}, **(outcomes(junit) if os.path.exists(junit) else {}))
             row["tests"] = tests
             row.update({column: cell(tests, prefixes) for column, prefixes in COLUMNS.items()})
             row["passed"] = f"{sum(v == 'passed' for v in tests.values())}/{len(tests)}"
+            if only:
+                row["pytest_exit"] = int(any(v == "failed" for v in tests.values()))
             row["megatron_core"] = subprocess.run(
                 [py, "-c", "import megatron.core; print(megatron.core.__version__)"],
                 capture_output=True, text=True).stdout.strip() or None
@@ -176,17 +180,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="ignore earlier results")
     parser.add_argument("--all-tests", action="store_true",
                         help="every integration test, not only those of the table's columns")
+    parser.add_argument("--only", default=None,
+                        help="with --rerun: test again only these (a pytest -k expression); "
+                             "the other outcomes are kept")
     args = parser.parse_args(argv)
     rows = []
     for release in args.releases:
         saved = os.path.join(args.workdir, release, "result.json")
-        if os.path.exists(saved) and not args.rerun:
+        earlier = None
+        if os.path.exists(saved):
             with open(saved) as f:
-                rows.append(json.load(f))
-            continue
+                earlier = json.load(f)
+            if not args.rerun:
+                rows.append(earlier)
+                continue
         print(f"> {release}: installing and testing (log: {os.path.join(args.workdir, release, 'log.txt')})",
               flush=True)
-        row = run_release(args.repo, release, args.workdir, args.timeout, args.all_tests)
+        row = run_release(args.repo, release, args.workdir, args.timeout, args.all_tests,
+                          args.only, (earlier or {}).get("tests") if args.only else None)
         with open(saved, "w") as f:
             json.dump(row, f, indent=1)
         print(f"  {release}: installs {row['installs']}, tests passed {row.get('passed', '-')} "
