@@ -276,6 +276,13 @@ REFUSALS: Sequence[Refusal] = (
                "remove --fp8-format (use --bf16)"),
     (lambda s: bool(s.cfg("mtp_num_layers")),
      lambda s: "multi-token prediction (--mtp-num-layers) is not supported by PACI"),
+    # finalize_model_grads all-reduces these across the pipeline stages at every update
+    (lambda s: s.P > 1 and bool(s.cfg("flextron")),
+     lambda s: "Flextron's router gradients are all-reduced across pipeline stages at every "
+               "update, which PACI has no point for: train Flextron with --pipeline-schedule 1f1b"),
+    (lambda s: s.P > 1 and bool(s.cfg("has_cond_embedder")),
+     lambda s: "a conditional embedder's gradients (DiT) are all-reduced across pipeline "
+               "stages at every update, which PACI has no point for: use --pipeline-schedule 1f1b"),
 ) + tuple(
     (lambda s, name=name: bool(s.cfg(name)),
      lambda s, flag=flag: f"{flag} is not supported by PACI: remove it")

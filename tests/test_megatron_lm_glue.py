@@ -160,6 +160,8 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],
      "remove --num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"),
     ({"mtp_num_layers": 1}, [], "multi-token prediction (--mtp-num-layers)"),
+    ({"flextron": True}, [], "Flextron's router gradients are all-reduced across pipeline"),
+    ({"has_cond_embedder": True}, [], "a conditional embedder's gradients (DiT)"),
     ({"fp8": "hybrid"}, [], "remove --fp8-format"),
     ({}, ["--rerun-mode", "validate_results"], "use --rerun-mode disabled"),
     ({"rerun_mode": "report_stats"}, ["--rerun-mode=report_stats"], "--rerun-mode report_stats re-runs"),
