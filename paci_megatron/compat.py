@@ -39,8 +39,7 @@ def set_version_counters(tensors: Sequence[torch.Tensor], versions: Sequence[int
         raise RuntimeError(
             f"PyTorch {torch.__version__} has no torch._C._autograd._unsafe_set_version_counter: "
             "PACI cannot update fp32 parameters in place under in-flight graphs. "
-            "Use --bf16 (Megatron's mixed-precision optimizer) or PyTorch >= 2.1."
-        )
+            "Use --bf16 (Megatron's mixed-precision optimizer) or PyTorch >= 2.1.")
     if not tensors:
         return
     try:
@@ -155,9 +154,10 @@ def publish_main_parameters(optimizer) -> None:
 
 def muon_module():
     """megatron-core's ``megatron.core.optimizer.muon`` (Muon for 2-D weights, chained with
-    Adam), usable on Python < 3.12: ``typing`` gains the no-op ``override`` decorator that
-    ``emerging-optimizers`` imports (the module is reloaded if its optional import had
-    failed on it), and megatron-core 0.16's keywords are adapted to emerging-optimizers 0.3.
+    Adam; from 0.18 a shim over ``optimizer.emerging_optimizers``), usable on Python < 3.12:
+    ``typing`` gains the no-op ``override`` decorator that ``emerging-optimizers`` imports
+    (the module is reloaded if its optional import had failed on it), and megatron-core
+    0.16's keywords are adapted to emerging-optimizers 0.3.
 
     Raises:
         ImportError: ``emerging-optimizers`` (with ``absl-py`` and ``triton``) is missing.
@@ -167,13 +167,16 @@ def muon_module():
 
     from megatron.core.optimizer import muon
 
-    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False) and not hasattr(typing, "override"):
+    # 0.18+: muon is a shim over the emerging-optimizers registry, which holds the flag
+    flags = muon if hasattr(muon, "HAVE_EMERGING_OPTIMIZERS") else importlib.import_module(
+        "megatron.core.optimizer.emerging_optimizers")
+    if not getattr(flags, "HAVE_EMERGING_OPTIMIZERS", False) and not hasattr(typing, "override"):
         typing.override = lambda method: method
-        muon = importlib.reload(muon)  # same module object: names imported from it stay valid
-    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False):
+        flags = importlib.reload(flags)  # same module object: names imported from it stay valid
+    if not getattr(flags, "HAVE_EMERGING_OPTIMIZERS", False):
         raise ImportError("Muon needs the emerging-optimizers package: pip install absl-py triton "
                           "&& pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0")
-    if not hasattr(muon, "HAVE_EO_V02"):
+    if flags is muon and not hasattr(muon, "HAVE_EO_V02"):
         _old_muon_keywords(muon)
     return muon
 

@@ -150,9 +150,8 @@ class PACIOptimizer:
         self.last_lr: Optional[float] = None
         self.update_log: List[Tuple[int, Optional[float], Optional[float]]] = []
         if distributed_optimizer is None:
-            distributed_optimizer = any(
-                type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)
-            )
+            distributed_optimizer = any(type(o).__name__ == "DistributedOptimizer"
+                                        for o in compat.inner_optimizers(optimizer))
         self.distributed_optimizer = distributed_optimizer
         group = compat.stage_grad_stats_group(distributed_optimizer)
         for inner in compat.inner_optimizers(optimizer):
@@ -202,8 +201,7 @@ class PACIOptimizer:
                 raise NonFiniteGradientError(
                     message + "; the update was not applied. Lower the learning rate or "
                     "skip such updates with --paci-skip-nonfinite-updates "
-                    "(PACIOptimizer(skip_nonfinite_updates=True))"
-                )
+                    "(PACIOptimizer(skip_nonfinite_updates=True))")
             self.skipped_updates.append(window.update)
             run = self.skipped_updates[-self.max_consecutive_skips - 1:]
             if len(run) > self.max_consecutive_skips and run[-1] - run[0] == len(run) - 1:

@@ -34,9 +34,7 @@ class DriftTelemetry:
     """
 
     def __init__(self, num_stages: int, stage: int, check: bool = True):
-        self.num_stages = num_stages
-        self.stage = stage
-        self.check = check
+        self.num_stages, self.stage, self.check = num_stages, stage, check
         self.histogram: Counter = Counter()
         self.total = 0
 
@@ -51,8 +49,7 @@ class DriftTelemetry:
             raise DriftBoundError(
                 f"stage {self.stage}: micro-batch {microbatch} crossed {drift} updates between "
                 f"its forward and backward; the bound ceil((P-1-s)/a) = "
-                f"ceil(({self.num_stages}-1-{self.stage})/{accumulation}) = {bound}"
-            )
+                f"ceil(({self.num_stages}-1-{self.stage})/{accumulation}) = {bound}")
         self.histogram[drift] += 1
         self.total += drift
 
