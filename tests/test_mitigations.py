@@ -40,7 +40,9 @@ def case(request):
 
 def test_drained_paci_equals_megatron_1f1b_with_each_optimizer(case):
     optimizer, pp, results = case
-    for r in results:
+    for r in results:  # Muon for the 2-D weights, chained with Adam for the rest
+        assert r["inner_optimizers"] == (["AdamW", "TensorParallelMuon"] if optimizer == "muon"
+                                         else ["AdamW"]), r["inner_optimizers"]
         meg_losses, meg_snaps, meg_params = r["megatron"]
         for name in ("drained", "drained_lookahead"):  # a drain removes the look-ahead
             losses, snaps, params = r[name]

@@ -655,7 +655,11 @@ def mitigation_case(rank: int, world: int, optimizer: str, iters: int, m: int, s
     batches = synthetic_batches(m) * iters
 
     def run(schedule_of, drain_each=False):
+        from paci_megatron import compat
+
         _, model, opt = build_tiny_gpt(world, False, optimizer=optimizer)
+        out["inner_optimizers"] = sorted({type(o.optimizer).__name__
+                                          for o in compat.inner_optimizers(opt)})
         sched = build_scheduler(opt, iters, m)
         opt, fb = schedule_of(model, opt, sched)
         snapshots = []

@@ -155,7 +155,7 @@ def build_optimizer(
     from paci_megatron import compat
 
     cfg = OptimizerConfig(
-        optimizer="adam",
+        optimizer=optimizer,  # "muon": from megatron-core 0.18 its registry reads this
         lr=lr,
         min_lr=min_lr,
         weight_decay=weight_decay,
