@@ -106,16 +106,13 @@ def _edit(path: str, change, diff_only: bool) -> str:
     return diff
 
 
-def _hook_source() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "paci_megatron.pth")
-
-
 def install_hook(site_packages: Optional[str] = None) -> str:
     """Copy ``paci_megatron.pth`` into ``site_packages`` (default: this interpreter's
     purelib folder); returns the path written."""
     folder = site_packages or sysconfig.get_paths()["purelib"]
     dest = os.path.join(folder, "paci_megatron.pth")
-    with open(_hook_source(), encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paci_megatron.pth")
+    with open(source, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
         out.write(src.read())
     return dest
 

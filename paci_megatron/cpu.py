@@ -226,15 +226,21 @@ def _megatron_training_sees_cuda(real_is_available):
     return is_available
 
 
-def _installed_megatron_core_file(relative: str) -> Optional[str]:
-    """Path of a file of the installed megatron-core wheel (None if not installed)."""
-    try:
-        from importlib import metadata
+def _compiled_dataset_helper_folder() -> Optional[str]:
+    """The installed megatron-core's ``megatron/core/datasets`` folder that holds the
+    compiled ``helpers_cpp`` (where the distribution says, else site-packages: a
+    megatron-core built from a checkout points back at the checkout), or None."""
+    import sysconfig
+    from importlib import metadata
 
-        path = metadata.distribution("megatron-core").locate_file(relative)
-    except Exception:  # pragma: no cover - megatron-core is a dependency
-        return None
-    return str(path) if os.path.exists(str(path)) else None
+    try:
+        where = [str(metadata.distribution("megatron-core").locate_file("megatron/core/datasets"))]
+    except metadata.PackageNotFoundError:  # pragma: no cover - megatron-core is a dependency
+        where = []
+    where += [os.path.join(sysconfig.get_paths()[k], "megatron", "core", "datasets")
+              for k in ("platlib", "purelib")]
+    return next((d for d in where if os.path.isdir(d)
+                 and any(n.startswith("helpers_cpp") for n in os.listdir(d))), None)
 
 
 def _use_installed_dataset_helper(datasets_pkg) -> None:
@@ -242,14 +248,12 @@ def _use_installed_dataset_helper(datasets_pkg) -> None:
 
     A source checkout has ``helpers.cpp`` but no ``helpers_cpp`` extension (Megatron
     compiles it with ``make`` at start-up, which :func:`enable_megatron_lm_cpu_mode`
-    turns off); the megatron-core wheel ships it compiled. Its folder is appended to the
+    turns off); the installed megatron-core has it compiled. Its folder is appended to the
     package's search path, after the checkout's own.
     """
     here = list(getattr(datasets_pkg, "__path__", []))
-    has_own = any(
-        name.startswith("helpers_cpp") for d in here if os.path.isdir(d) for name in os.listdir(d)
-    )
-    folder = _installed_megatron_core_file("megatron/core/datasets")
+    has_own = any(n.startswith("helpers_cpp") for d in here if os.path.isdir(d) for n in os.listdir(d))
+    folder = _compiled_dataset_helper_folder()
     if not has_own and folder is not None and folder not in here:
         datasets_pkg.__path__.append(folder)
 
