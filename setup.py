@@ -35,7 +35,8 @@ setup(
     entry_points={"console_scripts": ["paci-megatron=paci_megatron.cli:main"]},
     install_requires=[
         "torch>=2.1",
-        "megatron-core>=0.14,<0.20",
+        # the release table (README): 0.14.0 to 0.19.0 and main (0.20.0.dev) pass
+        "megatron-core>=0.14,<0.21",
         "numpy",
     ],
     extras_require={
