@@ -343,7 +343,8 @@ def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation():
     2 nodes) and then by PACI's checks, without launching anything."""
     recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "examples", "megatron_lm")
-    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM=CHECKOUT, DATA_PREFIX="/data/owt_text_document")
+    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM=CHECKOUT, DATA_PREFIX="/data/owt_text_document",
+                   NNODES="2")  # the recipe's micro-batch then gives m = a = 8 at DP 2
     cmd = subprocess.run(["bash", os.path.join(recipes, "gpt2_medium_pp8.sh")], env=environ,
                          capture_output=True, text=True, check=True, timeout=60).stdout
     import shlex
@@ -359,7 +360,7 @@ def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation():
                           env=dict(os.environ, PACI_MEGATRON_CPU="1", WORLD_SIZE="16", RANK="0",
                                    LOCAL_RANK="0"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "validated paci disabled 2 32" in proc.stdout
+    assert "validated paci disabled 2 8" in proc.stdout  # DP 2, m = 256 / (16 x 2)
 
 
 def test_tiny_cpu_recipe_trains_with_paci():
