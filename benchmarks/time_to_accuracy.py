@@ -633,6 +633,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         print(f"error: no finished runs for {missing} in {runs_dir}", file=sys.stderr)
         return 2
+    if not any(ARMS[n].schedule == "1f1b" for n in regime.arms):
+        print("> runs done; the table needs a 1F1B arm as its reference: run --analyse-only "
+              "without --arms (or with a 1f1b arm)")
+        return 0
     result = analyse(regime, times, iterations, runs)
     table = markdown(result)
     print(table)
