@@ -52,6 +52,7 @@ class Watchdog:
         self._thread: Optional[threading.Thread] = None
 
     def watch(self, works: Sequence, label: str) -> None:
+        """Time ``works`` (the requests of one exchange, ``label`` naming it) from now."""
         with self._lock:
             self._prune()  # completed works release their tensors now, not at the next poll
             self._pending.append((time.monotonic() + self.timeout_s, list(works), label))
