@@ -77,13 +77,8 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, c
     from megatron.core.pipeline_parallel import schedules
 
     names = list(inspect.signature(schedules.backward_step).parameters)
-    values = {
-        "input_tensor": input_tensor,
-        "output_tensor": output_tensor,
-        "output_tensor_grad": output_tensor_grad,
-        "model_type": model_type,
-        "config": config,
-    }
+    values = {"input_tensor": input_tensor, "output_tensor": output_tensor,
+              "output_tensor_grad": output_tensor_grad, "model_type": model_type, "config": config}
     if "pipeline_model_parallel_size" in names:
         from megatron.core import parallel_state
 
@@ -91,26 +86,55 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, c
     return schedules.backward_step(*[values[n] for n in names if n in values])
 
 
-def get_tensor_shapes(*, seq_length, micro_batch_size, decoder_seq_length, config):
+MULTI_MODULE_REFUSAL = (
+    "a multi-module process-group collection or communicator (megatron-core's "
+    "MultiModuleProcessGroupCollection / MultiModulePipelineCommunicator: several modules, "
+    "such as an encoder and a language model, on separate pipeline grids) is not supported: "
+    "PACI's stages each hold one chunk of one model; use --pipeline-schedule 1f1b")
+
+
+def refuse_multi_module(*objects: Any) -> None:
+    """Raise :class:`PACIConfigError` if any object is a megatron-core multi-module process-group
+    collection or communicator (0.17+), recognised by class name (older releases lack them)."""
+    from .config import PACIConfigError
+
+    if any(c.__name__.startswith("MultiModule") for o in objects for c in type(o).__mro__):
+        raise PACIConfigError([MULTI_MODULE_REFUSAL])
+
+
+def process_groups(pg_collection=None, p2p_communicator=None):
+    """``(pp_group, tp_group, cp_group)`` of one call, as Megatron's 1F1B takes them.
+
+    From ``pg_collection`` (a single-module ``ProcessGroupCollection``, megatron-core 0.14+)
+    and ``p2p_communicator.pp_group`` where given, else from ``parallel_state``.
+
+    Raises:
+        PACIConfigError: a multi-module collection or communicator (:func:`refuse_multi_module`).
+    """
+    from megatron.core import parallel_state as ps
+
+    refuse_multi_module(pg_collection, p2p_communicator)
+    groups = [getattr(p2p_communicator, "pp_group", None) or getattr(pg_collection, "pp", None),
+              getattr(pg_collection, "tp", None), getattr(pg_collection, "cp", None)]
+    defaults = (ps.get_pipeline_model_parallel_group, ps.get_tensor_model_parallel_group,
+                ps.get_context_parallel_group)
+    return tuple(default() if g is None else g for g, default in zip(groups, defaults))
+
+
+def get_tensor_shapes(*, seq_length, micro_batch_size, decoder_seq_length, config, tp_group,
+                      cp_group):
     """Shapes of the activations that cross stages (megatron-core's ``get_tensor_shapes``).
 
     Returns a list of ``(seq_length / cp / (tp if sequence parallel), micro_batch_size,
     hidden_size)`` tuples.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import schedules
 
     return _call_with_supported(
         schedules.get_tensor_shapes,
-        {
-            "seq_length": seq_length,
-            "micro_batch_size": micro_batch_size,
-            "decoder_seq_length": decoder_seq_length,
-            "config": config,
-            "tp_group": ps.get_tensor_model_parallel_group(),
-            "cp_group": ps.get_context_parallel_group(),
-        },
-    )
+        {"seq_length": seq_length, "micro_batch_size": micro_batch_size,
+         "decoder_seq_length": decoder_seq_length, "config": config, "tp_group": tp_group,
+         "cp_group": cp_group})
 
 
 def get_model_config(model):

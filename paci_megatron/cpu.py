@@ -32,16 +32,10 @@ __all__ = ["PATCHES", "CudaToCpuMode", "enable_cpu_mode", "disable_cpu_mode", "c
            "cpu_mode_enabled"]
 
 _CUDA_TYPE_NAMES = {
-    torch.float32: "torch.cuda.FloatTensor",
-    torch.float16: "torch.cuda.HalfTensor",
-    torch.bfloat16: "torch.cuda.BFloat16Tensor",
-    torch.float64: "torch.cuda.DoubleTensor",
-    torch.int64: "torch.cuda.LongTensor",
-    torch.int32: "torch.cuda.IntTensor",
-    torch.uint8: "torch.cuda.ByteTensor",
-    torch.bool: "torch.cuda.BoolTensor",
-}
-
+    torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor", torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor", torch.bool: "torch.cuda.BoolTensor"}
 
 
 def _is_cuda_device(device: Any) -> bool:

@@ -208,8 +208,7 @@ class Glue:
         wrapped = PACIOptimizer(
             optimizer, model, opt_param_scheduler=opt_param_scheduler,
             distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
-            skip_nonfinite_updates=paci.skip_nonfinite_updates, lookahead=paci.lookahead,
-        )
+            skip_nonfinite_updates=paci.skip_nonfinite_updates, lookahead=paci.lookahead)
         m = get_num_microbatches()
         a = paci.resolve_accumulation(m)
         self.start_iteration = int(getattr(args, "iteration", 0) or 0)
@@ -224,11 +223,8 @@ class Glue:
                               "--micro-batch-size"])
         self.start_version = microbatches // a
         self.optimizer = wrapped
-        self.schedule = PACISchedule(
-            wrapped, paci,
-            share_embeddings_and_output_weights=not getattr(
-                args, "untie_embeddings_and_output_weights", False),
-        )
+        self.schedule = PACISchedule(wrapped, paci, share_embeddings_and_output_weights=not getattr(
+            args, "untie_embeddings_and_output_weights", False))
         # Checkpoints are only written drained (save_checkpoint_and_time drains first).
         self.schedule.load_state_dict(PACISchedule.drained_state(microbatches, a))
         from megatron.core import parallel_state as ps
@@ -397,6 +393,9 @@ def _get_forward_backward_func(module, original):
     def get_forward_backward_func(*a, **k):
         if not glue.active or (glue.schedule is None and glue.evaluation_only):
             return original(*a, **k)  # forward-only evaluation is the same in both
+        from . import compat
+
+        compat.refuse_multi_module(k.get("schedule_pg_collection"))
         if glue.schedule is None:
             raise RuntimeError("paci-megatron: the PACI schedule is requested before "
                                "setup_model_and_optimizer built the optimizer")

@@ -139,6 +139,7 @@ class PACISchedule:
         self._no_sync_ctx = None
         self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
         self._validated_for: Optional[int] = None
+        self._tp_group = self._cp_group = None  # with the pipeline group, from the first call
 
     # ------------------------------------------------------------------ public API
     def __call__(
@@ -177,7 +178,8 @@ class PACISchedule:
             micro-batch of this call, in order: Megatron's format); ``[]`` elsewhere.
 
         Raises:
-            PACIConfigError: the configuration breaks a PACI rule (before any work).
+            PACIConfigError: the configuration breaks a PACI rule, or ``pg_collection`` is a
+                multi-module collection (before any work).
             PACICommunicationError: a send or receive failed or timed out.
             DriftBoundError: a measured drift exceeded ``ceil((P-1-s)/a)``.
         """
@@ -190,7 +192,8 @@ class PACISchedule:
         if isinstance(data_iterator, list):
             data_iterator = data_iterator[0]
         run = self._prepare(model, num_microbatches, forward_only, seq_length, micro_batch_size,
-                            decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator)
+                            decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator,
+                            pg_collection)
         run = dataclasses.replace(run, forward_step_func=forward_step_func,
                                   data_iterator=data_iterator)
         store: List[Any] = []
@@ -266,14 +269,10 @@ class PACISchedule:
         if not self._drained():
             raise RuntimeError("PACI state can only be saved on a drained pipeline: drain() first")
         telemetry = self.telemetry
-        return {
-            "state": dataclasses.asdict(self.state),
-            "accumulation": self.accumulation,
-            "telemetry": None if telemetry is None else {
-                "num_stages": telemetry.num_stages, "stage": telemetry.stage,
-                "histogram": dict(telemetry.histogram), "total": telemetry.total,
-            },
-        }
+        return {"state": dataclasses.asdict(self.state), "accumulation": self.accumulation,
+                "telemetry": None if telemetry is None else {
+                    "num_stages": telemetry.num_stages, "stage": telemetry.stage,
+                    "histogram": dict(telemetry.histogram), "total": telemetry.total}}
 
     @staticmethod
     def drained_state(microbatches: int, accumulation: int) -> Dict[str, Any]:
@@ -316,19 +315,20 @@ class PACISchedule:
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, model, num_microbatches, forward_only, seq_length, micro_batch_size,
-                 decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator) -> _Run:
-        """The call's :class:`_Run`; validates the setup when ``m`` changes (training)."""
+                 decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator,
+                 pg_collection) -> _Run:
+        """The call's :class:`_Run`; validates the setup when ``m`` changes (training).
+
+        The process groups come from ``pg_collection`` / ``p2p_communicator`` where Megatron
+        passes them (:func:`compat.process_groups`), fixed at the first call."""
         config = compat.get_model_config(model)
         p2p = self._run.p2p if self._run is not None else None
         if p2p is None:  # the first call: bind to the optimizer and guard the grad buffers
+            pp_group, self._tp_group, self._cp_group = compat.process_groups(pg_collection,
+                                                                             p2p_communicator)
             self.optimizer.attach(lambda: self.state)
             for chunk in self.optimizer.model:
                 chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(chunk.zero_grad_buffer)
-            pp_group = getattr(p2p_communicator, "pp_group", None)
-            if pp_group is None:
-                from megatron.core import parallel_state as ps
-
-                pp_group = ps.get_pipeline_model_parallel_group()
             p2p = PipelineP2P(pp_group, config.pipeline_dtype, self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
         if not forward_only and self._validated_for != num_microbatches:
@@ -336,7 +336,8 @@ class PACISchedule:
         if self.telemetry is None:
             self.telemetry = DriftTelemetry(P, stage, check=self.paci_config.check_drift)
         shapes = compat.get_tensor_shapes(seq_length=seq_length, micro_batch_size=micro_batch_size,
-                                          decoder_seq_length=decoder_seq_length, config=config)
+                                          decoder_seq_length=decoder_seq_length, config=config,
+                                          tp_group=self._tp_group, cp_group=self._cp_group)
         recv_shapes, send_shapes = shapes, shapes
         if adjust_tensor_shapes_fn is not None:
             recv_shapes, send_shapes = adjust_tensor_shapes_fn(recv_shapes, send_shapes)
@@ -482,20 +483,11 @@ class PACISchedule:
     def _forward_step(self, run: _Run, j, input_tensor, data_iterator, store, loss_divisor,
                       collect_non_loss_data=False, is_first_microbatch=False):
         output_tensor, _num_tokens = compat.forward_step(
-            forward_step_func=run.forward_step_func,
-            data_iterator=data_iterator,
-            model=run.model,
-            num_microbatches=loss_divisor,
-            input_tensor=input_tensor,
-            forward_data_store=store,
-            config=run.config,
-            cp_group_size=_cp_size(),
-            collect_non_loss_data=collect_non_loss_data,
-            checkpoint_activations_microbatch=None,
-            is_first_microbatch=is_first_microbatch,
-            current_microbatch=j,
-            is_last_stage=run.last,
-        )
+            forward_step_func=run.forward_step_func, data_iterator=data_iterator, model=run.model,
+            num_microbatches=loss_divisor, input_tensor=input_tensor, forward_data_store=store,
+            config=run.config, cp_group_size=self._cp_group.size(),
+            collect_non_loss_data=collect_non_loss_data, checkpoint_activations_microbatch=None,
+            is_first_microbatch=is_first_microbatch, current_microbatch=j, is_last_stage=run.last)
         return output_tensor
 
     def _recompute_forward(self, run: _Run, item: "_InFlight"):
@@ -582,14 +574,6 @@ def _set_rng_state(state) -> None:
 def _name(tensor) -> str:
     kind, j = tensor
     return f"{'activation' if kind == 'act' else 'gradient'} of micro-batch {j}"
-
-
-def _cp_size() -> int:
-    from megatron.core import parallel_state as ps
-
-    if not torch.distributed.is_initialized():
-        return 1
-    return ps.get_context_parallel_world_size()
 
 
 def get_forward_backward_func(

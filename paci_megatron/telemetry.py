@@ -70,12 +70,8 @@ class DriftTelemetry:
 
     def summary(self) -> Dict[str, object]:
         """``{"max", "mean", "count", "histogram"}``; histogram maps drift -> micro-batches."""
-        return {
-            "max": self.max,
-            "mean": self.mean,
-            "count": self.count,
-            "histogram": {int(k): int(v) for k, v in sorted(self.histogram.items())},
-        }
+        return {"max": self.max, "mean": self.mean, "count": self.count,
+                "histogram": {int(k): int(v) for k, v in sorted(self.histogram.items())}}
 
 
 def gather_drift(telemetry: Optional[DriftTelemetry], pp_group=None) -> List[Dict[str, object]]:

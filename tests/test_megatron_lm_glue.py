@@ -11,6 +11,7 @@ import types
 import pytest
 
 from paci_megatron import cli, hook, megatron_lm
+from paci_megatron.config import PACIConfigError
 from paci_megatron.megatron_lm import Glue, add_arguments, check_args
 
 
@@ -270,6 +271,9 @@ def test_patched_training_module_runs_paci_and_drains_where_it_must(monkeypatch)
         m.get_forward_backward_func()
     glue.schedule = FakeSchedule(events)
     assert m.get_forward_backward_func(schedule_pg_collection="pg") is glue.schedule
+    multi = type("MultiModuleProcessGroupCollection", (), {})()  # megatron-core 0.17+'s name
+    with pytest.raises(PACIConfigError, match="--pipeline-schedule 1f1b"):
+        m.get_forward_backward_func(schedule_pg_collection=multi)
     names = lambda: [e[0] for e in events]  # noqa: E731
     m.evaluate()
     m.save_checkpoint_and_time(4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List
 
 import torch
@@ -874,3 +875,50 @@ def moe_case(rank: int, world: int, pp: int, iters: int, m: int, ep: int = 1) ->
 def _expert_biases(model) -> List[torch.Tensor]:
     return [m.expert_bias.detach().clone() for chunk in model for m in chunk.modules()
             if getattr(m, "expert_bias", None) is not None]
+
+
+class MultiModuleProcessGroupCollection:
+    """Stands in for megatron-core 0.17+'s class of that name (refused by its name)."""
+
+
+def process_group_collection_case(rank: int, world: int, iters: int, m: int) -> dict:
+    """PACI called as Megatron-LM 0.19+ calls a schedule: with ``pg_collection`` and
+    ``p2p_communicator`` built on a pipeline group of their own (same ranks, another object
+    than ``parallel_state``'s). Drained, it must equal Megatron's 1F1B given the same."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    setup_parallel(world)
+    batches = synthetic_batches(m) * iters
+    own_pp = torch.distributed.new_group(list(range(world)))
+    pgc = ProcessGroupCollection.use_mpu_process_groups()
+    pgc.pp = own_pp
+    result: dict = {"stage": ps.get_pipeline_model_parallel_rank(),
+                    "parallel_state_pp_is_another": own_pp is not ps.get_pipeline_model_parallel_group()}
+
+    def groups_kwargs(model):
+        return {"pg_collection": pgc, "p2p_communicator": P2PCommunicator(
+            pp_group=own_pp, config=model[0].config)}
+
+    _, model, opt = build_tiny_gpt(world, False)
+    fb = megatron_schedule(model)
+    result["megatron"] = losses_of(train_steps(
+        model, opt, functools.partial(fb, **groups_kwargs(model)), iter(batches), iters, m))
+
+    _, model, opt = build_tiny_gpt(world, False)
+    popt = pm.PACIOptimizer(opt, model)
+    fb = pm.PACISchedule(popt)
+    try:  # refused before any work: nothing is bound to the optimizer yet
+        train_steps(model, popt, functools.partial(fb, pg_collection=MultiModuleProcessGroupCollection()),
+                    iter(batches), 1, m)
+    except pm.PACIConfigError as e:
+        result["refusal"] = str(e)
+    result["bound_after_refusal"] = fb._run is not None or popt.version != 0
+    call = functools.partial(fb, **groups_kwargs(model))
+    call.drain = fb.drain
+    result["drained"] = losses_of(train_steps(model, popt, call, iter(batches), iters, m,
+                                              drain_each=True))
+    result["paci_pp_is_the_collections"] = fb._run.p2p.pp_group is own_pp
+    return result
