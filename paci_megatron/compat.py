@@ -95,7 +95,7 @@ MULTI_MODULE_REFUSAL = (
 
 def refuse_multi_module(*objects: Any) -> None:
     """Raise :class:`PACIConfigError` if any object is a megatron-core multi-module process-group
-    collection or communicator (0.17+), recognised by class name (older releases lack them)."""
+    collection or communicator (0.16+), recognised by class name (older releases lack them)."""
     from .config import PACIConfigError
 
     if any(c.__name__.startswith("MultiModule") for o in objects for c in type(o).__mro__):

@@ -178,11 +178,13 @@ class PACISchedule:
             micro-batch of this call, in order: Megatron's format); ``[]`` elsewhere.
 
         Raises:
-            PACIConfigError: the configuration breaks a PACI rule, or ``pg_collection`` is a
-                multi-module collection (before any work).
+            PACIConfigError: the configuration breaks a PACI rule, or ``pg_collection`` /
+                ``p2p_communicator`` is multi-module (before any work). The pipeline, TP,
+                CP groups are the first call's (:func:`compat.process_groups`).
             PACICommunicationError: a send or receive failed or timed out.
             DriftBoundError: a measured drift exceeded ``ceil((P-1-s)/a)``.
         """
+        compat.refuse_multi_module(pg_collection, p2p_communicator)
         if isinstance(model, list):
             if len(model) != 1:
                 raise PACIConfigError(

@@ -23,8 +23,8 @@ def results():
 
 def test_paci_runs_on_the_collections_pipeline_group_and_drained_equals_1f1b(results):
     for r in results:
-        assert r["parallel_state_pp_is_another"]  # the case can tell the two groups apart
-        assert r["paci_pp_is_the_collections"], f"stage {r['stage']} used parallel_state's group"
+        assert r["groups_are_others"]  # the case can tell the collection's groups from parallel_state's
+        assert r["paci_groups_are_the_collections"], f"stage {r['stage']} used parallel_state's groups"
     last = results[-1]
     assert len(last["megatron"]) == ITERS * M
     assert last["drained"] == last["megatron"]
@@ -34,7 +34,8 @@ def test_a_multi_module_collection_is_refused_before_any_work(results):
     for r in results:
         assert "MultiModuleProcessGroupCollection" in r["refusal"]
         assert "--pipeline-schedule 1f1b" in r["refusal"]
-        assert r["bound_after_refusal"] is False
+        assert r["bound_after_refusal"] is False and r["guarded_after_a_call"] is True
+        assert "MultiModuleProcessGroupCollection" in r["later_refusal"]
 
 
 def test_process_groups_prefer_the_communicator_then_the_collection():
@@ -49,7 +50,7 @@ def test_megatron_cores_own_multi_module_classes_are_refused():
              ("megatron.core.pipeline_parallel.multimodule_communicator",
               "MultiModulePipelineCommunicator")]
     classes = [MultiModuleProcessGroupCollection]
-    for module, name in names:  # megatron-core 0.17+
+    for module, name in names:  # megatron-core 0.17+ (the communicator: 0.16+)
         try:
             classes.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

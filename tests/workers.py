@@ -893,10 +893,18 @@ def process_group_collection_case(rank: int, world: int, iters: int, m: int) -> 
     setup_parallel(world)
     batches = synthetic_batches(m) * iters
     own_pp = torch.distributed.new_group(list(range(world)))
+    own = {}  # TP and CP groups of one rank each (TP = CP = 1), other objects than parallel_state's
+    for name in ("tp", "cp"):
+        for r in range(world):  # every rank takes part in creating every group
+            group = torch.distributed.new_group([r])
+            if r == rank:
+                own[name] = group
     pgc = ProcessGroupCollection.use_mpu_process_groups()
-    pgc.pp = own_pp
-    result: dict = {"stage": ps.get_pipeline_model_parallel_rank(),
-                    "parallel_state_pp_is_another": own_pp is not ps.get_pipeline_model_parallel_group()}
+    pgc.pp, pgc.tp, pgc.cp = own_pp, own["tp"], own["cp"]
+    result: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "groups_are_others": (
+        own_pp is not ps.get_pipeline_model_parallel_group()
+        and own["tp"] is not ps.get_tensor_model_parallel_group()
+        and own["cp"] is not ps.get_context_parallel_group())}
 
     def groups_kwargs(model):
         return {"pg_collection": pgc, "p2p_communicator": P2PCommunicator(
@@ -915,10 +923,18 @@ def process_group_collection_case(rank: int, world: int, iters: int, m: int) -> 
                     iter(batches), 1, m)
     except pm.PACIConfigError as e:
         result["refusal"] = str(e)
-    result["bound_after_refusal"] = fb._run is not None or popt.version != 0
+    result["bound_after_refusal"] = (popt._stage_state is not None or  # attached, or guarded
+                                     "PACISchedule" in model[0].zero_grad_buffer.__qualname__)
     call = functools.partial(fb, **groups_kwargs(model))
     call.drain = fb.drain
     result["drained"] = losses_of(train_steps(model, popt, call, iter(batches), iters, m,
                                               drain_each=True))
-    result["paci_pp_is_the_collections"] = fb._run.p2p.pp_group is own_pp
+    result["guarded_after_a_call"] = "PACISchedule" in model[0].zero_grad_buffer.__qualname__
+    result["paci_groups_are_the_collections"] = (fb._run.p2p.pp_group is own_pp and
+                                                 fb._tp_group is own["tp"] and fb._cp_group is own["cp"])
+    try:  # and on every later call
+        fb(forward_step_func=None, data_iterator=None, model=model, num_microbatches=m,
+           seq_length=SEQ, micro_batch_size=MBS, pg_collection=MultiModuleProcessGroupCollection())
+    except pm.PACIConfigError as e:
+        result["later_refusal"] = str(e)
     return result
