@@ -20,7 +20,8 @@ a lower learning rate, in four steps:
    fixes every stage's order of work), so the runs train on the shared CPU cores of this
    machine (``torchrun``, one process per stage) and their curves are those of one
    device per stage. Every arm sees the same learning-rate grid (an optimizer whose best
-   rate sat at the grid's top gets higher rates too, for its 1F1B and PACI arms alike); the
+   rate sat at the grid's top gets higher rates too, and one known to need another range
+   gets a grid of its own, for its 1F1B and PACI arms alike); the
    sweep runs the first seed at every rate, then the other seeds at each arm's best rate
    (``--full-grid``: every seed at every rate). An arm's best rate is the one with the lowest mean final
    validation loss over the seeds run at it.
@@ -36,6 +37,8 @@ Usage::
 
     python benchmarks/time_to_accuracy.py --regime tiny --output benchmarks/results/tta_tiny.json \\
         --png docs/tta_tiny.png
+    python benchmarks/time_to_accuracy.py --regime wide --output benchmarks/results/tta_wide.json \\
+        --png docs/tta_wide.png
     python benchmarks/time_to_accuracy.py --quick --output /tmp/tta.json   # the test suite's
 
 Runs are resumable: a finished run's log in ``--runs-dir`` is reused. ``--analyse-only``
