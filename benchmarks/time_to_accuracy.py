@@ -586,6 +586,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
                    help="default: the regime's arms")
     p.add_argument("--full-grid", action="store_true", help="every seed at every rate")
+    p.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="train only these of the arms' rates (the analysis reads every "
+                        "finished run; the table shows each arm's rate and seed count)")
     p.add_argument("--runs-dir", default=None, help="default: runs/tta/<regime>")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per stage")
@@ -597,6 +600,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     regime = REGIMES["quick" if args.quick else args.regime]
     if args.arms:
         regime = dataclasses.replace(regime, arms=tuple(args.arms))
+    grid = sorted(set().union(*(regime.lrs_for(n) for n in regime.arms)))
+    if args.lrs and set(args.lrs) - set(grid):
+        p.error(f"--lrs {sorted(set(args.lrs) - set(grid))}: not in the arms' grid {grid}")
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", "tta", "quick" if args.quick else args.regime)
     os.makedirs(runs_dir, exist_ok=True)
 
@@ -634,6 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first, rest = regime.seeds[0], regime.seeds[1:]
     for name in regime.arms:
         for lr in regime.lrs_for(name):
+            if args.lrs and lr not in args.lrs and not args.analyse_only:
+                continue
             for seed in (regime.seeds if args.full_grid else (first,)):
                 get(name, lr, seed)
     for name in regime.arms:

@@ -134,6 +134,14 @@ def test_each_schedule_of_one_optimizer_sweeps_the_same_rates():
     assert wide.lrs_for("paci-muon") == wide.lrs_for("1f1b-muon") == (1.2e-3, 2.4e-3, 4.8e-3)
 
 
+def test_a_rate_outside_the_grid_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tta.main(["--regime", "wide", "--arms", "paci-adam", "--lrs", "5e-4",
+                  "--runs-dir", str(tmp_path)])
+    assert "--lrs [0.0005]: not in the arms' grid [0.00015, 0.0003, 0.0006, 0.0012]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no timing, no run
+
+
 def test_projected_time_pays_a_fill_per_drain_and_1f1b_a_flush_per_iteration():
     regime = tta.dataclasses.replace(tta.REGIMES["quick"], eval_interval=4, lr_warmup_iters=2)
     times = {"forward_s": [1.0, 1.0], "backward_s": [2.0, 2.0], "comm_s": 0.0,
