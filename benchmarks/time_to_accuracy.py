@@ -165,14 +165,15 @@ REGIMES: Dict[str, Regime] = {
     # weights by ~lr/0.02 of their size per update, as the paper's setting does; wider,
     # longer, 1% warm-up, no clipping (the paper's), as far as 2 CPU cores allow. 1F1B-AdamW's
     # best sat at the top of the common grid (6e-4), so AdamW gets 1.2e-3 too; Muon's best
-    # rate was 4x AdamW's on the tiny recipe, so its grid is AdamW's upper three times 4;
+    # rate was 4x AdamW's on the tiny recipe, so its grid is AdamW's upper three times 4
+    # (and 9.6e-3: 1F1B-Muon's best sat at the top, 4.8e-3);
     # of the AdamW mitigations only the tiny recipe's best (warm-up + look-ahead) runs here
     "wide": Regime("wider, lower lr: 4 layers, hidden 256, sequence 64, P = 4, m = 8, lr ~3e-4",
                    stages=4, num_layers=4, hidden=256, heads=4, seq=64, mbs=4, gbs=32,
                    train_iters=600, lr_warmup_iters=6, eval_interval=50, eval_iters=4,
                    lrs=(1.5e-4, 3e-4, 6e-4), seeds=(1234, 4321, 2025), clip_grad=0.0,
                    optimizer_lrs=(("adam", (1.2e-3,)),),
-                   optimizer_grid=(("muon", (1.2e-3, 2.4e-3, 4.8e-3)),),
+                   optimizer_grid=(("muon", (1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3)),),
                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync-lookahead", "1f1b-muon",
                          "paci-muon")),
     # small enough for the test suite: it checks the machinery, not the result

@@ -131,7 +131,7 @@ def test_each_schedule_of_one_optimizer_sweeps_the_same_rates():
     assert tiny.lrs_for("paci-adam") == tiny.lrs_for("1f1b-adam") == tiny.lrs
     assert tiny.lrs_for("paci-muon") == tiny.lrs_for("1f1b-muon") == tiny.lrs + (1.6e-2, 3.2e-2)
     assert wide.lrs_for("paci-adam-sync-lookahead") == wide.lrs_for("1f1b-adam") == wide.lrs + (1.2e-3,)
-    assert wide.lrs_for("paci-muon") == wide.lrs_for("1f1b-muon") == (1.2e-3, 2.4e-3, 4.8e-3)
+    assert wide.lrs_for("paci-muon") == wide.lrs_for("1f1b-muon") == (1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3)
 
 
 def test_a_rate_outside_the_grid_is_refused_before_anything_runs(tmp_path, capsys):
