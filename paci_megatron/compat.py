@@ -106,14 +106,11 @@ def process_groups(pg_collection=None, p2p_communicator=None):
     """``(pp_group, tp_group, cp_group)`` of one call, as Megatron's 1F1B takes them.
 
     From ``pg_collection`` (a single-module ``ProcessGroupCollection``, megatron-core 0.14+)
-    and ``p2p_communicator.pp_group`` where given, else from ``parallel_state``.
-
-    Raises:
-        PACIConfigError: a multi-module collection or communicator (:func:`refuse_multi_module`).
+    and ``p2p_communicator.pp_group`` where given, else from ``parallel_state``. The caller
+    refuses multi-module ones first (:func:`refuse_multi_module`).
     """
     from megatron.core import parallel_state as ps
 
-    refuse_multi_module(pg_collection, p2p_communicator)
     groups = [getattr(p2p_communicator, "pp_group", None) or getattr(pg_collection, "pp", None),
               getattr(pg_collection, "tp", None), getattr(pg_collection, "cp", None)]
     defaults = (ps.get_pipeline_model_parallel_group, ps.get_tensor_model_parallel_group,
