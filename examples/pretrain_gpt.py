@@ -13,7 +13,8 @@ with ``--data-path`` a user's existing Megatron data is used as is.
 ``--log-json PATH`` writes one JSON object per log interval (and per evaluation) with
 ``iteration``, ``lm_loss``, ``lr``, ``tokens_per_second``, per stage ``drift_max`` (the
 largest drift seen so far), ``drift_mean`` and ``drift_histogram`` (micro-batches per
-drift value), and ``val_loss`` when evaluated.
+drift value), ``tied_lag_max`` with tied embeddings (the last stage's copy's largest lag
+behind its own version, paci_megatron.tied), and ``val_loss`` when evaluated.
 """
 
 from __future__ import annotations
@@ -627,6 +628,7 @@ def train(args: argparse.Namespace) -> List[dict]:
             "drift_max": [d["max"] for d in stages],
             "drift_mean": [round(d["mean"], 4) for d in stages],
             "drift_histogram": [d["histogram"] for d in stages],
+            **({"tied_lag_max": stages[-1]["tied_lag"]["max"]} if "tied_lag" in stages[-1] else {}),
         }
 
     def skipped() -> List[int]:
@@ -735,6 +737,8 @@ def progress_line(record: dict, args: argparse.Namespace) -> str:
         parts.append(f"tokens/s: {record['tokens_per_second']:.0f}")
     if args.pipeline_schedule == "paci":
         parts.append(f"drift max per stage: {record['drift_max']}")
+        if record.get("tied_lag_max") is not None:
+            parts.append(f"tied embedding lag max: {record['tied_lag_max']}")
     if record.get("skipped_updates") is not None:
         parts.append(f"skipped updates per stage: {record['skipped_updates']}")
     if record.get("val_loss") is not None:

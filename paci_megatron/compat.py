@@ -7,7 +7,7 @@ Supported: megatron-core 0.14 .. 0.19 (0.16.1 in CI), PyTorch releases that have
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -158,6 +158,73 @@ def main_parameters(optimizer) -> List[torch.Tensor]:
     mixed-precision optimizers, the model parameters themselves for ``FP32Optimizer``."""
     return [p for inner in inner_optimizers(optimizer) for group in inner.optimizer.param_groups
             for p in group["params"]]
+
+
+def main_parameter(optimizer, param: torch.Tensor) -> torch.Tensor:
+    """The tensor Megatron's optimizer steps for model parameter ``param``: its fp32 main
+    copy (``Float16OptimizerWithFloat16Params``), or ``param`` itself.
+
+    Raises:
+        ValueError: no inner optimizer holds ``param`` (the distributed optimizer holds
+            shards, not parameters).
+    """
+    return _locate(optimizer, param)[1]
+
+
+def _locate(optimizer, param: torch.Tensor):
+    """``(torch optimizer, main parameter, its param group)`` of a model parameter."""
+    for inner in inner_optimizers(optimizer):
+        main = param
+        for model_group, main_group in zip(getattr(inner, "float16_groups", []),
+                                           getattr(inner, "fp32_from_float16_groups", [])):
+            main = next((q for p, q in zip(model_group, main_group) if p is param), main)
+        for group in inner.optimizer.param_groups:
+            if any(p is main for p in group["params"]):
+                return inner.optimizer, main, group
+    raise ValueError(f"no optimizer holds the parameter of shape {tuple(param.shape)}")
+
+
+def step_hyperparameters(optimizer, param: torch.Tensor) -> Tuple[float, float]:
+    """``(lr, weight_decay)`` of the param group holding ``param`` (as last set)."""
+    group = _locate(optimizer, param)[2]
+    return float(group["lr"]), float(group["weight_decay"])
+
+
+def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: float,
+                       weight_decay: float) -> None:
+    """One step of the inner optimizer on ``param`` alone, with gradient ``grad`` (fp32,
+    the main parameter's shape), ``lr`` and ``weight_decay``; its state (Adam's moments and
+    step count) is the parameter's own. The model copy is refreshed from the main one as
+    Megatron's ``_copy_main_params_to_model_params`` does."""
+    torch_optimizer, main, group = _locate(optimizer, param)
+    saved = torch_optimizer.param_groups
+    torch_optimizer.param_groups = [dict(group, params=[main], lr=lr, weight_decay=weight_decay)]
+    main.grad = grad
+    try:
+        torch_optimizer.step()
+    finally:
+        torch_optimizer.param_groups = saved
+        main.grad = None
+    if main is not param:
+        param.data.copy_(main.data)
+
+
+class ParamGroupsWithout:
+    """Context: the inner optimizer's param groups without ``param`` (its main copy), so
+    that a Megatron ``step()`` inside leaves it, its grad and its state alone."""
+
+    def __init__(self, optimizer, param: torch.Tensor):
+        self.torch_optimizer, self.main, _ = _locate(optimizer, param)
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = self.torch_optimizer.param_groups
+        self.torch_optimizer.param_groups = [
+            dict(g, params=[p for p in g["params"] if p is not self.main]) for g in self.saved]
+        return self
+
+    def __exit__(self, *exc):
+        self.torch_optimizer.param_groups = self.saved
 
 
 def publish_main_parameters(optimizer) -> None:

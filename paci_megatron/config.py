@@ -205,6 +205,12 @@ def _valid_shape(s: Setup) -> bool:
     return s.m >= 1 and s.a >= 1 and s.P >= 1
 
 
+#: The refusal of tied embeddings with the distributed optimizer (config and optimizer).
+TIED_DISTRIBUTED_OPTIMIZER = (
+    "tied input embedding and output weights across pipeline stages are not supported with "
+    "the distributed optimizer under PACI yet: add --untie-embeddings-and-output-weights or "
+    "remove --use-distributed-optimizer")
+
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
 _WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
@@ -251,10 +257,8 @@ REFUSALS: Sequence[Refusal] = (
      lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters}: must be >= 0"),
     (lambda s: not 0.0 <= s.paci.lookahead <= 4.0,
      lambda s: f"--paci-lookahead {s.paci.lookahead}: must be between 0 (off) and 4"),
-    (lambda s: s.tied and s.P > 1,
-     lambda s: "tied input embedding and output weights across pipeline stages need a "
-               "gradient all-reduce between the first and last stage at every update: add "
-               "--untie-embeddings-and-output-weights"),
+    (lambda s: s.tied and s.P > 1 and bool(s.arg("use_distributed_optimizer")),
+     lambda s: TIED_DISTRIBUTED_OPTIMIZER),
     (lambda s: s.model_config is not None and s.P > 1 and s.cfg("pipeline_dtype") is None,
      lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
                "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "
@@ -354,7 +358,8 @@ def check_arguments(args: Any, *, num_microbatches: int, pipeline_model_parallel
     """A front end's check of parsed arguments: the problems (empty when the run may start).
 
     With ``--pipeline-schedule paci``: every refusal of :func:`validate_setup` (tied
-    embeddings from ``--untie-embeddings-and-output-weights``). Otherwise the only problem
+    embeddings from ``--untie-embeddings-and-output-weights``, checked against
+    ``--use-distributed-optimizer``). Otherwise the only problem
     is a ``--paci-*`` flag given without ``--pipeline-schedule paci``.
     """
     if getattr(args, "pipeline_schedule", "1f1b") != "paci":

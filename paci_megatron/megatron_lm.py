@@ -263,13 +263,16 @@ class Glue:
 
     def log_line(self, writers=()) -> str:
         """``paci | iteration N | drift_max per stage: [...] | ...`` (a collective). Also
-        writes ``paci/{drift_max,drift_mean,grad_norm,lr}/stage_S`` to Megatron-LM's
+        writes ``paci/{drift_max,drift_mean,grad_norm,lr}/stage_S`` (and, with tied embeddings,
+        ``paci/tied_lag_max/stage_{P-1}``) to Megatron-LM's
         TensorBoard and W&B writers in ``writers`` (None where not configured)."""
         rows = self.stage_summaries()
         scalars = {f"paci/{key}/stage_{s}": value for s, r in enumerate(rows) for key, value in (
             ("drift_max", r["drift"] and r["drift"]["max"]),
             ("drift_mean", r["drift"] and r["drift"]["mean"]),
-            ("grad_norm", r.get("grad_norm")), ("lr", r.get("lr"))) if value is not None}
+            ("grad_norm", r.get("grad_norm")), ("lr", r.get("lr")),
+            ("tied_lag_max", r["drift"] and r["drift"].get("tied_lag", {}).get("max")))
+            if value is not None}
         tensorboard, wandb = (list(writers) + [None, None])[:2]
         for name, value in scalars.items() if tensorboard is not None else ():
             tensorboard.add_scalar(name, float(value), self.iteration)
@@ -278,8 +281,10 @@ class Glue:
         drift_max = [r["drift"]["max"] if r["drift"] else 0 for r in rows]
         drift_mean = [round(float(r["drift"]["mean"]), 4) if r["drift"] else 0.0 for r in rows]
         versions = [r.get("version", 0) for r in rows]
+        tied = [r["drift"]["tied_lag"]["max"] for r in rows if r["drift"] and "tied_lag" in r["drift"]]
         return (f" paci | iteration {self.iteration} | drift_max per stage: {drift_max} | "
-                f"drift_mean per stage: {drift_mean} | version per stage: {versions} |")
+                f"drift_mean per stage: {drift_mean} | version per stage: {versions} |"
+                + (f" tied embedding lag max: {tied[0]} |" if tied else ""))
 
 
 glue = Glue()

@@ -18,6 +18,7 @@ by a backward").
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -55,6 +56,30 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
     for chunk in model:
         chunk.finish_grad_sync()
     compat.finalize_stage_local(model, compat.get_model_config(model[0]))
+
+
+def _tied_embedding(model: Sequence[torch.nn.Module], distributed_optimizer: bool):
+    """The stage's :class:`~paci_megatron.tied.TiedEmbedding` (None without a tied weight
+    duplicated across stages).
+
+    Raises:
+        PACIConfigError: tied embeddings with the distributed optimizer.
+    """
+    if not torch.distributed.is_initialized():
+        return None
+    from .tied import TiedEmbedding, find_tied_embedding
+
+    found = find_tied_embedding(model)
+    if found is None:
+        return None
+    if distributed_optimizer:
+        from .config import TIED_DISTRIBUTED_OPTIMIZER, PACIConfigError
+
+        raise PACIConfigError([TIED_DISTRIBUTED_OPTIMIZER])
+    from megatron.core import parallel_state as ps
+
+    return TiedEmbedding(found[0], found[1], ps.get_pipeline_model_parallel_world_size(),
+                         ps.get_embedding_group())
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -166,6 +191,7 @@ class PACIOptimizer:
         # (scheduler sample count, backwarded micro-batches) when the schedule first ran:
         # windows are counted from there, so a resumed run continues the LR schedule
         self._lr_origin: Optional[Tuple[int, int]] = None
+        self.tied = _tied_embedding(self.model, distributed_optimizer)
 
     @property
     def version(self) -> int:
@@ -195,6 +221,11 @@ class PACIOptimizer:
                 on a DP/TP peer of it); names the stage, update, micro-batches, iteration.
         """
         finalize_stage_grads(self.model)
+        tied = self.tied
+        if tied is not None and tied.first:
+            tied.add_last_stage_grad(window.update)  # main_grad = g0 + gL, as synchronously
+        elif tied is not None:
+            tied.send_window_grad(window.update)
         if self._nonfinite_grads():
             message = f"stage {window.stage}: NaN/Inf in the gradients of {window.describe()}"
             if not self.skip_nonfinite_updates:
@@ -209,6 +240,8 @@ class PACIOptimizer:
                     f"{message}: {len(run)} consecutive updates of this stage had NaN/Inf "
                     "gradients and were skipped; the run has diverged: lower the learning rate")
             warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
+            if tied is not None and tied.first:
+                tied.send_step(self.optimizer, window.update, applied=False)
             self._zero()
             self.last_update_successful = False
             self.last_grad_norm = self.last_num_zeros = None  # no update, no norm
@@ -220,7 +253,11 @@ class PACIOptimizer:
             ahead = self.lookahead * window.mean_drift
             if ahead or self._ahead:
                 self._look_back()
-            ok, grad_norm, num_zeros = self.optimizer.step()
+            with (tied.excluded(self.optimizer) if tied is not None and not tied.first
+                  else contextlib.nullcontext()):  # the last stage's copy: tied.catch_up
+                ok, grad_norm, num_zeros = self.optimizer.step()
+            if tied is not None and tied.first:
+                tied.send_step(self.optimizer, window.update, applied=bool(ok))
             if ahead:
                 self._look_ahead(ahead)
         finally:

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 __all__ = ["Kind", "Action", "StageState", "plan_call", "plan_drain", "plan_forward_only",
            "drift_bound", "mean_drift", "warmup_microbatches", "measure_drift", "advance",
            "Comm", "GradSync", "lower", "format_steps", "parse_steps", "PlanError",
-           "validate_plan", "simulate_p2p", "P2PError", "format_actions", "parse_actions"]
+           "validate_plan", "simulate_p2p", "P2PError", "format_actions", "parse_actions",
+           "tied_updates_due"]
 
 
 class Kind(str, Enum):
@@ -114,6 +115,20 @@ def mean_drift(num_stages: int, stage: int, accumulation: int) -> float:
     """
     _check(num_stages, stage, 1, accumulation)
     return (num_stages - 1 - stage) / accumulation
+
+
+def tied_updates_due(num_stages: int, accumulation: int, microbatch: int) -> int:
+    """Tied updates the last stage's copy of a tied embedding must hold at its forward of
+    ``microbatch``: ``max(0, floor((j - P + 1) / a))``.
+
+    Update ``k`` of the first stage follows its backward of micro-batch ``ka - 1``, and its
+    next forward is that of ``ka + P - 1``: the last stage applies tied update ``k`` just
+    before the forward of ``ka + P - 1``, so both ends of every micro-batch use the same
+    version of the tied weight, and its copy lags the last stage's own version
+    ``floor(j / a)`` by at most ``ceil((P - 1) / a)`` (docs/design.md, "Tied embeddings").
+    """
+    _check(num_stages, num_stages - 1, 1, accumulation)
+    return max(0, (microbatch - num_stages + 1) // accumulation)
 
 
 def _check(num_stages: int, stage: int, num_microbatches: int, accumulation: int) -> None:

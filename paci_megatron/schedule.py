@@ -25,7 +25,7 @@ from .config import PACIConfig, PACIConfigError, validate_setup
 from .optimizer import PACIOptimizer, Window
 from .p2p import PipelineP2P
 from .plan import (Action, Comm, GradSync, Kind, StageState, advance, lower, mean_drift,
-                   plan_call, plan_drain, plan_forward_only)
+                   plan_call, plan_drain, plan_forward_only, tied_updates_due)
 from .telemetry import DriftTelemetry, TimelineEvent
 
 __all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
@@ -96,7 +96,8 @@ class PACISchedule:
         optimizer: the stage's :class:`PACIOptimizer`.
         paci_config: :class:`PACIConfig` (accumulation factor, drift checks, timeouts).
         share_embeddings_and_output_weights: whether the model ties its input embedding
-            and output layer (refused with P > 1).
+            and output layer (checked before training; the optimizer wrapper finds the tied
+            weight itself and keeps its two copies in step, :mod:`paci_megatron.tied`).
         record_trace: keep every executed action in :attr:`trace`.
         record_timeline: keep a :class:`~paci_megatron.telemetry.TimelineEvent` per
             executed action in :attr:`timeline` (also on with ``paci_config.trace``).
@@ -245,6 +246,11 @@ class PACISchedule:
         actions, _ = plan_drain(self._run.num_stages, self._run.stage, self.accumulation,
                                 self.state)
         self._execute(actions, self._run, [], final=True)
+        tied = self.optimizer.tied
+        if tied is not None:  # both copies of a tied embedding equal again
+            if not tied.first:
+                tied.catch_up(self.optimizer, self.state.version)
+            tied.flush_sends()
         self.optimizer.settle()
 
     @property
@@ -306,6 +312,8 @@ class PACISchedule:
         if restored.in_flight or restored.pending:
             raise ValueError(f"a checkpoint's PACI state must be drained, got {restored}")
         self.state = restored
+        if self.optimizer.tied is not None:
+            self.optimizer.tied.version = restored.version
         self.accumulation = state["accumulation"]
         self.telemetry = None
         t = state.get("telemetry")
@@ -332,6 +340,8 @@ class PACISchedule:
             for chunk in self.optimizer.model:
                 chunk.zero_grad_buffer = self._guarded_zero_grad_buffer(chunk.zero_grad_buffer)
             p2p = PipelineP2P(pp_group, config.pipeline_dtype, self.paci_config.p2p_timeout_s)
+            if self.optimizer.tied is not None:
+                self.optimizer.tied.set_timeout(self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
         if not forward_only and self._validated_for != num_microbatches:
             self._validate(num_microbatches, P, config)
@@ -402,6 +412,8 @@ class PACISchedule:
                 self.trace.append(step)
             start, version = time.perf_counter(), self.state.version
             if step.kind is Kind.FORWARD:
+                if run.last and self.optimizer.tied is not None:
+                    self._tied_catch_up(step.index, run)
                 self._forward(step, run, store, self.accumulation, train=True)
             elif step.kind is Kind.BACKWARD:
                 self._backward(step, run, closes_window)
@@ -413,6 +425,15 @@ class PACISchedule:
                 self._record(step, run, start, version)
         if final:
             self._set_grad_sync(run, enabled=True)
+
+    def _tied_catch_up(self, microbatch: int, run: _Run) -> None:
+        """Last stage, before a training forward: the tied updates due (plan's
+        :func:`~paci_megatron.plan.tied_updates_due`), then the tied lag is recorded."""
+        tied, version = self.optimizer.tied, self.state.version
+        due = tied_updates_due(run.num_stages, self.accumulation, microbatch)
+        tied.catch_up(self.optimizer, min(due, version))
+        if self.telemetry is not None:
+            self.telemetry.record_tied_lag(microbatch, version - tied.version, self.accumulation)
 
     def _update(self, action: Action, run: _Run) -> None:
         window_start = self.state.backwarded - self.state.pending

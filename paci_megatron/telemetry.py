@@ -37,6 +37,7 @@ class DriftTelemetry:
         self.num_stages, self.stage, self.check = num_stages, stage, check
         self.histogram: Counter = Counter()
         self.total = 0
+        self.tied_lag: Counter = Counter()  # last stage of a tied embedding: lag -> forwards
 
     def record(self, microbatch: int, drift: int, accumulation: int) -> None:
         """Add the drift of one backwarded micro-batch.
@@ -52,6 +53,21 @@ class DriftTelemetry:
                 f"ceil(({self.num_stages}-1-{self.stage})/{accumulation}) = {bound}")
         self.histogram[drift] += 1
         self.total += drift
+
+    def record_tied_lag(self, microbatch: int, lag: int, accumulation: int) -> None:
+        """Add the tied lag at one forward of the last stage: its own version minus the
+        tied updates its copy of the tied embedding holds (:mod:`paci_megatron.tied`).
+
+        Raises:
+            DriftBoundError: ``lag`` exceeds ``ceil((P - 1) / accumulation)``.
+        """
+        bound = drift_bound(self.num_stages, 0, accumulation)
+        if self.check and lag > bound:
+            raise DriftBoundError(
+                f"stage {self.stage}: at the forward of micro-batch {microbatch} the tied "
+                f"embedding's copy trails the stage by {lag} updates; the bound "
+                f"ceil((P-1)/a) = ceil(({self.num_stages}-1)/{accumulation}) = {bound}")
+        self.tied_lag[lag] += 1
 
     @property
     def count(self) -> int:
@@ -69,9 +85,15 @@ class DriftTelemetry:
         return self.total / self.count if self.count else 0.0
 
     def summary(self) -> Dict[str, object]:
-        """``{"max", "mean", "count", "histogram"}``; histogram maps drift -> micro-batches."""
-        return {"max": self.max, "mean": self.mean, "count": self.count,
-                "histogram": {int(k): int(v) for k, v in sorted(self.histogram.items())}}
+        """``{"max", "mean", "count", "histogram"}``; histogram maps drift -> micro-batches.
+        The last stage of a tied embedding adds ``"tied_lag": {"max", "mean", "count"}``."""
+        out = {"max": self.max, "mean": self.mean, "count": self.count,
+               "histogram": {int(k): int(v) for k, v in sorted(self.histogram.items())}}
+        if self.tied_lag:
+            n = sum(self.tied_lag.values())
+            out["tied_lag"] = {"max": max(self.tied_lag), "count": n,
+                               "mean": sum(k * v for k, v in self.tied_lag.items()) / n}
+        return out
 
 
 def gather_drift(telemetry: Optional[DriftTelemetry], pp_group=None) -> List[Dict[str, object]]:

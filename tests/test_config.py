@@ -1,5 +1,6 @@
 """Bad configurations stop before training with a message that says what to change."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -62,13 +63,17 @@ def test_no_microbatches():
                                                         pipeline_model_parallel_size=2))
 
 
-def test_tied_embeddings_across_stages():
+def test_tied_embeddings_across_stages_are_accepted_but_not_with_the_distributed_optimizer():
+    # tests/test_tied_embeddings.py: drained PACI with tied embeddings == 1F1B
+    assert validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=2,
+                          share_embeddings_and_output_weights=True) == 4
     (msg,) = problems(num_microbatches=4, pipeline_model_parallel_size=2,
-                      share_embeddings_and_output_weights=True)
-    assert "--untie-embeddings-and-output-weights" in msg
-    # with a single stage tied embeddings need no cross-stage reduction
-    validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=1,
-                   share_embeddings_and_output_weights=True)
+                      share_embeddings_and_output_weights=True,
+                      training_args=argparse.Namespace(use_distributed_optimizer=True))
+    assert "add --untie-embeddings-and-output-weights or remove --use-distributed-optimizer" in msg
+    assert validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=1,
+                          share_embeddings_and_output_weights=True,
+                          training_args=argparse.Namespace(use_distributed_optimizer=True)) == 4
 
 
 def test_max_drift_says_which_accumulation_satisfies_it():
@@ -110,7 +115,8 @@ def test_model_config_refusals(attr, value, needle):
 def test_all_problems_reported_at_once():
     found = problems(paci=PACIConfig(accumulation=3), num_microbatches=4,
                      pipeline_model_parallel_size=4, share_embeddings_and_output_weights=True,
-                     model_config=FakeModelConfig(fp16=True))
+                     model_config=FakeModelConfig(fp16=True),
+                     training_args=argparse.Namespace(use_distributed_optimizer=True))
     assert len(found) == 3
     assert "3 problem(s)" in str(PACIConfigError(found))
 
@@ -128,14 +134,14 @@ def run_recipe(*flags, nproc=4):
     )
 
 
-def test_recipe_refuses_tied_embeddings_and_short_window_before_starting():
+def test_recipe_refuses_a_short_window_before_starting():
     proc = run_recipe("--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
                       "--global-batch-size", "8", "--micro-batch-size", "4",
                       "--paci-accumulation", "4")
     assert proc.returncode != 0
     out = proc.stderr + proc.stdout
     assert "bad configuration, nothing was started" in out
-    assert "--untie-embeddings-and-output-weights" in out
+    assert "untie" not in out  # tied embeddings (no --untie-...) are supported
     assert "--paci-accumulation 4 does not divide the 2 micro-batches" in out
     assert "> data:" not in out  # stopped before any data or model was built
     assert out.count("bad configuration") == 1  # reported once, not once per rank

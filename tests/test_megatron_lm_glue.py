@@ -155,7 +155,8 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("overrides,argv,expected", [
-    ({"untie_embeddings_and_output_weights": False}, [], "add --untie-embeddings-and-output-weights"),
+    ({"untie_embeddings_and_output_weights": False, "use_distributed_optimizer": True}, [],
+     "add --untie-embeddings-and-output-weights or remove --use-distributed-optimizer"),
     ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
     ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
     ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],
@@ -199,7 +200,8 @@ def test_refusals_are_reported_together_once_before_training(capsys, monkeypatch
     monkeypatch.setenv("RANK", "0")
     calls = []
     validate = megatron_lm._validated(lambda args, defaults=None: calls.append(args))
-    args = megatron_args(untie_embeddings_and_output_weights=False, fp16=True)
+    args = megatron_args(untie_embeddings_and_output_weights=False, fp16=True,
+                         use_distributed_optimizer=True)
     with pytest.raises(SystemExit) as stop:
         validate(args, {})
     assert stop.value.code == 2 and calls == [args]  # Megatron's own validation ran first

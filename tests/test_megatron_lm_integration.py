@@ -245,6 +245,27 @@ def test_drained_paci_prints_1f1b_losses_and_the_synchronous_warm_up_is_1f1b(opt
     assert [warm[i] for i in (1, 2, 3)] == [base[i] for i in (1, 2, 3)] and warm[6] != base[6]
 
 
+TIED = [f for f in TINY if f != "--untie-embeddings-and-output-weights"]
+TIED_LAG = re.compile(r"paci \| iteration (\d+) \|.*tied embedding lag max: (\d+) \|")
+
+
+@pytest.mark.parametrize("pp,dtype", [(2, "fp32"), (4, "bf16")])
+def test_tied_embeddings_drained_paci_prints_1f1b_losses_and_continuous_paci_lags_by_the_bound(
+        pp, dtype):
+    common = ["--pipeline-model-parallel-size", pp, "--train-iters", 6, "--eval-interval", 6,
+              "--clip-grad", 0, *(["--bf16"] if dtype == "bf16" else [])]
+    base = losses(ok(pp, *common, "--pipeline-schedule", "1f1b", base=TIED))
+    assert sorted(base) == list(range(1, 7))
+    drained = ok(pp, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1,
+                 base=TIED)
+    assert losses(drained) == base  # every printed digit: E and E' stepped as Megatron does
+    out = ok(pp, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
+             "--paci-accumulation", 1, base=TIED)
+    # a = 1: the last stage's copy trails its own version by ceil((P-1)/a) = P-1 updates
+    assert TIED_LAG.findall(out)[-1] == ("6", str(pp - 1))
+    assert losses(out)[6] != base[6] and [v[0] for v in validation(out)][0] == 6  # drained, evaluated
+
+
 MOE = ["--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 1e-2,
        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
        "--moe-router-load-balancing-type", "aux_loss", "--moe-token-dispatcher-type", "alltoall",
@@ -302,9 +323,9 @@ def test_refusals_stop_megatron_lm_before_training():
                      "--train-iters", 4, "--rerun-mode", "validate_results",
                      "--calculate-per-token-loss", "--paci-accumulation", 3, base=tied)
     assert rc != 0
-    assert "paci-megatron: this run cannot start (4 problem(s))" in out
-    for text in ("add --untie-embeddings-and-output-weights",
-                 "--calculate-per-token-loss reduces token counts across pipeline stages: remove it",
+    assert "paci-megatron: this run cannot start (3 problem(s))" in out
+    assert "add --untie" not in out  # tied embeddings are supported (tests below)
+    for text in ("--calculate-per-token-loss reduces token counts across pipeline stages: remove it",
                  "use --rerun-mode disabled",
                  "--paci-accumulation 3 does not divide the 4 micro-batches"):
         assert text in out

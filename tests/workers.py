@@ -48,7 +48,7 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
                    overlap: bool = False, recompute=None, optimizer: str = "adam",
-                   moe=None):
+                   moe=None, tied: bool = False):
     from gpt_recipe import model as gpt
 
     seed_all(seed)
@@ -58,7 +58,8 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
         recompute_granularity=recompute, **(moe or {}),
     )
     model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
-                            overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt)
+                            overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt,
+                            untie_embeddings_and_output_weights=not tied)
     opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0,
                               use_distributed_optimizer=dist_opt, optimizer=optimizer,
                               muon={"muon_momentum": 0.95} if optimizer == "muon" else None)
@@ -937,4 +938,60 @@ def process_group_collection_case(rank: int, world: int, iters: int, m: int) -> 
            seq_length=SEQ, micro_batch_size=MBS, pg_collection=MultiModuleProcessGroupCollection())
     except pm.PACIConfigError as e:
         result["later_refusal"] = str(e)
+    return result
+
+
+def tied_embedding_case(rank: int, world: int, bf16: bool, iters: int, m: int,
+                        accumulations=(None, 1), optimizer: str = "adam") -> dict:
+    """Tied embeddings: Megatron 1F1B vs drained PACI (bits), then continuous PACI at each
+    accumulation factor (tied lag, both copies after the drain)."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from gpt_recipe import model as gpt
+    from paci_megatron.tied import find_tied_embedding
+
+    pp = world
+    setup_parallel(pp)
+    stage = ps.get_pipeline_model_parallel_rank()
+    batches = synthetic_batches(m) * iters
+    result: dict = {"stage": stage}
+
+    def tied_weight(model):
+        found = find_tied_embedding(model)
+        return None if found is None else found[0].detach().float().clone()
+
+    _, model, opt = build_tiny_gpt(pp, bf16, tied=True, optimizer=optimizer)
+    result["initial_tied"] = tied_weight(model)
+    sched = build_scheduler(opt, iters, m)
+    result["megatron_losses"] = train_megatron_1f1b(model, opt, batches, iters, m, sched)
+    result["megatron_params"] = gpt.model_parameters(model)
+
+    _, model, opt = build_tiny_gpt(pp, bf16, tied=True, optimizer=optimizer)
+    sched = build_scheduler(opt, iters, m)
+    popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+    result["has_tied"] = popt.tied is not None
+    fb = pm.get_forward_backward_func(popt, share_embeddings_and_output_weights=True)
+    history = train_steps(model, popt, fb, iter(batches), iters, m, sched, drain_each=True)
+    result["drained_losses"] = losses_of(history)
+    result["drained_params"] = gpt.model_parameters(model)
+
+    for a in accumulations:
+        _, model, opt = build_tiny_gpt(pp, bf16, tied=True, optimizer=optimizer)
+        sched = build_scheduler(opt, iters, m)
+        popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+        fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a),
+                             share_embeddings_and_output_weights=True)
+        history = train_steps(model, popt, fb, iter(batches), iters, m, sched)
+        tied_before_drain = None if popt.tied is None else popt.tied.version
+        version_before_drain = popt.version
+        fb.drain()
+        result[f"a={a}"] = {
+            "losses": losses_of(history),
+            "drift": fb.telemetry.summary(),
+            "version": popt.version,
+            "tied_version_before_drain": tied_before_drain,
+            "version_before_drain": version_before_drain,
+            "tied_version": None if popt.tied is None else popt.tied.version,
+            "tied": tied_weight(model),
+        }
     return result

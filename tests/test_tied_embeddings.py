@@ -1,0 +1,82 @@
+"""Tied input embedding and output layer across stages under PACI (paci_megatron.tied)."""
+
+import math
+
+import pytest
+import torch
+
+from harness import run_distributed
+from paci_megatron.plan import StageState, drift_bound, format_actions, plan_call, tied_updates_due
+
+from workers import tied_embedding_case
+
+ITERS = 4
+
+
+@pytest.fixture(scope="module", params=[(2, False), (4, False), (2, True), (4, True)],
+                ids=["pp2-fp32", "pp4-fp32", "pp2-bf16", "pp4-bf16"])
+def case(request):
+    pp, bf16 = request.param
+    m = pp
+    results = run_distributed(tied_embedding_case, pp, bf16, ITERS, m, timeout_s=400)
+    return pp, bf16, m, sorted(results, key=lambda r: r["stage"])
+
+
+def test_drained_paci_with_tied_embeddings_equals_megatron_1f1b_bitwise(case):
+    pp, bf16, m, results = case
+    assert [r["has_tied"] for r in results] == [True] + [False] * (pp - 2) + [True]
+    for r in results:
+        for name, ref in r["megatron_params"].items():
+            assert torch.equal(ref, r["drained_params"][name]), f"stage {r['stage']} {name}"
+    first, last = results[0], results[-1]
+    assert last["drained_losses"] == last["megatron_losses"]
+    # the two copies started equal and trained (Megatron's own run moved them)
+    assert torch.equal(first["initial_tied"], last["initial_tied"])
+    e = next(v for k, v in first["megatron_params"].items() if "word_embeddings" in k)
+    assert not torch.equal(e, first["initial_tied"])
+
+
+@pytest.mark.parametrize("a", [None, 1])
+def test_continuous_paci_tied_copies_agree_after_drain_and_lag_equals_bound(case, a):
+    pp, bf16, m, results = case
+    acc = m if a is None else a
+    first, last = results[0], results[-1]
+    run_first, run_last = first[f"a={a}"], last[f"a={a}"]
+    # after the drain both copies are the same bits, at the same version
+    assert torch.equal(run_first["tied"], run_last["tied"])
+    assert run_first["tied_version"] == run_last["tied_version"] == ITERS * m // acc
+    # the last stage's copy lagged, by exactly the bound ceil((P-1)/a) at its worst
+    lag = run_last["drift"]["tied_lag"]
+    assert lag["max"] == drift_bound(pp, 0, acc) == math.ceil((pp - 1) / acc)
+    assert lag["count"] == ITERS * m
+    assert run_last["tied_version_before_drain"] < run_last["version_before_drain"]
+    # a continuous run differs from the drained one (the lag is real) but trains
+    assert run_last["losses"] != last["drained_losses"]
+    assert all(math.isfinite(x) for x in run_last["losses"])
+    assert "tied_lag" not in run_first["drift"]
+
+
+@pytest.mark.parametrize("P,m,a", [(2, 4, 1), (4, 8, 8), (4, 8, 2), (4, 8, 1), (8, 8, 8),
+                                   (8, 16, 4), (3, 6, 3)])
+def test_tied_update_k_follows_first_stage_update_k_in_the_plan(P, m, a):
+    """First stage: update k precedes its forward of ka + P - 1, the point at which the
+    last stage applies tied update k; the lag of the copy never exceeds ceil((P-1)/a)."""
+    state0, state_last = StageState(), StageState()
+    acts0, acts_last = [], []
+    for _ in range(3):
+        more, state0 = plan_call(P, 0, m, a, state0)
+        acts0 += more
+        more, state_last = plan_call(P, P - 1, m, a, state_last)
+        acts_last += more
+    text = format_actions(acts0).split()
+    for k in range(1, state0.version + 1):
+        j = k * a + P - 1
+        if f"0F{j}" in text:
+            assert text.index(f"0U{k}") < text.index(f"0F{j}")
+    lags, version = [], 0
+    for act in acts_last:
+        if act.kind.value == "U":
+            version = act.index
+        elif act.kind.value == "F":
+            lags.append(version - tied_updates_due(P, a, act.index))
+    assert max(lags) == drift_bound(P, 0, a) and min(lags) >= 0
