@@ -16,6 +16,9 @@ function whose forward takes ``--forward-ms`` and whose backward takes ``--backw
 of wall time (the matmul, then ``time.sleep`` up to the target). Sleeping costs no CPU,
 so 8 stage processes fit on 2 cores and the measurement shows the pipeline schedule
 rather than the machine's core count; the last stage adds a mean-squared-error loss.
+With ``--vocab V`` the first stage adds a ``[V, h]`` embedding look-up and the last a ``[V, h]``
+output layer (logits ``y E^T`` in the loss), trained with Adam; with ``--tied`` the two are one
+tied weight (Megatron all-reduces its gradients; PACI exchanges them, :mod:`paci_megatron.tied`).
 Activations ``[--seq-length, --micro-batch-size, --hidden-size]`` travel between stages
 through gloo.
 
@@ -191,7 +194,7 @@ class ActivationMeter:
 
 
 def _make_sleep_stage(stage: int, num_stages: int, hidden: int, forward_s: float,
-                      backward_s: float, seed: int):
+                      backward_s: float, seed: int, vocab: int = 0, tied: bool = False):
     from megatron.core.enums import ModelType
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -203,22 +206,41 @@ def _make_sleep_stage(stage: int, num_stages: int, hidden: int, forward_s: float
         def __init__(self):
             super().__init__(config)
             self.model_type = ModelType.encoder_or_decoder
-            # what Megatron's finalize_model_grads looks up (no tied embeddings here)
+            # what Megatron's finalize_model_grads looks up: with --vocab V the first stage
+            # has a [V, h] embedding and the last an output layer, one weight with --tied
             self.pre_process, self.post_process = stage == 0, stage == num_stages - 1
-            self.share_embeddings_and_output_weights = False
+            ends = self.pre_process or self.post_process
+            self.share_embeddings_and_output_weights = tied and ends
             g = torch.Generator().manual_seed(seed + stage)
             self.weight = torch.nn.Parameter(
                 torch.eye(hidden) + 0.01 * torch.randn(hidden, hidden, generator=g))
+            self.tied = None  # the embedding (first stage) or output weight (last stage)
+            if vocab and ends:
+                g = torch.Generator().manual_seed(seed)  # the same on both ends
+                self.tied = torch.nn.Parameter(0.02 * torch.randn(vocab, hidden, generator=g))
+                if tied and not self.pre_process:
+                    self.tied.shared = self.tied.shared_embedding = True  # as Megatron marks E'
+                g = torch.Generator().manual_seed(seed + 1)
+                self.register_buffer("ids", torch.randint(0, vocab, (1,), generator=g))
             self.input_tensor = None
+
+        def shared_embedding_or_output_weight(self):
+            return self.tied
 
         def set_input_tensor(self, tensor):
             self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
         def forward(self, x=None, target=None):
             h = x if stage == 0 else self.input_tensor
+            if self.tied is not None and self.pre_process:  # the embedding look-up
+                h = h + torch.nn.functional.embedding(
+                    self.ids.expand(h.shape[:-1]), self.tied)
             y = _TimedLinear.apply(h, self.weight, forward_s, backward_s)
             if stage == num_stages - 1:
-                return ((y - target) ** 2).mean()
+                loss = ((y - target) ** 2).mean()
+                if self.tied is not None:  # the output layer: logits y E^T
+                    loss = loss + 1e-3 * torch.matmul(y, self.tied.t()).pow(2).mean()
+                return loss
             return y
 
     return SleepStage()
@@ -329,12 +351,13 @@ def _build_pair(kind: str, P: int, stage: int, args: Dict[str, Any]):
     for schedule in SCHEDULES:
         if kind == "sleep":
             module = _make_sleep_stage(stage, P, args["hidden"], args["forward_s"],
-                                       args["backward_s"], seed=1234)
+                                       args["backward_s"], seed=1234,
+                                       vocab=args.get("vocab", 0), tied=args.get("tied", False))
             model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(),
                                              module)]
             opt = get_megatron_optimizer(
-                OptimizerConfig(optimizer="sgd", lr=1e-4, weight_decay=0.0, sgd_momentum=0.0,
-                                clip_grad=0.0), model)
+                OptimizerConfig(optimizer="adam" if args.get("vocab") else "sgd", lr=1e-4,
+                                weight_decay=0.0, sgd_momentum=0.0, clip_grad=0.0), model)
         else:
             torch.manual_seed(1234)
             from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -672,6 +695,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="timed iterations per round and schedule")
     p.add_argument("--rounds", type=_positive, default=3,
                    help="alternations 1F1B, PACI; figures come from each one's fastest round")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="controlled-time runs with a [V, h] embedding on the first stage and "
+                        "output weight on the last, and Adam (0: neither, SGD)")
+    p.add_argument("--tied", action="store_true",
+                   help="with --vocab: the embedding and output weight are one tied weight")
     p.add_argument("--gpt-stages", type=_positive, nargs="*", default=[2, 4],
                    help="pipeline sizes of the tiny-GPT comparison (none: skip it)")
     p.add_argument("--gpt-microbatch-factor", type=_positive, default=2)
@@ -685,6 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 if an acceptance criterion fails")
     args = p.parse_args(argv)
+    if args.tied and args.vocab < 1:
+        p.error("--tied needs --vocab V (the tied weight's rows)")
     if any(P < 2 for P in list(args.stages) + list(args.gpt_stages)):
         p.error("--stages and --gpt-stages must be >= 2 (one stage has no pipeline)")
     if any(args.gpt_layers % P for P in args.gpt_stages):
@@ -699,7 +729,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for f in args.microbatch_factors:
             m = f * P
             cfg = dict(common, forward_s=fwd, backward_s=bwd, hidden=args.hidden_size,
-                       seq=args.seq_length, mbs=args.micro_batch_size)
+                       seq=args.seq_length, mbs=args.micro_batch_size,
+                       vocab=args.vocab, tied=args.tied)
             ranks = run_distributed(pipeline_case, P, "sleep", m, cfg, timeout_s=args.timeout_s)
             rows.append(summarise("sleep", P, m, ranks, fwd, bwd))
             print(f"> sleep P={P} m={m}: ratio {rows[-1]['ratio']:.3f} "

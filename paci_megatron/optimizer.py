@@ -137,7 +137,8 @@ class PACIOptimizer:
             ``max_consecutive_skips`` skips in a row raise it (the run has diverged).
         lookahead: the look-ahead's scale ``c`` (0: off): with ``x`` the inner optimizer's
             iterate and ``d`` its last update, the weights are ``x + c * mean_drift * d``
-            (docs/design.md, "Staleness mitigations"); one fp32 buffer per parameter.
+            (docs/design.md, "Staleness mitigations"); one fp32 buffer per parameter. A
+            tied embedding's weight does not look ahead (its two copies stay equal).
             :meth:`settle` (every drain) returns them to ``x`` and forgets ``d``.
 
     Attributes:
@@ -272,7 +273,7 @@ class PACIOptimizer:
     @torch.no_grad()
     def _look_back(self) -> None:
         """Weights from ``x + g d`` back to ``x``; ``d`` then holds ``x`` (the step's start)."""
-        main = compat.main_parameters(self.optimizer)
+        main = self._lookahead_parameters()
         if self._delta is None:
             self._delta = [torch.zeros_like(p, dtype=torch.float32) for p in main]
         for p, d in zip(main, self._delta):
@@ -284,11 +285,20 @@ class PACIOptimizer:
     @torch.no_grad()
     def _look_ahead(self, ahead: float) -> None:
         """After the step: ``d = x_new - x_old`` and the weights become ``x_new + g d``."""
-        for p, d in zip(compat.main_parameters(self.optimizer), self._delta):
+        for p, d in zip(self._lookahead_parameters(), self._delta):
             d.sub_(p.float()).neg_()
             p.add_(d.to(p.dtype), alpha=ahead)
         self._ahead = ahead
         compat.publish_main_parameters(self.optimizer)
+
+    def _lookahead_parameters(self) -> List[torch.Tensor]:
+        """The main parameters that look ahead: all but a tied embedding's, whose two
+        copies must stay the same bits (``x + g d - g d`` is not always ``x``)."""
+        main = compat.main_parameters(self.optimizer)
+        if self.tied is None:
+            return main
+        skip = compat.main_parameter(self.optimizer, self.tied.weight)
+        return [p for p in main if p is not skip]
 
     def settle(self) -> None:
         """Called by the schedule after every drain: the weights return to the optimizer's
@@ -296,7 +306,7 @@ class PACIOptimizer:
         if self._delta is None:
             return
         with torch.no_grad():
-            for p, d in zip(compat.main_parameters(self.optimizer), self._delta):
+            for p, d in zip(self._lookahead_parameters(), self._delta):
                 if self._ahead:
                     p.sub_(d.to(p.dtype), alpha=self._ahead)
                 d.zero_()

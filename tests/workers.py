@@ -405,7 +405,7 @@ def _single_stage(m: int, a: int, iters: int):
 # ------------------------------------------------------------------ composition with DP / TP
 def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, overlap: bool,
                      bf16: bool, iters: int, m: int, recompute=None,
-                     memory_mode: str = "activations") -> dict:
+                     memory_mode: str = "activations", tied: bool = False) -> dict:
     """Megatron 1F1B vs PACI drained after every call, on PP x TP x DP; plus stage norms."""
     import math
 
@@ -417,7 +417,7 @@ def composition_case(rank: int, world: int, pp: int, tp: int, dist_opt: bool, ov
     setup_parallel(pp, tp)
     dp_rank = ps.get_data_parallel_rank()
     batches = synthetic_batches(m, seed=11 + dp_rank) * iters  # each DP replica its own data
-    kw = dict(tp=tp, dist_opt=dist_opt, overlap=overlap, recompute=recompute)
+    kw = dict(tp=tp, dist_opt=dist_opt, overlap=overlap, recompute=recompute, tied=tied)
     out = {"stage": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
            "dp_rank": dp_rank}
 
