@@ -31,7 +31,10 @@ a lower learning rate, in four steps:
    reach each target (linear between evaluations), and the TTA ratio: the reference's
    time over the arm's (above 1: faster than 1F1B), with per-seed ratios (seeds paired by
    position) for the spread. A second table compares each PACI arm with 1F1B under the
-   same optimizer (its targets taken from that arm).
+   same optimizer and the same embeddings, tied or not (its targets taken from that arm).
+   Tied arms (Megatron's default, no ``--untie-embeddings-and-output-weights``) use the
+   untied model's stage times: the tied exchange (one add and two messages of the tied
+   weight per update, docs/design.md) is not in the projection.
 
 Usage::
 
@@ -81,6 +84,7 @@ class Arm:
     flags: Tuple[str, ...] = ()
     sync_warmup: bool = False  # PACI drains during the LR warm-up (--paci-sync-warmup-iters)
     label: str = ""
+    tied: bool = False  # tied input embedding and output layer (Megatron's default)
 
 
 ARMS: Dict[str, Arm] = {
@@ -96,6 +100,9 @@ ARMS: Dict[str, Arm] = {
     "1f1b-muon": Arm("1f1b", "muon", label="1F1B, Muon"),
     "paci-muon": Arm("paci", "muon", ("--paci-sync-warmup-iters", "0"), label="PACI, Muon"),
     "paci-muon-sync": Arm("paci", "muon", (), True, label="PACI, Muon, synchronous warm-up"),
+    "1f1b-adam-tied": Arm("1f1b", "adam", label="1F1B, AdamW, tied embeddings", tied=True),
+    "paci-adam-sync-tied": Arm("paci", "adam", (), True, tied=True,
+                               label="PACI, AdamW, synchronous warm-up, tied embeddings"),
 }
 
 
@@ -160,7 +167,8 @@ REGIMES: Dict[str, Regime] = {
                    lrs=(1e-3, 2e-3, 4e-3, 8e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
                    optimizer_lrs=(("muon", (1.6e-2, 3.2e-2)),),
                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync", "paci-adam-lookahead",
-                         "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon")),
+                         "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon",
+                         "1f1b-adam-tied", "paci-adam-sync-tied")),
     # GPT-2 Medium's per-update scale: peak lr 3e-4 with Megatron's init std 0.02 moves the
     # weights by ~lr/0.02 of their size per update, as the paper's setting does; wider,
     # longer, 1% warm-up, no clipping (the paper's), as far as 2 CPU cores allow. 1F1B-AdamW's
@@ -339,7 +347,8 @@ def recipe_command(regime: Regime, arm: Arm, lr: float, seed: int, iterations: i
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(regime.stages),
            "--master-port", str(port), RECIPE, "--device", "cpu",
            "--pipeline-model-parallel-size", str(regime.stages), "--pipeline-schedule",
-           arm.schedule, "--untie-embeddings-and-output-weights", *regime.model_flags(),
+           arm.schedule, *([] if arm.tied else ["--untie-embeddings-and-output-weights"]),
+           *regime.model_flags(),
            "--train-iters", str(iterations), "--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}",
            "--lr-warmup-iters", str(regime.lr_warmup_iters), "--clip-grad", f"{regime.clip_grad:g}",
            "--eval-interval", str(regime.eval_interval), "--eval-iters", str(regime.eval_iters),
@@ -394,6 +403,34 @@ def ensure_run(regime: Regime, name: str, arm: Arm, lr: float, seed: int, iterat
     return curve
 
 
+def add_previous_runs(runs: Dict[str, Dict[float, Dict[int, Dict[int, float]]]],
+                      previous: Dict[str, Any], times: Dict[str, Any],
+                      iterations: Dict[str, int], first_seed: int) -> Optional[str]:
+    """Add an earlier results JSON's runs to ``runs`` where it has none: every seed's
+    curve at each arm's best rate, and at the other rates the final loss (a one-point
+    curve under ``first_seed``). Returns what makes the JSON unusable, or None.
+
+    The JSON must come from the same stage times and iterations per arm (the same
+    regime and budget); its curves are the validation losses the logs held."""
+    if previous.get("stage_times") != times:
+        return "its stage times differ from the runs directory's stage_times.json"
+    for name in runs:
+        arm = previous["arms"].get(name)
+        if arm is None:
+            continue
+        if arm["iterations"] != iterations[name]:
+            return f"{name} ran {arm['iterations']} iterations there, {iterations[name]} here"
+        for lr_text, final in arm["final_val_by_lr"].items():
+            lr = float(lr_text)
+            by_seed = runs[name].setdefault(lr, {})
+            if lr == arm["best_lr"]:
+                for seed, curve in zip(arm["seeds"], arm["seed_curves"]):
+                    by_seed.setdefault(seed, {int(k): v for k, v in curve.items()})
+            elif not by_seed:
+                by_seed[first_seed] = {iterations[name]: final}
+    return None
+
+
 # ------------------------------------------------------------------ 4. analysis
 def crossing(curve: Dict[int, float], clock: Dict[int, float], target: float
              ) -> Optional[Tuple[float, float]]:
@@ -441,9 +478,9 @@ def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
             "seconds_total": clock[iterations[name]],
         }
 
-    def best_1f1b(optimizer=None):
+    def best_1f1b(optimizer=None, tied=None):
         return min((n for n in arms if ARMS[n].schedule == "1f1b"
-                    and optimizer in (None, ARMS[n].optimizer)),
+                    and optimizer in (None, ARMS[n].optimizer) and tied in (None, ARMS[n].tied)),
                    key=lambda n: arms[n]["final_val"]["mean"], default=None)
 
     reference = best_1f1b()
@@ -451,7 +488,8 @@ def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
     for name, arm in arms.items():
         arm["tta"] = tta(arm, arms[reference], targets)
         arm["final_gap_vs_reference"] = gap(arm, arms[reference])
-        own = best_1f1b(ARMS[name].optimizer)  # the same optimizer under 1F1B
+        # the same optimizer (and the same tying of the embeddings) under 1F1B
+        own = best_1f1b(ARMS[name].optimizer, ARMS[name].tied)
         if own is not None:
             arm["same_optimizer_reference"] = own
             arm["final_gap_vs_same_optimizer"] = gap(arm, arms[own])
@@ -524,7 +562,8 @@ def markdown(result: Dict[str, Any]) -> str:
     same = [(n, a) for n, a in result["arms"].items() if a.get("same_optimizer_reference")
             and a["same_optimizer_reference"] != n]
     if same:
-        lines += ["", "Against 1F1B with the same optimizer (its final loss and earlier points):",
+        lines += ["", "Against 1F1B with the same optimizer and embeddings (its final loss and "
+                  "earlier points):",
                   "", "| arm | reference | vs its final loss | TTA to 1/3, 2/3, final |",
                   "| --- | --- | --- | --- |"]
         for name, arm in same:
@@ -595,6 +634,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per stage")
     p.add_argument("--measure-only", action="store_true")
     p.add_argument("--analyse-only", action="store_true", help="no training: logs only")
+    p.add_argument("--previous", default=None,
+                   help="a results JSON of the same regime and stage times: its runs count "
+                        "where --runs-dir has none (curves at each arm's best rate, the final "
+                        "loss at the others)")
     p.add_argument("--output", default=None, help="JSON results")
     p.add_argument("--png", default=None, help="loss against projected wall-clock time")
     args = p.parse_args(argv)
@@ -629,6 +672,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: Dict[str, Dict[float, Dict[int, Dict[int, float]]]] = {n: {} for n in regime.arms}
 
     def get(name, lr, seed):
+        if seed in runs[name].get(lr, {}) and not os.path.exists(
+                os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl")):
+            return  # from --previous
         if args.analyse_only:
             curve = read_curve(os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl"))
             if not curve or max(curve) != iterations[name]:
@@ -639,6 +685,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs[name].setdefault(lr, {})[seed] = curve
 
     first, rest = regime.seeds[0], regime.seeds[1:]
+    if args.previous:
+        problem = add_previous_runs(runs, json.load(open(args.previous, encoding="utf-8")),
+                                    times, iterations, first)
+        if problem:
+            p.error(f"--previous {args.previous}: {problem}")
     for name in regime.arms:
         for lr in regime.lrs_for(name):
             if args.lrs and lr not in args.lrs and not args.analyse_only:
@@ -671,7 +722,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from schedule_throughput import machine
 
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        out = {"machine": machine(), "regime": dataclasses.asdict(regime),
+        # the stage times (and with --previous its runs) come from the earlier machine
+        here = machine()
+        previous = json.load(open(args.previous, encoding="utf-8")) if args.previous else None
+        out = {"machine": previous["machine"] if previous else here,
+               **({"added_runs_machine": here} if previous else {}),
+               "regime": dataclasses.asdict(regime),
                "stage_times": times, "budget_seconds": budget, "iterations": iterations,
                "simulator_check": simulator_check(), "table": table,
                "commands": {n: shlex.join(["torchrun"] + recipe_command(

@@ -198,3 +198,39 @@ def test_time_to_accuracy_quick_run_reports_consistent_numbers(tmp_path):
     assert tta.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--analyse-only",
                      "--output", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["table"] == data["table"]
+    # an earlier results JSON stands in for its runs: the same table from no logs at all,
+    # and a JSON from other stage times is refused
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "stage_times.json").write_text(json.dumps(data["stage_times"]))
+    assert tta.main(["--quick", "--runs-dir", str(fresh), "--analyse-only", "--previous",
+                     str(out), "--output", str(tmp_path / "previous.json")]) == 0
+    again = json.loads((tmp_path / "previous.json").read_text())
+    assert again["table"] == data["table"] and again["machine"] == data["machine"]
+    assert again["arms"]["1f1b-adam"]["final_val_by_lr"] == arms["1f1b-adam"]["final_val_by_lr"]
+    other = dict(data["stage_times"], comm_s=1.0)
+    (fresh / "stage_times.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        tta.main(["--quick", "--runs-dir", str(fresh), "--analyse-only", "--previous", str(out)])
+
+
+def test_tied_arms_keep_the_embeddings_tied_and_compare_with_tied_1f1b():
+    regime, times = tta.REGIMES["quick"], {"forward_s": [1.0, 1.0], "backward_s": [2.0, 2.0],
+                                           "comm_s": 0.0, "update_adam_s": [0.0, 0.0]}
+    tied = tta.recipe_command(regime, tta.ARMS["paci-adam-sync-tied"], 1e-3, 1, 6, "l", "d", 1)
+    untied = tta.recipe_command(regime, tta.ARMS["paci-adam-sync"], 1e-3, 1, 6, "l", "d", 1)
+    assert "--untie-embeddings-and-output-weights" not in tied
+    assert [f for f in untied if f != "--untie-embeddings-and-output-weights"] == tied
+    # the tied PACI arm's same-optimizer reference is tied 1F1B, even where untied 1F1B
+    # ends lower (the comparison isolates the schedule, not the tying)
+    names = ("1f1b-adam", "1f1b-adam-tied", "paci-adam-sync-tied")
+    iterations = {n: 6 for n in names}
+    finals = {"1f1b-adam": 4.0, "1f1b-adam-tied": 4.5, "paci-adam-sync-tied": 4.4}
+    runs = {n: {1e-3: {1: {0: 8.0, 3: 6.0, 6: finals[n]}}} for n in names}
+    result = tta.analyse(regime, times, iterations, runs)
+    arm = result["arms"]["paci-adam-sync-tied"]
+    assert result["reference"] == "1f1b-adam"
+    assert arm["same_optimizer_reference"] == "1f1b-adam-tied"
+    assert arm["final_gap_vs_same_optimizer"] == pytest.approx(4.4 / 4.5 - 1)
+    assert "| PACI, AdamW, synchronous warm-up, tied embeddings | 1F1B, AdamW, tied embeddings |" \
+        in tta.markdown(result)
