@@ -266,6 +266,22 @@ def test_tied_embeddings_drained_paci_prints_1f1b_losses_and_continuous_paci_lag
     assert losses(out)[6] != base[6] and [v[0] for v in validation(out)][0] == 6  # drained, evaluated
 
 
+def test_tied_embeddings_checkpoint_resumes_exactly(tmp_path):
+    common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
+              "--train-iters", 8, "--eval-interval", 4, "--paci-sync-warmup-iters", 0]
+    ok(2, *common, "--save", tmp_path / "a", "--save-interval", 4, "--exit-interval", 4,
+       base=TIED)
+    resumed = ok(2, *common, "--load", tmp_path / "a", base=TIED)
+    assert "starting at iteration 4, version 4" in resumed
+    whole = ok(2, *common, "--save", tmp_path / "b", "--save-interval", 4, base=TIED)
+    # the save drained both copies of the tied weight to the same bits and the resumed
+    # copy's tied version is the stage's: the resumed run prints the uninterrupted one's
+    a, b = losses(resumed), losses(whole)
+    assert a[7] == b[7] and a[8] == b[8]
+    assert [v for v in validation(resumed) if v[0] == 8] == [v for v in validation(whole) if v[0] == 8]
+    assert TIED_LAG.findall(resumed)[-1] == ("8", "1")
+
+
 MOE = ["--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 1e-2,
        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
        "--moe-router-load-balancing-type", "aux_loss", "--moe-token-dispatcher-type", "alltoall",
