@@ -36,7 +36,8 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
     Megatron's ``megatron.core.distributed.finalize_model_grads`` also all-reduces the
     tied word-embedding grads between the first and last stage, conditional-embedder
     grads over the pipeline group and the per-token-loss token count over the pipeline
-    group; none of that may run under PACI (docs/design.md, "What stays stage-local").
+    group; none of that may run under PACI (docs/design.md, "What stays stage-local"); the
+    tied embedding's gradients are exchanged by :mod:`paci_megatron.tied` instead.
     This keeps ``finish_grad_sync()`` of every chunk (DP all-reduce, or reduce-scatter
     with the distributed optimizer) and :func:`compat.finalize_stage_local` (TP all-reduce
     of replicated grads, MoE router updates). Same call signature as Megatron's, so it can
@@ -142,6 +143,8 @@ class PACIOptimizer:
             :meth:`settle` (every drain) returns them to ``x`` and forgets ``d``.
 
     Attributes:
+        tied: the stage's :class:`~paci_megatron.tied.TiedEmbedding` when the model ties its
+            input embedding and output layer across stages (found in ``model``), else None.
         version: updates applied by this stage (``v_s``), read from the schedule's
             :class:`~paci_megatron.plan.StageState` (0 before a schedule is attached).
         last_grad_norm: the stage-local grad norm of the last update (None before).
@@ -149,6 +152,10 @@ class PACIOptimizer:
         last_update_successful: False if the last update found inf/NaN and was skipped.
         update_log: ``(update, lr, grad norm)`` of every applied update.
         skipped_updates: the update numbers skipped for non-finite gradients.
+
+    Raises:
+        PACIConfigError: the model ties its embeddings across stages and the optimizer is
+            Megatron's distributed optimizer (not supported yet).
     """
 
     def __init__(
@@ -220,6 +227,7 @@ class PACIOptimizer:
         Raises:
             NonFiniteGradientError: the window's gradients hold NaN/Inf on this stage (or
                 on a DP/TP peer of it); names the stage, update, micro-batches, iteration.
+            PACICommunicationError: (tied embeddings) the other end's gradient did not come.
         """
         finalize_stage_grads(self.model)
         tied = self.tied

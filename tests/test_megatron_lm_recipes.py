@@ -100,3 +100,19 @@ def test_muon_variant_sets_the_studys_optimizer_for_both_schedules():
     assert (flag(paci, "--pipeline-schedule"), flag(base, "--pipeline-schedule")) == ("paci", "1f1b")
     half = dry_run("gpt2_medium_pp8_muon.sh", GLOBAL_BATCH="128")
     assert float(flag(half, "--lr")) == pytest.approx(1.2e-3 * 0.5 ** 0.5, rel=1e-3)
+
+
+def test_lookahead_variant_adds_only_the_lookahead_and_refuses_1f1b():
+    base = dry_run("gpt2_medium_pp8.sh")
+    ahead = dry_run("gpt2_medium_pp8_lookahead.sh")
+    assert flag(ahead, "--paci-lookahead") == "1" and "--paci-lookahead" not in base
+    i = ahead.index("--paci-lookahead")
+    rest = ahead[:i] + ahead[i + 2:]
+    diff = [(a, b) for a, b in zip(base, rest) if a != b]
+    assert len(rest) == len(base) and {b for _, b in diff} <= {
+        "runs/gpt2m_paci_lookahead", "runs/gpt2m_paci_lookahead/tensorboard"}
+    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM="/opt/Megatron-LM",
+                   DATA_PREFIX="/data/owt/owt_text_document", SCHEDULE="1f1b")
+    proc = subprocess.run(["bash", os.path.join(RECIPES, "gpt2_medium_pp8_lookahead.sh")],
+                          env=environ, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "run gpt2_medium_pp8.sh with SCHEDULE=1f1b" in proc.stderr

@@ -47,7 +47,8 @@ DATA_PREFIX=${DATA_PREFIX:?set DATA_PREFIX to OpenWebText preprocessed by Megatr
 TOKENIZER_DIR=${TOKENIZER_DIR:-$(dirname "$DATA_PREFIX")}
 
 ARGS=(
-  # model: GPT-2 Medium, untied input/output embeddings (PACI refuses tied ones with PP > 1)
+  # model: GPT-2 Medium, untied input/output embeddings as in the time-to-accuracy study
+  # (tied ones, Megatron's default, work under PACI too: drop the --untie flag)
   --num-layers 24 --hidden-size 1024 --num-attention-heads 16
   --seq-length 1024 --max-position-embeddings 1024
   --position-embedding-type learned_absolute
