@@ -31,6 +31,8 @@ seconds):
 - ``comm``: time inside the point-to-point exchanges, waits on neighbours included
   (PACI: ``PACISchedule._communicate``; 1F1B: megatron-core's
   ``P2PCommunicator._communicate``).
+- ``tied_recv`` (``--tied``, PACI): time receiving the other end's tied-embedding message
+  (``TiedEmbedding._recv``: the transfer and any wait for it), reported per iteration.
 - ``update``: time in optimizer steps (PACI: ``PACIOptimizer.local_update``; 1F1B:
   ``optimizer.step()``).
 
@@ -382,6 +384,8 @@ def _build_pair(kind: str, P: int, stage: int, args: Dict[str, Any]):
             fb = pm.PACISchedule(train_opt, pm.PACIConfig(accumulation=None))
             _timed_method(fb, "_communicate", "comm")
             _timed_method(train_opt, "local_update", "update")
+            if train_opt.tied is not None:  # waits for the other end's tied message
+                _timed_method(train_opt.tied, "_recv", "tied_recv")
         built[schedule] = (model, train_opt, fb)
     return built
 
@@ -443,7 +447,7 @@ def pipeline_case(rank: int, world: int, kind: str, m: int, args: Dict[str, Any]
                 iteration(schedule)
             wall = time.perf_counter() - t0
             record = {"wall": wall}
-            for key in ("compute", "steps", "comm", "update"):
+            for key in ("compute", "steps", "comm", "update", "tied_recv"):
                 record[key] = _TIMES.get(f"{schedule}.{key}", 0.0)
             rounds[schedule].append(record)
     _CURRENT["schedule"] = None
@@ -548,6 +552,11 @@ def summarise(kind: str, P: int, m: int, ranks: List[dict], forward_s: float,
         row[f"{s}_overhead_per_microbatch_s"] = max(
             (t["wall"] - t["steps"] - t["comm"] - t["update"]) / micro for t in per_rank)
         row[f"{s}_peak_activation_bytes"] = [r[s]["peak_activation_bytes"] for r in ranks]
+    # tied embeddings: seconds per iteration each PACI stage spent receiving the other
+    # end's tied message (the transfer, and any wait for it), in the fastest round
+    best = min(range(len(row["paci_round_walls_s"])), key=row["paci_round_walls_s"].__getitem__)
+    row["paci_tied_recv_per_iteration_s"] = [
+        r["paci"]["rounds"][best]["tied_recv"] / (micro / m) for r in ranks]
     row["ratio"] = row["paci_throughput_mb_per_s"] / row["1f1b_throughput_mb_per_s"]
     row["ratio_all_rounds"] = (row["paci_throughput_all_rounds_mb_per_s"]
                                / row["1f1b_throughput_all_rounds_mb_per_s"])
