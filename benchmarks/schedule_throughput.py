@@ -556,7 +556,7 @@ def summarise(kind: str, P: int, m: int, ranks: List[dict], forward_s: float,
     # end's tied message (the transfer, and any wait for it), in the fastest round
     best = min(range(len(row["paci_round_walls_s"])), key=row["paci_round_walls_s"].__getitem__)
     row["paci_tied_recv_per_iteration_s"] = [
-        r["paci"]["rounds"][best]["tied_recv"] / (micro / m) for r in ranks]
+        r["paci"]["rounds"][best].get("tied_recv", 0.0) / (micro / m) for r in ranks]
     row["ratio"] = row["paci_throughput_mb_per_s"] / row["1f1b_throughput_mb_per_s"]
     row["ratio_all_rounds"] = (row["paci_throughput_all_rounds_mb_per_s"]
                                / row["1f1b_throughput_all_rounds_mb_per_s"])

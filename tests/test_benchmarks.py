@@ -89,6 +89,10 @@ def test_summary_table_and_criteria():
     assert row["paci_outside_compute_per_microbatch_s"] == pytest.approx(0.0016 / 8)
     assert row["paci_overhead_per_microbatch_s"] == pytest.approx(0.0008 / 8)
     assert row["paci_peak_in_flight"] == [2, 1]
+    assert row["paci_tied_recv_per_iteration_s"] == [0.0, 0.0]  # untied: nothing received
+    ranks[0]["paci"]["rounds"][1]["tied_recv"] = 0.004  # the fastest round; 8 / 2 iterations
+    assert st.summarise("sleep", 2, 2, ranks, 0.01, 0.02)["paci_tied_recv_per_iteration_s"] == [
+        0.0, pytest.approx(0.001)]
     text = st.markdown([row], None)
     assert "| sleep | 2 | 2 |" in text and "1.500" in text
     failures = st.check([row], None)
