@@ -42,7 +42,10 @@ def find_tied_embedding(model) -> Optional[Tuple[torch.nn.Parameter, bool]]:
     from megatron.core.utils import get_attr_wrapped_model
 
     for chunk in model:
-        module = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        try:
+            module = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        except RuntimeError:  # not a language model (no pre_process anywhere inside)
+            continue
         if not getattr(module, "share_embeddings_and_output_weights", False):
             continue
         if module.pre_process and module.post_process:
