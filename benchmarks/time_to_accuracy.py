@@ -629,6 +629,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lrs", nargs="+", type=float, default=None,
                    help="train only these of the arms' rates (the analysis reads every "
                         "finished run; the table shows each arm's rate and seed count)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="train only these of the regime's seeds (the analysis reads every "
+                        "finished run)")
     p.add_argument("--runs-dir", default=None, help="default: runs/tta/<regime>")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per stage")
@@ -647,6 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     grid = sorted(set().union(*(regime.lrs_for(n) for n in regime.arms)))
     if args.lrs and set(args.lrs) - set(grid):
         p.error(f"--lrs {sorted(set(args.lrs) - set(grid))}: not in the arms' grid {grid}")
+    if args.seeds and set(args.seeds) - set(regime.seeds):
+        p.error(f"--seeds {sorted(set(args.seeds) - set(regime.seeds))}: not among the "
+                f"regime's seeds {list(regime.seeds)}")
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", "tta", "quick" if args.quick else args.regime)
     os.makedirs(runs_dir, exist_ok=True)
 
@@ -675,7 +681,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if seed in runs[name].get(lr, {}) and not os.path.exists(
                 os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl")):
             return  # from --previous
-        if args.analyse_only:
+        if args.analyse_only or (args.seeds and seed not in args.seeds):
             curve = read_curve(os.path.join(runs_dir, run_name(name, lr, seed) + ".jsonl"))
             if not curve or max(curve) != iterations[name]:
                 return

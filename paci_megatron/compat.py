@@ -7,9 +7,10 @@ Supported: megatron-core 0.14 .. 0.19 (0.16.1 in CI), PyTorch releases that have
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["MEGATRON_CORE_VERSION", "backward_step", "forward_step", "get_tensor_shapes",
            "get_model_config", "get_model_type", "set_version_counters", "inner_optimizers",
@@ -162,25 +163,60 @@ def main_parameters(optimizer) -> List[torch.Tensor]:
 
 def main_parameter(optimizer, param: torch.Tensor) -> torch.Tensor:
     """The tensor Megatron's optimizer steps for model parameter ``param``: its fp32 main
-    copy (``Float16OptimizerWithFloat16Params``), or ``param`` itself.
+    copy (``Float16OptimizerWithFloat16Params``), this data-parallel rank's shard of it
+    (``DistributedOptimizer``: 1-D, :func:`main_shard` elements of ``param.view(-1)``), or
+    ``param`` itself.
 
     Raises:
-        ValueError: no inner optimizer holds ``param`` (the distributed optimizer holds
-            shards, not parameters).
+        ValueError: no inner optimizer holds ``param`` (with the distributed optimizer: this
+            rank's shard holds none of it).
     """
     return _locate(optimizer, param)[1]
 
 
+def holds_main_parameter(optimizer, param: torch.Tensor) -> bool:
+    """Whether this rank's optimizer steps (a shard of) ``param``."""
+    try:
+        _locate(optimizer, param)
+    except ValueError:
+        return False
+    return True
+
+
+def main_shard(optimizer, param: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """``(start, end)``: the elements of ``param.view(-1)`` this data-parallel rank's
+    distributed optimizer steps (``DistributedOptimizer._get_model_param_range_map``), or
+    None where the main parameter is the whole tensor.
+
+    Raises:
+        ValueError: as :func:`main_parameter`.
+    """
+    return _locate(optimizer, param)[3]
+
+
+#: (model parameters, main parameters) group attributes of Megatron's optimizers:
+#: ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` (bf16 and fp32 params)
+_MAIN_GROUPS = (("float16_groups", "fp32_from_float16_groups"),
+                ("model_float16_groups", "shard_fp32_from_float16_groups"),
+                ("model_fp32_groups", "shard_fp32_groups"))
+
+
 def _locate(optimizer, param: torch.Tensor):
-    """``(torch optimizer, main parameter, its param group)`` of a model parameter."""
+    """``(torch optimizer, main parameter, its param group, shard)`` of a model parameter,
+    ``shard`` as :func:`main_shard`."""
     for inner in inner_optimizers(optimizer):
         main = param
-        for model_group, main_group in zip(getattr(inner, "float16_groups", []),
-                                           getattr(inner, "fp32_from_float16_groups", [])):
-            main = next((q for p, q in zip(model_group, main_group) if p is param), main)
+        for model_attr, main_attr in _MAIN_GROUPS:
+            for model_group, main_group in zip(getattr(inner, model_attr, []),
+                                               getattr(inner, main_attr, [])):
+                main = next((q for p, q in zip(model_group, main_group) if p is param), main)
         for group in inner.optimizer.param_groups:
             if any(p is main for p in group["params"]):
-                return inner.optimizer, main, group
+                shard = None
+                if main is not param and hasattr(inner, "_get_model_param_range_map"):
+                    span = inner._get_model_param_range_map(param)["param"]
+                    shard = (int(span.start), int(span.end))
+                return inner.optimizer, main, group, shard
     raise ValueError(f"no optimizer holds the parameter of shape {tuple(param.shape)}")
 
 
@@ -195,8 +231,9 @@ def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: f
     """One step of the inner optimizer on ``param`` alone, with gradient ``grad`` (fp32,
     the main parameter's shape), ``lr`` and ``weight_decay``; its state (Adam's moments and
     step count) is the parameter's own. The model copy is refreshed from the main one as
-    Megatron's ``_copy_main_params_to_model_params`` does."""
-    torch_optimizer, main, group = _locate(optimizer, param)
+    Megatron's ``_copy_main_params_to_model_params`` does (with the distributed optimizer:
+    this rank's shard only; :func:`gather_parameter` then rebuilds the whole tensor)."""
+    torch_optimizer, main, group, shard = _locate(optimizer, param)
     saved = torch_optimizer.param_groups
     torch_optimizer.param_groups = [dict(group, params=[main], lr=lr, weight_decay=weight_decay)]
     main.grad = grad
@@ -205,8 +242,53 @@ def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: f
     finally:
         torch_optimizer.param_groups = saved
         main.grad = None
-    if main is not param:
+    if shard is not None:
+        param.detach().view(-1)[shard[0]:shard[1]].copy_(main.detach())
+    elif main is not param:
         param.data.copy_(main.data)
+
+
+def distributed_optimizer_of(optimizer, param: torch.Tensor):
+    """The ``DistributedOptimizer`` inside ``optimizer`` that shards ``param``, or None
+    (no distributed optimizer).
+
+    Raises:
+        ValueError: several distributed optimizers (dense and expert) and none holds a
+            shard of ``param`` on this rank.
+    """
+    found = [o for o in inner_optimizers(optimizer) if type(o).__name__ == "DistributedOptimizer"]
+    holding = [o for o in found if param in getattr(o, "model_param_gbuf_map", {})]
+    if holding or len(found) < 2:
+        return (holding or found or [None])[0]
+    raise ValueError(f"cannot tell which distributed optimizer shards the parameter of shape "
+                     f"{tuple(param.shape)}: this rank holds none of it")
+
+
+@torch.no_grad()
+def gather_parameter(optimizer, param: torch.Tensor) -> None:
+    """With the distributed optimizer: rebuild the whole model parameter ``param`` on every
+    data-parallel rank of this stage from the shards each rank stepped, bit for bit (a
+    stage-local all-reduce over the optimizer's ``data_parallel_group`` of the shards' bit
+    patterns as int64 in zeros: every element has exactly one non-zero term; Megatron's own
+    step all-gathers the whole bucket instead, ``start_param_sync``). A no-op otherwise.
+
+    Raises:
+        ValueError: ``param`` is not fp32, bf16 or fp16.
+    """
+    inner = distributed_optimizer_of(optimizer, param)
+    if inner is None:
+        return
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}.get(param.dtype)
+    if bits is None:
+        raise ValueError(f"cannot gather a {param.dtype} parameter")
+    flat = param.detach().view(-1)
+    full = torch.zeros(flat.numel(), dtype=torch.int64, device=flat.device)
+    if holds_main_parameter(optimizer, param):
+        start, end = main_shard(optimizer, param)
+        full[start:end] = flat[start:end].view(bits).to(torch.int64)
+    dist.all_reduce(full, group=inner.data_parallel_group)
+    flat.copy_(full.to(bits).view(param.dtype))
 
 
 class ParamGroupsWithout:
@@ -214,7 +296,7 @@ class ParamGroupsWithout:
     that a Megatron ``step()`` inside leaves it, its grad and its state alone."""
 
     def __init__(self, optimizer, param: torch.Tensor):
-        self.torch_optimizer, self.main, _ = _locate(optimizer, param)
+        self.torch_optimizer, self.main = _locate(optimizer, param)[:2]
         self.saved = None
 
     def __enter__(self):

@@ -205,12 +205,6 @@ def _valid_shape(s: Setup) -> bool:
     return s.m >= 1 and s.a >= 1 and s.P >= 1
 
 
-#: The refusal of tied embeddings with the distributed optimizer (config and optimizer).
-TIED_DISTRIBUTED_OPTIMIZER = (
-    "tied input embedding and output weights across pipeline stages are not supported with "
-    "the distributed optimizer under PACI yet: add --untie-embeddings-and-output-weights or "
-    "remove --use-distributed-optimizer")
-
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
 _WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
@@ -257,8 +251,6 @@ REFUSALS: Sequence[Refusal] = (
      lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters}: must be >= 0"),
     (lambda s: not 0.0 <= s.paci.lookahead <= 4.0,
      lambda s: f"--paci-lookahead {s.paci.lookahead}: must be between 0 (off) and 4"),
-    (lambda s: s.tied and s.P > 1 and bool(s.arg("use_distributed_optimizer")),
-     lambda s: TIED_DISTRIBUTED_OPTIMIZER),
     (lambda s: s.model_config is not None and s.P > 1 and s.cfg("pipeline_dtype") is None,
      lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
                "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "

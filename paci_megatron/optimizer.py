@@ -59,13 +59,9 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
     compat.finalize_stage_local(model, compat.get_model_config(model[0]))
 
 
-def _tied_embedding(model: Sequence[torch.nn.Module], distributed_optimizer: bool):
+def _tied_embedding(model: Sequence[torch.nn.Module]):
     """The stage's :class:`~paci_megatron.tied.TiedEmbedding` (None without a tied weight
-    duplicated across stages).
-
-    Raises:
-        PACIConfigError: tied embeddings with the distributed optimizer.
-    """
+    duplicated across stages)."""
     if not torch.distributed.is_initialized():
         return None
     from .tied import TiedEmbedding, find_tied_embedding
@@ -73,10 +69,6 @@ def _tied_embedding(model: Sequence[torch.nn.Module], distributed_optimizer: boo
     found = find_tied_embedding(model)
     if found is None:
         return None
-    if distributed_optimizer:
-        from .config import TIED_DISTRIBUTED_OPTIMIZER, PACIConfigError
-
-        raise PACIConfigError([TIED_DISTRIBUTED_OPTIMIZER])
     from megatron.core import parallel_state as ps
 
     return TiedEmbedding(found[0], found[1], ps.get_pipeline_model_parallel_world_size(),
@@ -199,7 +191,7 @@ class PACIOptimizer:
         # (scheduler sample count, backwarded micro-batches) when the schedule first ran:
         # windows are counted from there, so a resumed run continues the LR schedule
         self._lr_origin: Optional[Tuple[int, int]] = None
-        self.tied = _tied_embedding(self.model, distributed_optimizer)
+        self.tied = _tied_embedding(self.model)
 
     @property
     def version(self) -> int:
@@ -232,9 +224,9 @@ class PACIOptimizer:
         finalize_stage_grads(self.model)
         tied = self.tied
         if tied is not None and tied.first:
-            tied.add_last_stage_grad(window.update)  # main_grad = g0 + gL, as synchronously
+            tied.add_last_stage_grad(self.optimizer, window.update)  # main_grad = g0 + gL, as synchronously
         elif tied is not None:
-            tied.send_window_grad(window.update)
+            tied.send_window_grad(self.optimizer, window.update)
         if self._nonfinite_grads():
             message = f"stage {window.stage}: NaN/Inf in the gradients of {window.describe()}"
             if not self.skip_nonfinite_updates:
@@ -303,7 +295,7 @@ class PACIOptimizer:
         """The main parameters that look ahead: all but a tied embedding's, whose two
         copies must stay the same bits (``x + g d - g d`` is not always ``x``)."""
         main = compat.main_parameters(self.optimizer)
-        if self.tied is None:
+        if self.tied is None or not compat.holds_main_parameter(self.optimizer, self.tied.weight):
             return main
         skip = compat.main_parameter(self.optimizer, self.tied.weight)
         return [p for p in main if p is not skip]

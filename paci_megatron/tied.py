@@ -15,6 +15,14 @@ all-reducing their gradients over the embedding group in ``finalize_model_grads`
   ``ka + P - 1`` (:func:`paci_megatron.plan.tied_updates_due`), the first of its actions
   that causally follows the first stage's update ``k``, and at the end of every drain.
 
+With Megatron's distributed optimizer each data-parallel rank holds a shard of the tied
+weight's main copy; megatron-core gives the tied weight a bucket of its own on both stages
+(``_does_param_require_new_bucket``), so a rank's shard covers the same elements at both
+ends. Each message then carries only that shard (the DP-reduced part of the gradient after
+the reduce-scatter, and the shard's clipped gradient), and the last stage rebuilds ``E'``
+on its data-parallel ranks after each tied update (:func:`paci_megatron.compat.gather_parameter`,
+a stage-local collective).
+
 Both copies pass through the identical sequence of optimizer steps; ``E'`` lags the last
 stage's own version by at most ``ceil((P - 1) / a)`` updates (the "tied lag", recorded by
 :class:`~paci_megatron.telemetry.DriftTelemetry`), and every micro-batch meets the same
@@ -23,6 +31,7 @@ version of the tied weight at both ends of the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from typing import Any, List, Optional, Tuple
 
@@ -61,6 +70,8 @@ class TiedEmbedding:
     Args:
         weight: this stage's copy (``E`` on the first stage, ``E'`` on the last), a model
             parameter of shape ``[vocab / TP, hidden]`` with a ``main_grad`` (megatron-core DDP).
+            Each message is ``vocab / TP * hidden`` fp32 elements (divided by DP with the
+            distributed optimizer), 4 bytes each.
         first: this is the first stage.
         num_stages: ``P``.
         group: the embedding group (``parallel_state.get_embedding_group()``): this rank and
@@ -129,13 +140,32 @@ class TiedEmbedding:
         wait_all(works, f"stage {self.stage}: tied-embedding sends to stage "
                  f"{self.num_stages - 1 - self.stage}", self.timeout, self.watchdog)
 
-    # ------------------------------------------------------------------ the last stage
-    def send_window_grad(self, update: int) -> None:
-        """Last stage, update ``update``: send ``gL`` (its DP-reduced ``main_grad``)."""
-        self._send(self.weight.main_grad.detach().clone())
+    # ------------------------------------------------------------------ helpers
+    def _grad_view(self, optimizer) -> torch.Tensor:
+        """The part of ``main_grad`` this rank reduces: the whole tensor, or (distributed
+        optimizer) its shard's elements, DP-reduced by the reduce-scatter."""
+        grad = self.weight.main_grad
+        if not compat.holds_main_parameter(optimizer, self.weight):
+            return grad.view(-1)[:0]  # this rank's shard holds none of the weight
+        shard = compat.main_shard(optimizer, self.weight)
+        return grad if shard is None else grad.view(-1)[shard[0]:shard[1]]
 
-    def excluded(self, optimizer) -> "compat.ParamGroupsWithout":
+    def _main_like(self, optimizer) -> torch.Tensor:
+        """This rank's main parameter of the tied weight (an empty tensor where its
+        distributed-optimizer shard holds none of it)."""
+        if compat.holds_main_parameter(optimizer, self.weight):
+            return compat.main_parameter(optimizer, self.weight)
+        return torch.empty(0, dtype=torch.float32, device=self.weight.device)
+
+    # ------------------------------------------------------------------ the last stage
+    def send_window_grad(self, optimizer, update: int) -> None:
+        """Last stage, update ``update``: send ``gL`` (its DP-reduced ``main_grad``)."""
+        self._send(self._grad_view(optimizer).detach().clone())
+
+    def excluded(self, optimizer):
         """Last stage: the context in which its own step leaves ``E'`` alone."""
+        if not compat.holds_main_parameter(optimizer, self.weight):
+            return contextlib.nullcontext()  # its distributed-optimizer shard holds none of E'
         return compat.ParamGroupsWithout(optimizer, self.weight)
 
     def catch_up(self, optimizer, upto: int) -> int:
@@ -149,14 +179,17 @@ class TiedEmbedding:
         done = 0
         while self.version < upto:
             k = self.version + 1
-            main = compat.main_parameter(optimizer, self.weight)
+            main = self._main_like(optimizer)
             grad, meta = self._recv(self._label(k, "the tied gradient"), main,
                                     torch.zeros(3, dtype=torch.float64, device=main.device))
             lr, weight_decay, applied = meta.tolist()
             if applied:
                 version = self.weight._version
                 try:
-                    compat.step_one_parameter(optimizer, self.weight, grad, lr, weight_decay)
+                    if main.numel():
+                        compat.step_one_parameter(optimizer, self.weight, grad, lr,
+                                                  weight_decay)
+                    compat.gather_parameter(optimizer, self.weight)
                 finally:
                     compat.set_version_counters([self.weight], [version])
             self.version = k
@@ -164,21 +197,25 @@ class TiedEmbedding:
         return done
 
     # ------------------------------------------------------------------ the first stage
-    def add_last_stage_grad(self, update: int) -> None:
-        """First stage, update ``update``: ``main_grad += gL(update)`` (the synchronous sum).
+    def add_last_stage_grad(self, optimizer, update: int) -> None:
+        """First stage, update ``update``: ``main_grad += gL(update)`` (the synchronous sum,
+        on this rank's shard with the distributed optimizer).
 
         Raises:
             PACICommunicationError: the last stage's gradient did not come in time.
         """
-        (grad,) = self._recv(self._label(update, "the output layer's gradient"),
-                             self.weight.main_grad)
-        self.weight.main_grad.add_(grad)
+        mine = self._grad_view(optimizer)
+        (grad,) = self._recv(self._label(update, "the output layer's gradient"), mine)
+        mine.add_(grad)
 
     def send_step(self, optimizer, update: int, applied: bool) -> None:
         """First stage, after its update: send the gradient the step used on ``E`` (after
         clipping) with its learning rate and weight decay, or that it was skipped."""
-        main = compat.main_parameter(optimizer, self.weight)
-        lr, weight_decay = compat.step_hyperparameters(optimizer, self.weight)
+        main = self._main_like(optimizer)
+        if main.numel():
+            lr, weight_decay = compat.step_hyperparameters(optimizer, self.weight)
+        else:  # nothing of the weight on this rank: the peer steps nothing either
+            lr = weight_decay = 0.0
         grad = main.grad if applied and main.grad is not None else torch.zeros_like(main)
         meta = torch.tensor([lr, weight_decay, 1.0 if applied else 0.0], dtype=torch.float64,
                             device=main.device)

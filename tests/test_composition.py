@@ -21,7 +21,8 @@ COMPOSITIONS = {
     #      tied embeddings)
     "pp2-tp2-fp32": (2, 2, False, False, False, None, "activations", False),
     "pp2-tp2-distopt-fp32": (2, 2, True, False, False, None, "activations", False),
-    "pp2-dp2-distopt-bf16": (2, 1, True, False, True, None, "activations", False),
+    "pp2-dp2-distopt-tied-bf16": (2, 1, True, False, True, None, "activations", True),
+    "pp2-dp2-distopt-tied-fp32": (2, 1, True, False, False, None, "activations", True),
     "pp2-dp2-overlap-fp32": (2, 1, False, True, False, None, "activations", False),
     "pp4-recompute-full-fp32": (4, 1, False, False, False, "full", "activations", False),
     "pp2-dp2-recompute-selective-bf16": (2, 1, False, False, True, "selective", "activations", False),

@@ -63,14 +63,14 @@ def test_no_microbatches():
                                                         pipeline_model_parallel_size=2))
 
 
-def test_tied_embeddings_across_stages_are_accepted_but_not_with_the_distributed_optimizer():
-    # tests/test_tied_embeddings.py: drained PACI with tied embeddings == 1F1B
+def test_tied_embeddings_across_stages_are_accepted_also_with_the_distributed_optimizer():
+    # tests/test_tied_embeddings.py and test_composition.py: drained PACI with tied
+    # embeddings == 1F1B, also with the distributed optimizer
     assert validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=2,
                           share_embeddings_and_output_weights=True) == 4
-    (msg,) = problems(num_microbatches=4, pipeline_model_parallel_size=2,
-                      share_embeddings_and_output_weights=True,
-                      training_args=argparse.Namespace(use_distributed_optimizer=True))
-    assert "add --untie-embeddings-and-output-weights or remove --use-distributed-optimizer" in msg
+    assert validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=2,
+                          share_embeddings_and_output_weights=True,
+                          training_args=argparse.Namespace(use_distributed_optimizer=True)) == 4
     assert validate_setup(PACIConfig(), num_microbatches=4, pipeline_model_parallel_size=1,
                           share_embeddings_and_output_weights=True,
                           training_args=argparse.Namespace(use_distributed_optimizer=True)) == 4
@@ -115,8 +115,7 @@ def test_model_config_refusals(attr, value, needle):
 def test_all_problems_reported_at_once():
     found = problems(paci=PACIConfig(accumulation=3), num_microbatches=4,
                      pipeline_model_parallel_size=4, share_embeddings_and_output_weights=True,
-                     model_config=FakeModelConfig(fp16=True),
-                     training_args=argparse.Namespace(use_distributed_optimizer=True))
+                     model_config=FakeModelConfig(fp16=True, calculate_per_token_loss=True))
     assert len(found) == 3
     assert "3 problem(s)" in str(PACIConfigError(found))
 

@@ -155,8 +155,6 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("overrides,argv,expected", [
-    ({"untie_embeddings_and_output_weights": False, "use_distributed_optimizer": True}, [],
-     "add --untie-embeddings-and-output-weights or remove --use-distributed-optimizer"),
     ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
     ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
     ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],
@@ -190,6 +188,14 @@ def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
     assert len(problems) == 1 and expected in problems[0], problems
 
 
+def test_tied_embeddings_are_accepted_also_with_the_distributed_optimizer():
+    # tests/test_composition.py: drained PACI == 1F1B with tied embeddings and the
+    # distributed optimizer (pp2-dp2-distopt-tied-bf16)
+    assert check_args(megatron_args(untie_embeddings_and_output_weights=False,
+                                    use_distributed_optimizer=True),
+                      argv=["pretrain_gpt.py"]) == []
+
+
 def test_moe_router_expert_bias_is_accepted_it_is_updated_at_each_local_update():
     # tests/test_moe.py: drained PACI == 1F1B with the expert bias on
     assert check_args(megatron_args(moe_router_enable_expert_bias=True, num_moe_experts=4),
@@ -200,14 +206,13 @@ def test_refusals_are_reported_together_once_before_training(capsys, monkeypatch
     monkeypatch.setenv("RANK", "0")
     calls = []
     validate = megatron_lm._validated(lambda args, defaults=None: calls.append(args))
-    args = megatron_args(untie_embeddings_and_output_weights=False, fp16=True,
-                         use_distributed_optimizer=True)
+    args = megatron_args(fp16=True, calculate_per_token_loss=True)
     with pytest.raises(SystemExit) as stop:
         validate(args, {})
     assert stop.value.code == 2 and calls == [args]  # Megatron's own validation ran first
     err = capsys.readouterr().err
     assert "paci-megatron: this run cannot start (2 problem(s))" in err
-    assert "--untie-embeddings-and-output-weights" in err and "--fp16" in err
+    assert "--calculate-per-token-loss" in err and "--fp16" in err
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(SystemExit):
         validate(megatron_args(fp16=True), {})

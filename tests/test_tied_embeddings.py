@@ -81,11 +81,3 @@ def test_tied_update_k_follows_first_stage_update_k_in_the_plan(P, m, a):
         elif act.kind.value == "F":
             lags.append(version - tied_updates_due(P, a, act.index))
     assert max(lags) == drift_bound(P, 0, a) and min(lags) >= 0
-
-
-def test_tied_embeddings_with_the_distributed_optimizer_are_refused_before_training():
-    from workers import tied_distributed_optimizer_case
-
-    messages = run_distributed(tied_distributed_optimizer_case, 2, timeout_s=120)
-    for text in messages:  # both ends refuse, at the wrapper's construction
-        assert "add --untie-embeddings-and-output-weights or remove --use-distributed-optimizer" in text

@@ -995,16 +995,3 @@ def tied_embedding_case(rank: int, world: int, bf16: bool, iters: int, m: int,
             "tied": tied_weight(model),
         }
     return result
-
-
-def tied_distributed_optimizer_case(rank: int, world: int) -> str:
-    """PACIOptimizer on a tied GPT with the distributed optimizer: the refusal's text."""
-    import paci_megatron as pm
-
-    setup_parallel(world)
-    _, model, opt = build_tiny_gpt(world, False, tied=True, dist_opt=True)
-    try:
-        pm.PACIOptimizer(opt, model)
-    except pm.PACIConfigError as err:
-        return str(err)
-    return "accepted"
