@@ -220,22 +220,30 @@ def _locate(optimizer, param: torch.Tensor):
     raise ValueError(f"no optimizer holds the parameter of shape {tuple(param.shape)}")
 
 
-def step_hyperparameters(optimizer, param: torch.Tensor) -> Tuple[float, float]:
-    """``(lr, weight_decay)`` of the param group holding ``param`` (as last set)."""
+def step_hyperparameters(optimizer, param: torch.Tensor) -> Tuple[float, float, int]:
+    """``(lr, weight_decay, group step)`` of the param group holding ``param`` (as last set);
+    the group step is the step count that fused Adams (Transformer Engine's and Apex's
+    ``FusedAdam``) keep in the group, -1 where the group has none (torch's Adam keeps it per
+    parameter)."""
     group = _locate(optimizer, param)[2]
-    return float(group["lr"]), float(group["weight_decay"])
+    return float(group["lr"]), float(group["weight_decay"]), int(group.get("step", -1))
 
 
 def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: float,
-                       weight_decay: float) -> None:
+                       weight_decay: float, group_step: int = -1) -> None:
     """One step of the inner optimizer on ``param`` alone, with gradient ``grad`` (fp32,
     the main parameter's shape), ``lr`` and ``weight_decay``; its state (Adam's moments and
-    step count) is the parameter's own. The model copy is refreshed from the main one as
-    Megatron's ``_copy_main_params_to_model_params`` does (with the distributed optimizer:
-    this rank's shard only; :func:`gather_parameter` then rebuilds the whole tensor)."""
+    step count) is the parameter's own, except that an optimizer counting steps per group
+    (fused Adam) takes step ``group_step`` (>= 1) for it, leaving the group's own count
+    alone. The model copy is refreshed from the main one as Megatron's
+    ``_copy_main_params_to_model_params`` does (with the distributed optimizer: this rank's
+    shard only; :func:`gather_parameter` then rebuilds the whole tensor)."""
     torch_optimizer, main, group, shard = _locate(optimizer, param)
     saved = torch_optimizer.param_groups
-    torch_optimizer.param_groups = [dict(group, params=[main], lr=lr, weight_decay=weight_decay)]
+    one = dict(group, params=[main], lr=lr, weight_decay=weight_decay)
+    if group_step >= 1:
+        one["step"] = group_step - 1  # fused Adam counts the step before using it
+    torch_optimizer.param_groups = [one]
     main.grad = grad
     try:
         torch_optimizer.step()
@@ -249,51 +257,55 @@ def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: f
 
 
 def distributed_optimizer_of(optimizer, param: torch.Tensor):
-    """The ``DistributedOptimizer`` inside ``optimizer`` that shards ``param``, or None
-    (no distributed optimizer).
+    """The ``DistributedOptimizer`` inside ``optimizer`` whose buffers hold ``param`` (the
+    dense one, not an expert one, for a dense parameter), or None."""
+    for inner in inner_optimizers(optimizer):
+        if type(inner).__name__ == "DistributedOptimizer" and any(
+                param in getattr(buffer, "param_index_map", {})
+                for buffer in getattr(inner, "buffers", [])):
+            return inner
+    return None
 
-    Raises:
-        ValueError: several distributed optimizers (dense and expert) and none holds a
-            shard of ``param`` on this rank.
-    """
-    found = [o for o in inner_optimizers(optimizer) if type(o).__name__ == "DistributedOptimizer"]
-    holding = [o for o in found if param in getattr(o, "model_param_gbuf_map", {})]
-    if holding or len(found) < 2:
-        return (holding or found or [None])[0]
-    raise ValueError(f"cannot tell which distributed optimizer shards the parameter of shape "
-                     f"{tuple(param.shape)}: this rank holds none of it")
+
+def shard_spans(optimizer, param: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
+    """Per rank of the distributed optimizer's ``data_parallel_group``: the ``(start, end)``
+    elements of ``param.view(-1)`` it steps (a stage-local all-gather of two integers; call
+    it on every rank of that group). None without a distributed optimizer."""
+    inner = distributed_optimizer_of(optimizer, param)
+    if inner is None:
+        return None
+    span = main_shard(optimizer, param) if holds_main_parameter(optimizer, param) else (0, 0)
+    group = inner.data_parallel_group
+    mine = torch.tensor(span, dtype=torch.int64, device=param.device)
+    every = torch.empty(2 * dist.get_world_size(group), dtype=torch.int64, device=param.device)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    return [tuple(pair) for pair in every.view(-1, 2).tolist()]
 
 
 @torch.no_grad()
-def gather_parameter(optimizer, param: torch.Tensor) -> None:
+def gather_parameter(optimizer, param: torch.Tensor, spans: Sequence[Tuple[int, int]]) -> None:
     """With the distributed optimizer: rebuild the whole model parameter ``param`` on every
-    data-parallel rank of this stage from the shards each rank stepped, bit for bit (a
-    stage-local all-reduce over the optimizer's ``data_parallel_group`` of the shards' bit
-    patterns as int64 in zeros: every element has exactly one non-zero term; Megatron's own
-    step all-gathers the whole bucket instead, ``start_param_sync``). A no-op otherwise.
-
-    Raises:
-        ValueError: ``param`` is not fp32, bf16 or fp16.
-    """
+    data-parallel rank of this stage from the shards each rank stepped (``spans``, from
+    :func:`shard_spans`), bit for bit: a stage-local all-gather over the optimizer's
+    ``data_parallel_group`` of equal-sized chunks (the largest shard; ``param.numel()``
+    elements of ``param.dtype`` in all, as Megatron's own bucket all-gather,
+    ``start_param_sync``)."""
     inner = distributed_optimizer_of(optimizer, param)
-    if inner is None:
-        return
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}.get(param.dtype)
-    if bits is None:
-        raise ValueError(f"cannot gather a {param.dtype} parameter")
     flat = param.detach().view(-1)
-    full = torch.zeros(flat.numel(), dtype=torch.int64, device=flat.device)
-    if holds_main_parameter(optimizer, param):
-        start, end = main_shard(optimizer, param)
-        full[start:end] = flat[start:end].view(bits).to(torch.int64)
-    dist.all_reduce(full, group=inner.data_parallel_group)
-    flat.copy_(full.to(bits).view(param.dtype))
+    size = max(end - start for start, end in spans)
+    start, end = spans[dist.get_rank(inner.data_parallel_group)]
+    chunk = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+    chunk[:end - start] = flat[start:end]
+    every = torch.empty(size * len(spans), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(every, chunk, group=inner.data_parallel_group)
+    for r, (start, end) in enumerate(spans):
+        flat[start:end] = every[r * size:r * size + end - start]
 
 
 class ParamGroupsWithout:
     """Context: the inner optimizer's param groups without ``param`` (its main copy), so
-    that a Megatron ``step()`` inside leaves it, its grad and its state alone."""
+    that a Megatron ``step()`` inside leaves it, its grad and its state alone. What the step
+    writes into a group besides its parameters (a fused Adam's group step count) is kept."""
 
     def __init__(self, optimizer, param: torch.Tensor):
         self.torch_optimizer, self.main = _locate(optimizer, param)[:2]
@@ -306,6 +318,8 @@ class ParamGroupsWithout:
         return self
 
     def __exit__(self, *exc):
+        for saved, used in zip(self.saved, self.torch_optimizer.param_groups):
+            saved.update((k, v) for k, v in used.items() if k != "params")
         self.torch_optimizer.param_groups = self.saved
 
 

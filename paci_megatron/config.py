@@ -205,6 +205,12 @@ def _valid_shape(s: Setup) -> bool:
     return s.m >= 1 and s.a >= 1 and s.P >= 1
 
 
+#: Tied embeddings with main parameters kept outside the optimizer's param groups.
+TIED_PRECISION_AWARE = (
+    "tied embeddings under PACI step the tied weight's main parameter through the optimizer's "
+    "param groups, which --use-precision-aware-optimizer (and --optimizer-cpu-offload) keep "
+    "elsewhere: remove it or add --untie-embeddings-and-output-weights")
+
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
 _WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
@@ -292,6 +298,13 @@ REFUSALS: Sequence[Refusal] = (
                "over the world after each one; under PACI the updates happen inside the schedule "
                "and cannot be re-run: use --rerun-mode disabled (the default with "
                "--pipeline-schedule paci)"),
+    (lambda s: s.tied and s.P > 1 and bool(s.arg("use_precision_aware_optimizer")),
+     lambda s: TIED_PRECISION_AWARE),
+    (lambda s: (s.arg("num_distributed_optimizer_instances") or 1) > 1,
+     lambda s: f"--num-distributed-optimizer-instances "
+               f"{s.arg('num_distributed_optimizer_instances')}: PACI reduces a stage's grad "
+               "norm over all its data-parallel ranks, which would count each optimizer shard "
+               "once per instance: remove it (use 1 instance)"),
     (lambda s: bool(s.arg("overlap_param_gather")),
      lambda s: "--overlap-param-gather gathers updated parameters in forward hooks that the "
                "training loop arms once per iteration, but PACI updates inside the iteration: "

@@ -59,9 +59,14 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
     compat.finalize_stage_local(model, compat.get_model_config(model[0]))
 
 
-def _tied_embedding(model: Sequence[torch.nn.Module]):
+def _tied_embedding(model: Sequence[torch.nn.Module], optimizer):
     """The stage's :class:`~paci_megatron.tied.TiedEmbedding` (None without a tied weight
-    duplicated across stages)."""
+    duplicated across stages).
+
+    Raises:
+        PACIConfigError: the optimizer keeps main parameters outside its param groups
+            (``use_precision_aware_optimizer``).
+    """
     if not torch.distributed.is_initialized():
         return None
     from .tied import TiedEmbedding, find_tied_embedding
@@ -69,6 +74,11 @@ def _tied_embedding(model: Sequence[torch.nn.Module]):
     found = find_tied_embedding(model)
     if found is None:
         return None
+    if any(getattr(getattr(o, "config", None), "use_precision_aware_optimizer", False)
+           for o in compat.inner_optimizers(optimizer)):
+        from .config import TIED_PRECISION_AWARE, PACIConfigError
+
+        raise PACIConfigError([TIED_PRECISION_AWARE])
     from megatron.core import parallel_state as ps
 
     return TiedEmbedding(found[0], found[1], ps.get_pipeline_model_parallel_world_size(),
@@ -191,7 +201,7 @@ class PACIOptimizer:
         # (scheduler sample count, backwarded micro-batches) when the schedule first ran:
         # windows are counted from there, so a resumed run continues the LR schedule
         self._lr_origin: Optional[Tuple[int, int]] = None
-        self.tied = _tied_embedding(self.model)
+        self.tied = _tied_embedding(self.model, self.optimizer)
 
     @property
     def version(self) -> int:

@@ -43,6 +43,8 @@ from .p2p import PipelineTimeout, Watchdog, wait_all
 
 __all__ = ["TiedEmbedding", "find_tied_embedding"]
 
+_UNSET = object()
+
 
 def find_tied_embedding(model) -> Optional[Tuple[torch.nn.Parameter, bool]]:
     """``(weight, on_first_stage)`` of a stage whose tied embedding / output weight is
@@ -99,6 +101,7 @@ class TiedEmbedding:
         nccl = "nccl" in str(dist.get_backend(group)) and weight.device.type == "cuda"
         self.watchdog = Watchdog(timeout_s) if nccl else None
         self.version = 0
+        self._spans: Any = _UNSET  # per DP rank, the elements its distributed optimizer steps
         self._sends: List[Tuple[Any, Tuple[torch.Tensor, ...]]] = []  # (work, kept alive)
 
     def set_timeout(self, timeout_s: float) -> None:
@@ -181,15 +184,18 @@ class TiedEmbedding:
             k = self.version + 1
             main = self._main_like(optimizer)
             grad, meta = self._recv(self._label(k, "the tied gradient"), main,
-                                    torch.zeros(3, dtype=torch.float64, device=main.device))
-            lr, weight_decay, applied = meta.tolist()
+                                    torch.zeros(4, dtype=torch.float64, device=main.device))
+            lr, weight_decay, group_step, applied = meta.tolist()
             if applied:
+                if self._spans is _UNSET:  # the first tied update: every DP rank is here
+                    self._spans = compat.shard_spans(optimizer, self.weight)
                 version = self.weight._version
                 try:
                     if main.numel():
                         compat.step_one_parameter(optimizer, self.weight, grad, lr,
-                                                  weight_decay)
-                    compat.gather_parameter(optimizer, self.weight)
+                                                  weight_decay, int(group_step))
+                    if self._spans is not None:
+                        compat.gather_parameter(optimizer, self.weight, self._spans)
                 finally:
                     compat.set_version_counters([self.weight], [version])
             self.version = k
@@ -210,14 +216,15 @@ class TiedEmbedding:
 
     def send_step(self, optimizer, update: int, applied: bool) -> None:
         """First stage, after its update: send the gradient the step used on ``E`` (after
-        clipping) with its learning rate and weight decay, or that it was skipped."""
+        clipping) with its learning rate, weight decay and (fused Adam) group step count,
+        or that it was skipped."""
         main = self._main_like(optimizer)
         if main.numel():
-            lr, weight_decay = compat.step_hyperparameters(optimizer, self.weight)
+            lr, weight_decay, group_step = compat.step_hyperparameters(optimizer, self.weight)
         else:  # nothing of the weight on this rank: the peer steps nothing either
-            lr = weight_decay = 0.0
+            lr, weight_decay, group_step = 0.0, 0.0, -1
         grad = main.grad if applied and main.grad is not None else torch.zeros_like(main)
-        meta = torch.tensor([lr, weight_decay, 1.0 if applied else 0.0], dtype=torch.float64,
-                            device=main.device)
+        meta = torch.tensor([lr, weight_decay, group_step, 1.0 if applied else 0.0],
+                            dtype=torch.float64, device=main.device)
         self._send(grad.detach().clone(), meta)
         self.version = update

@@ -155,6 +155,11 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("overrides,argv,expected", [
+    ({"untie_embeddings_and_output_weights": False, "use_distributed_optimizer": True,
+      "use_precision_aware_optimizer": True}, [],
+     "--use-precision-aware-optimizer (and --optimizer-cpu-offload) keep elsewhere"),
+    ({"use_distributed_optimizer": True, "num_distributed_optimizer_instances": 2}, [],
+     "--num-distributed-optimizer-instances 2: PACI reduces a stage's grad norm"),
     ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
     ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
     ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],

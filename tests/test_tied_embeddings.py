@@ -81,3 +81,71 @@ def test_tied_update_k_follows_first_stage_update_k_in_the_plan(P, m, a):
         elif act.kind.value == "F":
             lags.append(version - tied_updates_due(P, a, act.index))
     assert max(lags) == drift_bound(P, 0, a) and min(lags) >= 0
+
+
+class GroupStepSGD(torch.optim.Optimizer):
+    """Counts steps per param group, as Transformer Engine's and Apex's ``FusedAdam`` do
+    (``group["step"] += 1`` before use); its update ``p -= lr * step * grad`` shows the
+    count each parameter was stepped at."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * group["step"] * p.grad)
+
+
+class MegatronLike:
+    """What ``compat`` reads of a Megatron optimizer: the torch optimizer inside."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+def test_a_group_counting_optimizer_keeps_its_count_and_steps_the_tied_copy_at_the_peers():
+    from paci_megatron import compat
+
+    w, e = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = MegatronLike(GroupStepSGD([w, e], lr=0.1))
+    w.grad, e.grad = torch.ones(2), torch.ones(2)
+    for _ in range(2):  # the last stage's own updates, E' left out
+        with compat.ParamGroupsWithout(opt, e):
+            opt.optimizer.step()
+    group = opt.optimizer.param_groups[0]
+    assert group["step"] == 2  # the count its steps wrote is kept
+    assert torch.equal(e.detach(), torch.ones(2))  # E' untouched
+    assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 * 1 - 0.1 * 2))
+    assert compat.step_hyperparameters(opt, e) == (0.1, 0.0, 2)
+    # the tied step arrives with the first stage's count (5): E' is stepped at 5 ...
+    compat.step_one_parameter(opt, e, torch.full((2,), 2.0), 0.05, 0.0, group_step=5)
+    assert torch.allclose(e.detach(), torch.full((2,), 1 - 0.05 * 5 * 2))
+    assert group["step"] == 2  # ... and the group's own count stays the last stage's
+    # torch's AdamW counts per parameter: no group count is sent (-1) and none is added
+    adam = MegatronLike(torch.optim.AdamW([e], lr=0.1))
+    assert compat.step_hyperparameters(adam, e)[2] == -1
+    compat.step_one_parameter(adam, e, torch.ones(2), 0.1, 0.0, group_step=-1)
+    assert "step" not in adam.optimizer.param_groups[0]
+    assert adam.optimizer.state[e]["step"] == 1
+
+
+def test_tied_embeddings_with_the_precision_aware_optimizer_are_refused(monkeypatch):
+    import types
+
+    import paci_megatron.tied
+    from paci_megatron import PACIConfigError
+    from paci_megatron.optimizer import _tied_embedding
+
+    weight = torch.nn.Parameter(torch.ones(4, 2))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(paci_megatron.tied, "find_tied_embedding", lambda model: (weight, True))
+    optimizer = types.SimpleNamespace(
+        config=types.SimpleNamespace(use_precision_aware_optimizer=True))
+    with pytest.raises(PACIConfigError) as err:
+        _tied_embedding([torch.nn.Linear(2, 2)], optimizer)
+    assert "--use-precision-aware-optimizer" in str(err.value)
+    assert "--untie-embeddings-and-output-weights" in str(err.value)
