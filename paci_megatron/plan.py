@@ -25,7 +25,7 @@ __all__ = ["Kind", "Action", "StageState", "plan_call", "plan_drain", "plan_forw
            "drift_bound", "mean_drift", "warmup_microbatches", "measure_drift", "advance",
            "Comm", "GradSync", "lower", "format_steps", "parse_steps", "PlanError",
            "validate_plan", "simulate_p2p", "P2PError", "format_actions", "parse_actions",
-           "tied_updates_due"]
+           "tied_updates_due", "TiedComm", "TiedWindows", "Barrier", "lower_run"]
 
 
 class Kind(str, Enum):
@@ -117,18 +117,23 @@ def mean_drift(num_stages: int, stage: int, accumulation: int) -> float:
     return (num_stages - 1 - stage) / accumulation
 
 
-def tied_updates_due(num_stages: int, accumulation: int, microbatch: int) -> int:
+def tied_updates_due(num_stages: int, accumulation: int, microbatch: int,
+                     origin: Optional["StageState"] = None) -> int:
     """Tied updates the last stage's copy of a tied embedding must hold at its forward of
-    ``microbatch``: ``max(0, floor((j - P + 1) / a))``.
+    ``microbatch``: ``v0 + max(0, floor((j - j0 - P + 1) / a))``, windows counted from
+    ``origin`` (the drained state ``(j0 = backwarded, v0 = version)`` the stages last
+    shared; a fresh run's by default).
 
-    Update ``k`` of the first stage follows its backward of micro-batch ``ka - 1``, and its
-    next forward is that of ``ka + P - 1``: the last stage applies tied update ``k`` just
-    before the forward of ``ka + P - 1``, so both ends of every micro-batch use the same
-    version of the tied weight, and its copy lags the last stage's own version
-    ``floor(j / a)`` by at most ``ceil((P - 1) / a)`` (docs/design.md, "Tied embeddings").
+    Update ``k`` of the first stage follows its backward of the window's last micro-batch
+    ``e(k)`` (:meth:`TiedWindows.window_end`), and its next forward is that of
+    ``e(k) + P``: the last stage applies tied update ``k`` just before the forward of
+    ``e(k) + P``, so both ends of every micro-batch use the same version of the tied
+    weight, and its copy lags the last stage's own version by at most
+    ``ceil((P - 1) / a)`` (docs/design.md, "Tied embeddings").
     """
     _check(num_stages, num_stages - 1, 1, accumulation)
-    return max(0, (microbatch - num_stages + 1) // accumulation)
+    origin = origin or StageState()
+    return origin.version + max(0, (microbatch - origin.backwarded - num_stages + 1) // accumulation)
 
 
 def _check(num_stages: int, stage: int, num_microbatches: int, accumulation: int) -> None:
@@ -358,12 +363,112 @@ class GradSync:
         return f"{self.stage}SYNC"
 
 
-Step = Union[Action, Comm, GradSync]
+@dataclass(frozen=True)
+class TiedComm:
+    """Lowered step: one message of a tied embedding between the first and the last stage
+    (docs/design.md, "Tied embeddings"), posted without a host wait.
+
+    Attributes:
+        stage: the stage posting it (``0`` or ``P - 1``).
+        op: ``"send"`` or ``"recv"``.
+        tensor: ``("tgrad", k)``, the last stage's window gradient of update ``k`` (last
+            stage -> first), or ``("tstep", k)``, the step the first stage took on the tied
+            weight at its update ``k`` (first -> last).
+        peer: the stage at the other end.
+
+    Text form ``"3:tied_send(tgrad2)@0"``.
+    """
+
+    stage: int
+    op: str
+    tensor: Tensor
+    peer: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}:tied_{self.op}({self.tensor[0]}{self.tensor[1]})@{self.peer}"
+
+    @staticmethod
+    def from_str(text: str) -> "TiedComm":
+        """Parse the text form. Raises ``ValueError`` on anything else."""
+        m = _TIED_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"not a tied-embedding message: {text!r} (expected e.g. "
+                             "'3:tied_send(tgrad2)@0')")
+        return TiedComm(int(m.group(1)), m.group(2), (m.group(3), int(m.group(4))), int(m.group(5)))
+
+
+_TIED_RE = re.compile(r"^(\d+):tied_(send|recv)\((tgrad|tstep)(\d+)\)@(\d+)$")
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """A collective every stage must reach before any passes it (the training loop's timers
+    barrier, a logging all-gather, a checkpoint): the point where a call ends. Used by
+    :func:`simulate_p2p`; the runtime never executes one. Text form ``"2BARRIER"``."""
+
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}BARRIER"
+
+
+@dataclass(frozen=True)
+class TiedWindows:
+    """Where a tied embedding's messages sit in the plans of the first and the last stage.
+
+    Windows are counted from ``origin``, the drained :class:`StageState` all stages last
+    shared (the start, a drain, a resume): update ``k > origin.version`` closes the window
+    ending at micro-batch ``e(k) = origin.backwarded + (k - origin.version) a - 1``.
+
+    Every message is posted on both ends in the same call, at points that make it
+    completable whatever the two stages do next (a device-wide synchronize may follow any
+    step; docs/design.md, "Tied embeddings"):
+
+    - ``("tgrad", k)``: the last stage sends it after the exchange that carries the input
+      gradient of ``e(k)`` out (just before its forward of ``e(k) + 1``), the first stage
+      posts the receive after the exchange that follows its own forward of ``e(k) + 1``
+      and waits for it at its update ``k``;
+    - ``("tstep", k)``: the first stage sends it right after its update ``k`` (which follows
+      its forward of ``e(k) + P - 1``), the last stage posts the receive right after its
+      own forward of ``e(k) + P - 1`` and waits for it before its forward of ``e(k) + P``.
+
+    In a drain, messages whose points were not reached are posted in the order ``tgrad k``,
+    ``tstep k`` for ascending ``k``: the same order on both ends.
+    """
+
+    num_stages: int
+    accumulation: int
+    origin: StageState = StageState()
+
+    def window_end(self, update: int) -> int:
+        """``e(k)``: the last micro-batch of update ``k``'s window."""
+        return self.origin.backwarded + (update - self.origin.version) * self.accumulation - 1
+
+    def _update_ending_at(self, microbatch: int) -> Optional[int]:
+        offset = microbatch + 1 - self.origin.backwarded
+        if offset <= 0 or offset % self.accumulation:
+            return None
+        return self.origin.version + offset // self.accumulation
+
+    def grad_posted_before(self, microbatch: int) -> Optional[int]:
+        """The update whose ``tgrad`` is posted around the forward of ``microbatch``."""
+        return self._update_ending_at(microbatch - 1)
+
+    def step_posted_after(self, microbatch: int) -> Optional[int]:
+        """The update whose ``tstep`` is posted around the forward of ``microbatch``."""
+        return self._update_ending_at(microbatch - self.num_stages + 1)
+
+    def due(self, microbatch: int) -> int:
+        """:func:`tied_updates_due` of ``microbatch`` from this origin."""
+        return tied_updates_due(self.num_stages, self.accumulation, microbatch, self.origin)
+
+
+Step = Union[Action, Comm, GradSync, TiedComm, Barrier]
 
 
 def format_steps(steps: Sequence[Step]) -> str:
     """Space-separated text form of actions (``"1F0 1F1 1B0 1U1"``) or of a lowered plan
-    (with exchanges and ``SYNC`` marks)."""
+    (with exchanges, tied-embedding messages and ``SYNC`` marks)."""
     return " ".join(str(x) for x in steps)
 
 
@@ -376,6 +481,10 @@ def parse_steps(text: str) -> List[Step]:
     for tok in text.split():
         if tok.endswith("SYNC") and tok[:-4].isdigit():
             out.append(GradSync(int(tok[:-4])))
+        elif tok.endswith("BARRIER") and tok[:-7].isdigit():
+            out.append(Barrier(int(tok[:-7])))
+        elif ":tied_" in tok:
+            out.append(TiedComm.from_str(tok))
         else:
             out.append(Comm.from_str(tok) if ":" in tok else Action.from_str(tok))
     return out
@@ -407,6 +516,8 @@ def lower(
     actions: Sequence[Action],
     carry: Optional[int] = None,
     final: bool = False,
+    tied: Optional[TiedWindows] = None,
+    state: Optional[StageState] = None,
 ) -> Tuple[List[Step], Optional[int]]:
     """Interleave a stage's actions with the p2p calls they imply, in Megatron's pairing.
 
@@ -416,32 +527,57 @@ def lower(
     Before ``B k`` whose gradient has not arrived: send a carried gradient, then
     ``recv_backward``. A :class:`GradSync` precedes every backward followed by an update.
     After ``B k``: its input gradient is carried to the next call that can take it.
-    ``final`` (a drain) sends the last carried gradient alone.
+    ``final`` (a drain) sends the last carried gradient alone. With ``tied`` (a tied
+    embedding, ``P > 1``) the first and the last stage also get their
+    :class:`TiedComm` messages at the points :class:`TiedWindows` names.
 
     Args:
         carry: micro-batch whose input gradient is still to be sent (from the previous
             call), or None.
+        tied: where the tied embedding's messages go, or None (untied).
+        state: the stage's state before ``actions`` (needed with ``tied``: a drain posts
+            the messages whose points were never reached).
 
     Returns:
-        ``(steps, carry_out)``: actions, :class:`Comm` and :class:`GradSync` in execution
-        order, and the micro-batch whose gradient is carried into the next call.
+        ``(steps, carry_out)``: actions, :class:`Comm`, :class:`GradSync` and
+        :class:`TiedComm` in execution order, and the micro-batch whose gradient is carried
+        into the next call.
+
+    Raises:
+        ValueError: ``tied`` without ``state``.
     """
     steps: List[Step] = []
     received = set()
+    last = num_stages - 1
+    if tied is not None and (num_stages < 2 or stage not in (0, last)):
+        tied = None
+    if tied is not None and state is None:
+        raise ValueError("lowering a tied embedding's messages needs the stage's state")
+    forwarded = state.forwarded if state is not None else 0
 
     def add(comm):
         if comm is not None:
             steps.append(comm)
 
+    def tied_msg(op, kind, k):
+        steps.append(TiedComm(stage, op, (kind, k), last - stage))
+
     for i, act in enumerate(actions):
         if act.kind is Kind.FORWARD:
+            forwarded = act.index + 1
             if carry is not None:
                 add(_comm(stage, "send_backward_recv_forward", ("grad", carry),
                           ("act", act.index), num_stages))
                 carry = None
             else:
                 add(_comm(stage, "recv_forward", None, ("act", act.index), num_stages))
+            k = tied.grad_posted_before(act.index) if tied is not None else None
+            if k is not None and stage == last:
+                tied_msg("send", "tgrad", k)
             steps.append(act)
+            k_step = tied.step_posted_after(act.index) if tied is not None else None
+            if k_step is not None and stage == last:
+                tied_msg("recv", "tstep", k_step)
             nxt = actions[i + 1] if i + 1 < len(actions) else None
             if nxt is not None and nxt.kind is Kind.BACKWARD:
                 add(_comm(stage, "send_forward_recv_backward", ("act", act.index),
@@ -449,6 +585,8 @@ def lower(
                 received.add(nxt.index)
             else:
                 add(_comm(stage, "send_forward", ("act", act.index), None, num_stages))
+            if k is not None and stage == 0:
+                tied_msg("recv", "tgrad", k)
         elif act.kind is Kind.BACKWARD:
             if act.index not in received:
                 if carry is not None:
@@ -461,70 +599,140 @@ def lower(
             if stage > 0:
                 carry = act.index
         else:
+            if tied is not None and stage == 0 and tied.window_end(act.index) + 1 >= forwarded:
+                tied_msg("recv", "tgrad", act.index)  # a drain's update: not posted before
             steps.append(act)
+            if tied is not None and stage == 0:
+                tied_msg("send", "tstep", act.index)
     if final and carry is not None:
         add(_comm(stage, "send_backward", ("grad", carry), None, num_stages))
         carry = None
+    if final and tied is not None and stage == last:
+        version = state.version + sum(1 for a in actions if a.kind is Kind.UPDATE)
+        for k in range(tied.origin.version + 1, version + 1):
+            if tied.window_end(k) + 1 >= forwarded:
+                tied_msg("send", "tgrad", k)
+            if tied.window_end(k) + num_stages - 1 >= forwarded:
+                tied_msg("recv", "tstep", k)
     return steps, carry
+
+
+def lower_run(num_stages: int, num_microbatches: int, accumulation: int, calls: int,
+              tied: bool = False, drain_after: Sequence[int] = (),
+              barriers: bool = True) -> Dict[int, List[Step]]:
+    """Every stage's lowered steps for ``calls`` training calls, as the schedule runs them:
+    a drain after each call index in ``drain_after`` and after the last call, windows (and
+    the tied embedding's message points) counted afresh after each drain, and with
+    ``barriers`` a :class:`Barrier` at the end of every call and drain (where a training
+    loop may synchronise the device or run a collective). The input of
+    :func:`simulate_p2p` and :func:`validate_plan` for a whole run.
+
+    Raises:
+        ValueError: on out-of-range arguments (:func:`plan_call`).
+    """
+    plans: Dict[int, List[Step]] = {}
+    drains = set(drain_after) | {calls - 1}
+    for s in range(num_stages):
+        state, carry, steps = StageState(), None, []
+        origin = state
+        for c in range(calls):
+            acts, after = plan_call(num_stages, s, num_microbatches, accumulation, state)
+            windows = TiedWindows(num_stages, accumulation, origin) if tied else None
+            low, carry = lower(num_stages, s, acts, carry, tied=windows, state=state)
+            steps += low + ([Barrier(s)] if barriers else [])
+            state = after
+            if c in drains:
+                acts, after = plan_drain(num_stages, s, accumulation, state)
+                low, carry = lower(num_stages, s, acts, carry, final=True, tied=windows,
+                                   state=state)
+                steps += low + ([Barrier(s)] if barriers else [])
+                state = origin = after
+        plans[s] = steps
+    return plans
 
 
 class P2PError(RuntimeError):
     """The simulated point-to-point exchange deadlocks or pairs the wrong tensors."""
 
 
-def simulate_p2p(comms: Dict[int, Sequence[Comm]]) -> None:
-    """Check that the stages' p2p calls complete together, in the same order.
+def _halves(step) -> List[Tuple[str, Tensor, int, str]]:
+    """``(direction, tensor, peer, channel)`` of one p2p step."""
+    if isinstance(step, TiedComm):
+        return [(step.op, step.tensor, step.peer, "tied")]
+    peer = step.peer()
+    return [(d, t, peer, "pp") for d, t in (("send", step.send), ("recv", step.recv))
+            if t is not None]
 
-    Model: a stage posts all halves of its current call at once (as Megatron's
-    ``_communicate`` does) and waits for all of them; a send half is matched by the
-    peer's posted receive of the same tensor. Messages between two stages are matched in
-    order, so a posted pair naming different tensors is an error.
+
+def simulate_p2p(comms: Dict[int, Sequence[Union[Comm, TiedComm, Barrier]]]) -> None:
+    """Check that the stages' p2p steps complete together, in the same order, under NCCL's
+    semantics.
+
+    Model (the strictest NCCL allows): a send is an unbuffered rendezvous, completed only
+    when the peer has posted the matching receive; messages between two stages on one
+    channel (the pipeline group's exchanges, or the tied embedding's messages) are
+    matched in post order; and a device-wide synchronize may follow any step, so each
+    stage waits for every half of its current step (Megatron's ``_communicate`` posts
+    them together) before it posts the next. A :class:`Barrier` completes when every
+    stage has reached one. Plans that pass complete under any less synchronous execution
+    too; plans whose calls end with a :class:`Barrier` leave nothing pending between calls.
+
+    Args:
+        comms: ``{stage: steps}`` (:class:`Comm`, :class:`TiedComm`, :class:`Barrier`; other
+            steps are ignored).
 
     Raises:
         P2PError: a deadlock (names each stuck stage and what it waits for) or a
             mismatch (the two tensors).
     """
+    comms = {s: [c for c in steps if isinstance(c, (Comm, TiedComm, Barrier))]
+             for s, steps in comms.items()}
     pos = {s: 0 for s in comms}
     open_halves: Dict[int, set] = {}
 
+    def current(s):
+        return comms[s][pos[s]] if pos[s] < len(comms[s]) else None
+
     def post(s):
-        if pos[s] < len(comms[s]):
-            c = comms[s][pos[s]]
-            open_halves[s] = {("send", c.send), ("recv", c.recv)} - {("send", None), ("recv", None)}
-        else:
+        c = current(s)
+        if c is None or isinstance(c, Barrier):
             open_halves.pop(s, None)
+        else:
+            open_halves[s] = set(_halves(c))
+
+    def advance_stage(s):
+        pos[s] += 1
+        post(s)
 
     for s in comms:
         post(s)
     progress = True
     while progress:
         progress = False
+        if comms and all(isinstance(current(s), Barrier) for s in comms):
+            for s in comms:
+                advance_stage(s)
+            progress = True
+            continue
         for s in list(open_halves):
-            if s not in open_halves:
-                continue
-            c = comms[s][pos[s]]
-            peer = c.peer()
-            if peer not in open_halves:
-                continue
-            pc = comms[peer][pos[peer]]
-            for direction, t in list(open_halves[s]):
-                if direction != "send":
+            touched = set()
+            for direction, t, peer, channel in list(open_halves.get(s, ())):
+                if direction != "send" or peer not in open_halves:
                     continue
-                # what the peer is posting on the same channel (s -> peer)
-                theirs = [u for d, u in open_halves[peer] if d == "recv" and pc.peer() == s]
+                theirs = [u for d, u, q, ch in open_halves[peer]
+                          if d == "recv" and q == s and ch == channel]
                 if not theirs:
                     continue
                 if theirs[0] != t:
                     raise P2PError(f"stage {s} sends {t} while stage {peer} receives {theirs[0]}")
-                open_halves[s].discard(("send", t))
-                open_halves[peer].discard(("recv", t))
-                progress = True
-            for x in (s, peer):
+                open_halves[s].discard((direction, t, peer, channel))
+                open_halves[peer].discard(("recv", t, s, channel))
+                touched |= {s, peer}
+            for x in touched:
                 if x in open_halves and not open_halves[x]:
-                    pos[x] += 1
-                    post(x)
+                    advance_stage(x)
                     progress = True
-    stuck = {s: str(comms[s][pos[s]]) for s in comms if pos[s] < len(comms[s])}
+    stuck = {s: str(current(s)) for s in comms if current(s) is not None}
     if stuck:
         raise P2PError(f"deadlock or unmatched operations: {stuck}")
 
@@ -567,7 +775,7 @@ def validate_plan(num_stages: int, accumulation: int, plans: Dict[int, Sequence[
                 raise PlanError(f"stage {s}, action {i} ({act}): {err}\n"
                                 + _grid(actions, {s: i})) from None
         states[s] = state
-    comms = {s: [x for x in plans[s] if isinstance(x, Comm)] for s in plans}
+    comms = {s: [x for x in plans[s] if isinstance(x, (Comm, TiedComm, Barrier))] for s in plans}
     if any(comms.values()):
         try:
             simulate_p2p(comms)

@@ -7,6 +7,7 @@ import pytest
 
 from paci_megatron.plan import (
     Action,
+    Barrier,
     Comm,
     GradSync,
     Kind,
@@ -23,6 +24,8 @@ from paci_megatron.plan import (
     plan_call,
     plan_drain,
     simulate_p2p,
+    TiedComm,
+    lower_run,
     validate_plan,
 )
 
@@ -236,3 +239,101 @@ def test_the_planner_imports_no_torch():
     code = "import sys, paci_megatron.plan; print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ NCCL semantics
+def _divisors(m):
+    return [a for a in range(1, m + 1) if m % a == 0]
+
+
+NCCL_GRID = [(P, m, a, tied, drains)
+             for P in range(2, 9) for m in sorted({max(1, P - 2), P, 2 * P})
+             for a in sorted({1, m, *_divisors(m)[1:2]}) for tied in (False, True)
+             for drains in ((), (0,), (1, 2))]
+
+
+def test_every_message_pairs_up_under_nccl_semantics_with_a_barrier_after_every_call():
+    """Unbuffered sends, post order per channel, a device-wide synchronize possible after
+    any step, a collective at every call's end: no deadlock, no mismatch, over P, m, a,
+    tied or untied, drains anywhere."""
+    for P, m, a, tied, drains in NCCL_GRID:
+        calls = 3 + (2 * a + P) // m
+        plans = lower_run(P, m, a, calls, tied=tied, drain_after=drains)
+        validate_plan(P, a, plans)
+        sends = [x for s in (0, P - 1) for x in plans[s] if isinstance(x, TiedComm)]
+        if tied:  # every tied update exchanged both ways, each once
+            version = calls * m // a
+            assert sorted(str(x.tensor) for x in sends if x.op == "send") == sorted(
+                [str(("tgrad", k)) for k in range(1, version + 1)]
+                + [str(("tstep", k)) for k in range(1, version + 1)]), (P, m, a, drains)
+        else:
+            assert sends == []
+
+
+def _previous_tied_placement(P, m, a, calls):
+    """The tied messages where the runtime used to post them: the last stage sent gL(k) at
+    its update k, the first stage received it at its own update k and sent its step
+    right after, the last stage received that step just before its forward of ka + P - 1."""
+    plans = lower_run(P, m, a, calls)
+    out = {}
+    for s, steps in plans.items():
+        mine = []
+        for x in steps:
+            if s == 0 and isinstance(x, Action) and x.kind is Kind.UPDATE:
+                mine += [TiedComm(0, "recv", ("tgrad", x.index), P - 1), x,
+                         TiedComm(0, "send", ("tstep", x.index), P - 1)]
+                continue
+            if s == P - 1 and isinstance(x, Action) and x.kind is Kind.FORWARD:
+                k, due = (x.index - P + 1) // a, (x.index - P + 1) % a == 0
+                if x.index >= P - 1 + a and due:
+                    mine.append(TiedComm(s, "recv", ("tstep", k), 0))
+            mine.append(x)
+            if s == P - 1 and isinstance(x, Action) and x.kind is Kind.UPDATE:
+                mine.append(TiedComm(s, "send", ("tgrad", x.index), 0))
+        out[s] = mine
+    return out
+
+
+@pytest.mark.parametrize("P,m,a,where", [
+    (2, 4, 4, "tied_send(tgrad1)"),  # a = m: gL(1) waits across the call boundary
+    (4, 8, 8, "tied_send(tgrad1)"),
+    (8, 8, 8, "tied_send(tgrad1)"),
+    (4, 8, 2, "tied_send(tgrad"),    # a < P: sends posted in opposite orders at both ends
+])
+def test_the_previous_tied_placement_deadlocks_under_nccl_semantics(P, m, a, where):
+    with pytest.raises(P2PError, match="deadlock") as info:
+        simulate_p2p(_previous_tied_placement(P, m, a, calls=3))
+    assert where in str(info.value)
+
+
+def test_a_send_left_pending_at_a_calls_end_is_a_deadlock_at_its_barrier():
+    send, recv = Comm(0, "send_forward", ("act", 0), None), Comm(1, "recv_forward", None, ("act", 0))
+    simulate_p2p({0: [send, Barrier(0)], 1: [recv, Barrier(1)]})
+    simulate_p2p({0: [send], 1: [recv]})
+    with pytest.raises(P2PError, match=r"deadlock.*0:send_forward\(act0\).*1BARRIER"):
+        simulate_p2p({0: [send, Barrier(0)], 1: [Barrier(1), recv]})
+    tied = lower_run(2, 2, 2, calls=2, tied=True)
+    last = tied[1]
+    i = next(i for i, x in enumerate(last) if isinstance(x, TiedComm) and x.op == "recv")
+    with pytest.raises(P2PError, match="deadlock"):  # the step's receive a call late
+        simulate_p2p({0: tied[0], 1: last[:i] + last[i + 1:] + [last[i]]})
+
+
+def test_tied_messages_sit_where_the_design_says_and_round_trip_as_text():
+    # P = 4, m = a = 4: update 1 closes micro-batch 3
+    plans = lower_run(4, 4, 4, calls=2, tied=True)
+    text = {s: format_steps(plans[s]) for s in plans}
+    # last stage: gL(1) after the exchange that sends grad 3, before F4; the step's receive
+    # right after its forward of e(1) + P - 1 = 6
+    assert "3:send_backward_recv_forward(grad3,act4) 3:tied_send(tgrad1)@0 3F4" in text[3]
+    assert "3F6 3:tied_recv(tstep1)@0" in text[3]
+    # first stage: the receive after its forward of 4 and that forward's exchange, the step
+    # sent right after update 1 (which follows its forward of 6)
+    assert "0F4 0:send_forward_recv_backward(act4,grad1) 0:tied_recv(tgrad1)@3" in text[0]
+    assert "0U1 0:tied_send(tstep1)@3" in text[0]
+    assert "1:tied" not in text[1] and "2:tied" not in text[2]
+    for s in plans:
+        assert parse_steps(text[s]) == plans[s]
+    assert TiedComm.from_str("3:tied_send(tgrad2)@0") == TiedComm(3, "send", ("tgrad", 2), 0)
+    with pytest.raises(ValueError, match="not a tied-embedding message"):
+        TiedComm.from_str("3:tied_send(tact2)@0")
