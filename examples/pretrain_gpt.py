@@ -375,8 +375,14 @@ def setup_distributed(args: argparse.Namespace) -> None:
         enable_cpu_mode(force=True)
         torch.distributed.init_process_group(backend="gloo", timeout=timeout)
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend="nccl", timeout=timeout)
+        from paci_megatron import compat
+
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local)
+        # device_id: NCCL communicators are created at start-up on every rank, not lazily
+        # at a first send that its peer answers only later in its plan
+        torch.distributed.init_process_group(backend="nccl", timeout=timeout,
+                                             **compat.init_device_kwargs(local))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -478,7 +484,7 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
     model = gpt.build_model(
         config, vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        use_transformer_engine=use_te,
+        use_transformer_engine=use_te, device=gpt.stage_device(args.device),
     )
     optimizer = gpt.build_optimizer(
         model, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -529,7 +535,8 @@ def evaluate(args, model, schedule, valid_ds, num_microbatches, dp_rank, dp_size
         schedule.drain()
     for chunk in model:
         chunk.eval()
-    it = gpt.microbatches(valid_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    it = gpt.microbatches(valid_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                          device=gpt.stage_device(args.device))
     losses = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
@@ -588,7 +595,8 @@ def train(args: argparse.Namespace) -> List[dict]:
     # micro-batch i of DP rank r reads samples (i * DP + r) * mbs ...: a resumed run
     # continues exactly where the saved one stopped
     train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                start_sample=start_iteration * args.global_batch_size)
+                                start_sample=start_iteration * args.global_batch_size,
+                                device=gpt.stage_device(args.device))
     pp_group = ps.get_pipeline_model_parallel_group()
     is_writer = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
     log = None

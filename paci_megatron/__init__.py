@@ -23,7 +23,7 @@ _EXPORTS = {
     "PACIOptimizer": "optimizer",
     "NonFiniteGradientError": "optimizer",
     "PACISchedule": "schedule",
-    "PACICommunicationError": "schedule",
+    "PACICommunicationError": "p2p",
     "get_forward_backward_func": "schedule",
     "Action": "plan",
     "Kind": "plan",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["MEGATRON_CORE_VERSION", "backward_step", "forward_step", "get_tensor_shapes",
+__all__ = ["MEGATRON_CORE_VERSION", "init_device_kwargs", "backward_step", "forward_step", "get_tensor_shapes",
            "get_model_config", "get_model_type", "set_version_counters", "inner_optimizers",
            "main_parameters", "publish_main_parameters", "get_megatron_muon_optimizer",
            "muon_module", "stage_grad_stats_group", "finalize_stage_local"]
@@ -48,6 +48,14 @@ def set_version_counters(tensors: Sequence[torch.Tensor], versions: Sequence[int
     except TypeError:
         for t, v in zip(tensors, versions):
             fn(t, int(v))
+
+
+def init_device_kwargs(device: torch.device) -> Dict[str, Any]:
+    """Keywords binding ``torch.distributed.init_process_group`` to this rank's device:
+    ``{"device_id": device}`` where the running PyTorch takes it (2.3+; NCCL then creates
+    its communicators eagerly), else none."""
+    params = inspect.signature(dist.init_process_group).parameters
+    return {"device_id": device} if "device_id" in params else {}
 
 
 def _call_with_supported(fn: Callable, kwargs: Dict[str, Any]) -> Any:

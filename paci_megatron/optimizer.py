@@ -81,8 +81,10 @@ def _tied_embedding(model: Sequence[torch.nn.Module], optimizer):
         raise PACIConfigError([TIED_PRECISION_AWARE])
     from megatron.core import parallel_state as ps
 
-    return TiedEmbedding(found[0], found[1], ps.get_pipeline_model_parallel_world_size(),
+    tied = TiedEmbedding(found[0], found[1], ps.get_pipeline_model_parallel_world_size(),
                          ps.get_embedding_group())
+    tied.handshake(optimizer)  # both ends construct their wrapper at the same point
+    return tied
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -156,8 +158,10 @@ class PACIOptimizer:
         skipped_updates: the update numbers skipped for non-finite gradients.
 
     Raises:
-        PACIConfigError: the model ties its embeddings across stages and the optimizer is
-            Megatron's distributed optimizer (not supported yet).
+        PACIConfigError: the model ties its embeddings across stages and the optimizer keeps
+            main parameters outside its param groups (``use_precision_aware_optimizer``), or
+            the two ends' tied weights differ.
+        PACICommunicationError: (tied embeddings) the other end did not answer the handshake.
     """
 
     def __init__(
@@ -236,7 +240,7 @@ class PACIOptimizer:
         if tied is not None and tied.first:
             tied.add_last_stage_grad(self.optimizer, window.update)  # main_grad = g0 + gL, as synchronously
         elif tied is not None:
-            tied.send_window_grad(self.optimizer, window.update)
+            tied.hold_window_grad(self.optimizer, window.update)  # sent where the plan says
         if self._nonfinite_grads():
             message = f"stage {window.stage}: NaN/Inf in the gradients of {window.describe()}"
             if not self.skip_nonfinite_updates:
@@ -252,7 +256,7 @@ class PACIOptimizer:
                     "gradients and were skipped; the run has diverged: lower the learning rate")
             warnings.warn(message + ": update skipped", RuntimeWarning, stacklevel=2)
             if tied is not None and tied.first:
-                tied.send_step(self.optimizer, window.update, applied=False)
+                tied.hold_step(self.optimizer, window.update, applied=False)
             self._zero()
             self.last_update_successful = False
             self.last_grad_norm = self.last_num_zeros = None  # no update, no norm
@@ -268,7 +272,7 @@ class PACIOptimizer:
                   else contextlib.nullcontext()):  # the last stage's copy: tied.catch_up
                 ok, grad_norm, num_zeros = self.optimizer.step()
             if tied is not None and tied.first:
-                tied.send_step(self.optimizer, window.update, applied=bool(ok))
+                tied.hold_step(self.optimizer, window.update, applied=bool(ok))
             if ahead:
                 self._look_ahead(ahead)
         finally:
@@ -325,13 +329,21 @@ class PACIOptimizer:
 
     def _nonfinite_grads(self) -> bool:
         """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group.
-        One host sync per update: the flag is reduced on the device, read once."""
+        One host sync per update: the flag is reduced on the device, read once. The check
+        is PyTorch's fused ``_amp_foreach_non_finite_check_and_unscale_`` (what Megatron's
+        fp16 optimizer and ``torch.amp`` use) with a scale of 1: it allocates nothing the
+        size of a buffer (a per-buffer ``isfinite`` would materialise bool copies of every
+        buffer, an out-of-memory spike on large stages) and leaves every value as it is."""
         bufs = [buf.grad_data for chunk in self.model for buf in
                 list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))]
         device = bufs[0].device if bufs else ("cuda" if torch.cuda.is_available() else "cpu")
         flag = torch.zeros(1, device=device)
+        one = torch.ones(1, device=device)
+        by_dtype: dict = {}
         for data in bufs:
-            flag = torch.maximum(flag, torch.isfinite(data).logical_not().any().float())
+            by_dtype.setdefault(data.dtype, []).append(data)
+        for tensors in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
                                          group=compat.stage_grad_stats_group(True))

@@ -23,11 +23,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["PipelineP2P", "PipelineTimeout", "Watchdog", "wait_all"]
+__all__ = ["PipelineP2P", "PipelineTimeout", "PACICommunicationError", "Watchdog", "wait_all"]
 
 
 class PipelineTimeout(RuntimeError):
     """A send or receive between two stages did not complete within the timeout."""
+
+
+class PACICommunicationError(RuntimeError):
+    """A point-to-point operation of the pipeline (or of a tied embedding) failed, timed
+    out, or would send what the receiver does not expect.
+
+    The message names the stage, the peer stage, the micro-batch (or update) and the action.
+    """
 
 
 def _exit(message: str) -> None:
@@ -40,11 +48,16 @@ class Watchdog:
     """Watches asynchronous (NCCL) exchanges from a daemon thread: one not completed within
     ``timeout_s`` seconds calls ``on_expire(message)`` (default: the message to stderr,
     then exit code 1). The message is the exchange's label (stage, peer, micro-batch,
-    action) and the timeout. ``poll_s``: seconds between checks."""
+    action) and the timeout. ``poll_s``: seconds between checks.
+
+    ``device``: the CUDA device of the exchanges; the thread makes it its current device
+    before its first check (``Work.is_completed()`` from a thread whose current device is
+    the default, 0, would create a CUDA context there: about 0.5 GB of GPU 0 per rank)."""
 
     def __init__(self, timeout_s: float, on_expire: Optional[Callable[[str], None]] = None,
-                 poll_s: Optional[float] = None):
+                 poll_s: Optional[float] = None, device: Optional[torch.device] = None):
         self.timeout_s = timeout_s
+        self.device = torch.device(device) if device is not None else None
         self.on_expire = on_expire or _exit
         self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 10)
         self._pending: collections.deque = collections.deque()  # (deadline, works, label)
@@ -65,6 +78,8 @@ class Watchdog:
             self._pending.popleft()
 
     def _loop(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while True:
             time.sleep(self.poll_s)
             with self._lock:
@@ -118,7 +133,23 @@ class PipelineP2P:
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if torch.cuda.is_available() else torch.device("cpu"))
         nccl = "nccl" in str(dist.get_backend(pp_group)) and self.device.type == "cuda"
-        self.watchdog = Watchdog(timeout_s) if nccl else None
+        self.watchdog = Watchdog(timeout_s, device=self.device) if nccl else None
+
+    def check_send(self, tensor: torch.Tensor, shape: Sequence[int], label: str) -> None:
+        """Refuse to send what the receiving stage does not expect: its buffer is
+        ``torch.empty(shape, dtype=pipeline_dtype)`` (Megatron's), and NCCL would fill it with
+        the bytes of whatever is sent (or wait forever for the rest) where gloo raises.
+
+        Raises:
+            PACICommunicationError: ``tensor``'s shape or dtype differs; nothing was sent.
+        """
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != self.dtype:
+            raise PACICommunicationError(
+                f"{label}: the tensor to send is {tuple(tensor.shape)} {tensor.dtype}, the "
+                f"receiving stage expects {tuple(shape)} {self.dtype} ([sequence / CP (/ TP with "
+                "sequence parallelism), micro batch, hidden] in config.pipeline_dtype, "
+                "Megatron's get_tensor_shapes): the forward step must return that shape and "
+                "dtype; nothing was sent")
 
     def exchange(
         self,

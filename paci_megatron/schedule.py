@@ -23,19 +23,12 @@ import torch
 from . import compat
 from .config import PACIConfig, PACIConfigError, validate_setup
 from .optimizer import PACIOptimizer, Window
-from .p2p import PipelineP2P
-from .plan import (Action, Comm, GradSync, Kind, StageState, advance, lower, mean_drift,
-                   plan_call, plan_drain, plan_forward_only, tied_updates_due)
+from .p2p import PACICommunicationError, PipelineP2P
+from .plan import (Action, Comm, GradSync, Kind, StageState, TiedComm, TiedWindows, advance,
+                   lower, mean_drift, plan_call, plan_drain, plan_forward_only)
 from .telemetry import DriftTelemetry, TimelineEvent
 
 __all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
-
-
-class PACICommunicationError(RuntimeError):
-    """A point-to-point operation of the pipeline failed or timed out.
-
-    The message names the stage, the peer stage, the micro-batch and the action.
-    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +118,7 @@ class PACISchedule:
         self.paci_config = paci_config or PACIConfig()
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.state = StageState()
+        self._origin = StageState()  # the drained state windows are counted from
         self.accumulation: Optional[int] = None
         self.telemetry: Optional[DriftTelemetry] = None
         self.record_trace = record_trace
@@ -250,7 +244,8 @@ class PACISchedule:
         if tied is not None:  # both copies of a tied embedding equal again
             if not tied.first:
                 tied.catch_up(self.optimizer, self.state.version)
-            tied.flush_sends()
+            tied.finish()
+        self._origin = self.state
         self.optimizer.settle()
 
     @property
@@ -311,7 +306,7 @@ class PACISchedule:
         restored = StageState(**state["state"])
         if restored.in_flight or restored.pending:
             raise ValueError(f"a checkpoint's PACI state must be drained, got {restored}")
-        self.state = restored
+        self.state = self._origin = restored
         if self.optimizer.tied is not None:
             self.optimizer.tied.version = restored.version
         self.accumulation = state["accumulation"]
@@ -399,11 +394,18 @@ class PACISchedule:
                  final: bool = False) -> None:
         """Execute one stage's actions with the steps :func:`plan.lower` puts around them
         (exchanges, grad-sync marks); ``final`` (a drain) also sends the last gradient."""
-        steps, self._carry = lower(run.num_stages, run.stage, actions, self._carry, final)
+        tied = self.optimizer.tied
+        windows = (TiedWindows(run.num_stages, self.accumulation, self._origin)
+                   if tied is not None else None)
+        steps, self._carry = lower(run.num_stages, run.stage, actions, self._carry, final,
+                                   tied=windows, state=self.state)
         closes_window = False
         for step in steps:
             if isinstance(step, Comm):
                 self._communicate(step, run)
+                continue
+            if isinstance(step, TiedComm):
+                tied.post(self.optimizer, step.op, step.tensor)
                 continue
             if isinstance(step, GradSync):
                 closes_window = True
@@ -412,8 +414,8 @@ class PACISchedule:
                 self.trace.append(step)
             start, version = time.perf_counter(), self.state.version
             if step.kind is Kind.FORWARD:
-                if run.last and self.optimizer.tied is not None:
-                    self._tied_catch_up(step.index, run)
+                if run.last and windows is not None:
+                    self._tied_catch_up(step.index, windows)
                 self._forward(step, run, store, self.accumulation, train=True)
             elif step.kind is Kind.BACKWARD:
                 self._backward(step, run, closes_window)
@@ -426,12 +428,11 @@ class PACISchedule:
         if final:
             self._set_grad_sync(run, enabled=True)
 
-    def _tied_catch_up(self, microbatch: int, run: _Run) -> None:
+    def _tied_catch_up(self, microbatch: int, windows: TiedWindows) -> None:
         """Last stage, before a training forward: the tied updates due (plan's
-        :func:`~paci_megatron.plan.tied_updates_due`), then the tied lag is recorded."""
+        :meth:`~paci_megatron.plan.TiedWindows.due`), then the tied lag is recorded."""
         tied, version = self.optimizer.tied, self.state.version
-        due = tied_updates_due(run.num_stages, self.accumulation, microbatch)
-        tied.catch_up(self.optimizer, min(due, version))
+        tied.catch_up(self.optimizer, min(windows.due(microbatch), version))
         if self.telemetry is not None:
             self.telemetry.record_tied_lag(microbatch, version - tied.version, self.accumulation)
 
@@ -463,13 +464,16 @@ class PACISchedule:
             [f"receiving the {_name(comm.recv)}"] if comm.recv is not None else [])
         label = (f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} ({comm.op}) "
                  f"with stage {comm.peer()}")
+        if comm.send is not None:  # the receiver's buffer: the shape it receives
+            run.p2p.check_send(out0, run.send_shapes[0] if comm.send[0] == "act"
+                               else run.recv_shapes[0], label)
         try:
             from_prev, from_next = run.p2p.exchange(
                 send_next=out0 if comm.send is not None and comm.send[0] == "act" else None,
                 send_prev=out0 if comm.send is not None and comm.send[0] == "grad" else None,
                 recv_prev_shape=recv_prev, recv_next_shape=recv_next, label=label)
         except Exception as exc:  # PipelineTimeout, or gloo/NCCL errors from a dead peer
-            raise PACICommunicationError(f"{label} failed: {exc}") from exc
+            raise PACICommunicationError(f"{label} failed: {exc}") from None
         got = from_prev if from_prev is not None else from_next
         if comm.recv is not None:
             self._inbox[comm.recv] = got
@@ -578,20 +582,29 @@ class _Recording:
 
 
 def _rng_state():
+    """A snapshot of every RNG a forward draws from: the CPU and CUDA default generators and
+    the model-parallel tracker's states, copied (a tracker made CUDA-graph-safe keeps
+    ``torch.Generator`` objects that go on drawing; its snapshot is a ``clone_state()``)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda, get_cuda_rng_tracker().get_states()
+    return torch.get_rng_state(), cuda, _copy_states(get_cuda_rng_tracker().get_states())
 
 
 def _set_rng_state(state) -> None:
+    """Restore a :func:`_rng_state` snapshot (which stays valid for another restore)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     cpu, cuda, tracker = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda)
-    get_cuda_rng_tracker().set_states(tracker)
+    get_cuda_rng_tracker().set_states(_copy_states(tracker))
+
+
+def _copy_states(states: Dict[str, Any]) -> Dict[str, Any]:
+    return {name: state.clone_state() if isinstance(state, torch.Generator) else state.clone()
+            for name, state in states.items()}
 
 
 def _name(tensor) -> str:

@@ -5,15 +5,22 @@ all-reducing their gradients over the embedding group in ``finalize_model_grads`
 (``_allreduce_word_embedding_grads``), a synchronisation PACI must not have. Under PACI
 (docs/design.md, "Tied embeddings"):
 
-- the last stage, closing window ``k``, sends its gradient ``gL(k)`` to the first stage
-  (a non-blocking send, posted before the gradient of micro-batch ``ka - 1`` leaves it) and
-  steps everything but ``E'``;
+- the last stage, closing window ``k``, keeps its gradient ``gL(k)`` and steps everything
+  but ``E'``; it sends ``gL(k)`` to the first stage once the input gradient of the window's
+  last micro-batch has left it;
 - the first stage, at its update ``k``, adds ``gL(k)`` to its own ``g0(k)`` and steps ``E``
   with the sum, as synchronous training does; it then sends the gradient that step used
   (after its clipping) with the step's learning rate and weight decay;
 - the last stage applies that same step to ``E'`` before its forward of micro-batch
-  ``ka + P - 1`` (:func:`paci_megatron.plan.tied_updates_due`), the first of its actions
-  that causally follows the first stage's update ``k``, and at the end of every drain.
+  ``e(k) + P`` (:meth:`paci_megatron.plan.TiedWindows.due`), the first of its actions that
+  causally follows the first stage's update ``k``, and at the end of every drain.
+
+Where each message is posted is part of the stage's lowered plan
+(:class:`paci_megatron.plan.TiedComm`, :class:`paci_megatron.plan.TiedWindows`): both ends
+post it in the same call, in the same order, at points where it can complete whatever the
+stages do next, so NCCL's unbuffered sends never wait across a call boundary or a device
+synchronize (:func:`paci_megatron.plan.simulate_p2p` checks it). Receives are posted early
+and waited for where the data is used; sends are never waited for before a drain's end.
 
 With Megatron's distributed optimizer each data-parallel rank holds a shard of the tied
 weight's main copy; megatron-core gives the tied weight a bucket of its own on both stages
@@ -33,17 +40,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import compat
-from .p2p import PipelineTimeout, Watchdog, wait_all
+from .p2p import PACICommunicationError, PipelineTimeout, Watchdog, wait_all
 
 __all__ = ["TiedEmbedding", "find_tied_embedding"]
 
 _UNSET = object()
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def find_tied_embedding(model) -> Optional[Tuple[torch.nn.Parameter, bool]]:
@@ -99,9 +107,11 @@ class TiedEmbedding:
         self.peer = ranks[1] if ranks[0] == me else ranks[0]
         self.timeout = datetime.timedelta(seconds=timeout_s)
         nccl = "nccl" in str(dist.get_backend(group)) and weight.device.type == "cuda"
-        self.watchdog = Watchdog(timeout_s) if nccl else None
+        self.watchdog = Watchdog(timeout_s, device=weight.device) if nccl else None
         self.version = 0
         self._spans: Any = _UNSET  # per DP rank, the elements its distributed optimizer steps
+        self._held: Dict[Tuple[str, int], Tuple[torch.Tensor, ...]] = {}  # made, not yet sent
+        self._posted: Dict[Tuple[str, int], Tuple[list, Tuple[torch.Tensor, ...]]] = {}
         self._sends: List[Tuple[Any, Tuple[torch.Tensor, ...]]] = []  # (work, kept alive)
 
     def set_timeout(self, timeout_s: float) -> None:
@@ -115,33 +125,114 @@ class TiedEmbedding:
         """This copy's pipeline stage."""
         return 0 if self.first else self.num_stages - 1
 
-    # ------------------------------------------------------------------ messages
-    def _send(self, *tensors: torch.Tensor) -> None:
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        for tensor in tensors:
-            self._sends.append((dist.isend(tensor, self.peer, group=self.group), (tensor,)))
+    @property
+    def peer_stage(self) -> int:
+        """The pipeline stage at the other end."""
+        return self.num_stages - 1 - self.stage
 
-    def _recv(self, label: str, *like: torch.Tensor) -> List[torch.Tensor]:
-        out = [torch.empty_like(t) for t in like]
-        works = [dist.irecv(t, self.peer, group=self.group) for t in out]
+    # ------------------------------------------------------------------ handshake
+    def _describe(self, optimizer) -> List[int]:
+        grad, main = self._grad_view(optimizer), self._main_like(optimizer)
+        return [*self.weight.shape, grad.numel(), main.numel(),
+                _DTYPES.index(grad.dtype), _DTYPES.index(main.dtype)]
+
+    def handshake(self, optimizer) -> None:
+        """Both ends exchange what their messages hold (weight shape, elements and dtype of
+        the gradient and of the step) and agree, at one fixed point of both programs (the
+        optimizer wrapper's construction). It is the first message of the pair, so NCCL
+        creates the pair's communicator here, not at a send that the peer answers much
+        later in its plan. One host wait.
+
+        Raises:
+            PACIConfigError: the two ends' messages would differ (the tied weights or their
+                optimizer shards are not the same shape or dtype).
+            PACICommunicationError: the peer did not answer within the timeout.
+        """
+        from .config import PACIConfigError
+
+        mine = torch.tensor(self._describe(optimizer), dtype=torch.int64,
+                            device=self.weight.device)
+        theirs = torch.empty_like(mine)
+        label = (f"stage {self.stage} of {self.num_stages}: the tied embedding's handshake "
+                 f"with stage {self.peer_stage}")
+        ops = ([(dist.isend, mine), (dist.irecv, theirs)] if self.first
+               else [(dist.irecv, theirs), (dist.isend, mine)])
+        for op, tensor in ops:  # one after the other, in the same order on both ends
+            self._wait([op(tensor, self.peer, group=self.group)], label)
+        if theirs.tolist() != mine.tolist():
+            names = ("rows", "columns", "gradient elements", "step elements",
+                     "gradient dtype", "step dtype")
+            differ = ", ".join(f"{n} {a} here, {b} on stage {self.peer_stage}"
+                               for n, a, b in zip(names, mine.tolist(), theirs.tolist()) if a != b)
+            raise PACIConfigError([
+                f"stage {self.stage}: the tied embedding's copies differ ({differ}): both ends "
+                "must build the same embedding (same --padded-vocab-size / "
+                "--make-vocab-size-divisible-by, --hidden-size, TP, DP and optimizer), or use "
+                "--untie-embeddings-and-output-weights"])
+
+    # ------------------------------------------------------------------ messages
+    def _wait(self, works: list, label: str) -> None:
         try:
             wait_all(works, label, self.timeout, self.watchdog)
         except (PipelineTimeout, RuntimeError) as exc:
-            from .schedule import PACICommunicationError
+            raise PACICommunicationError(f"{label} failed: {exc}") from None
 
-            raise PACICommunicationError(f"{label} failed: {exc}") from exc
-        return out
+    def _label(self, key: Tuple[str, int]) -> str:
+        what = {"tgrad": "the output layer's gradient", "tstep": "the tied gradient"}[key[0]]
+        return (f"stage {self.stage} of {self.num_stages}: {what} of update {key[1]} "
+                f"with stage {self.peer_stage} (tied embedding)")
 
-    def _label(self, update: int, what: str) -> str:
-        return (f"stage {self.stage} of {self.num_stages}: receiving {what} of update {update} "
-                f"from stage {self.num_stages - 1 - self.stage} (tied embedding)")
+    def post(self, optimizer, op: str, key: Tuple[str, int]) -> None:
+        """Post one message of the stage's lowered plan (:class:`paci_megatron.plan.TiedComm`):
+        ``op`` ``"send"`` sends what this stage made for ``key`` (``("tgrad", k)`` or
+        ``("tstep", k)``); ``"recv"`` posts the receive, waited for where it is used.
 
-    def flush_sends(self) -> None:
-        """Wait for every posted send (a drain's end), with the timeout."""
+        Raises:
+            RuntimeError: the plan posts a message this stage has not made (a planner bug).
+        """
+        if op == "send":
+            try:
+                tensors = self._held.pop(key)
+            except KeyError:
+                raise RuntimeError(f"stage {self.stage}: the plan sends {key} of the tied "
+                                   "embedding before this stage made it") from None
+            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+            works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
+            self._sends += [(w, tensors) for w in works]
+            if self.watchdog is not None:
+                self.watchdog.watch(works, "sending " + self._label(key))
+            return
+        main = self._main_like(optimizer)
+        if key[0] == "tgrad":
+            buffers: Tuple[torch.Tensor, ...] = (torch.empty_like(self._grad_view(optimizer)),)
+        else:
+            buffers = (torch.empty_like(main),
+                       torch.zeros(4, dtype=torch.float64, device=main.device))
+        works = [dist.irecv(t, self.peer, group=self.group) for t in buffers]
+        self._posted[key] = (works, buffers)
+
+    def _received(self, key: Tuple[str, int]) -> Tuple[torch.Tensor, ...]:
+        try:
+            works, buffers = self._posted.pop(key)
+        except KeyError:
+            raise RuntimeError(f"stage {self.stage}: {self._label(key)} was never posted "
+                               "(a planner bug)") from None
+        self._wait(works, "receiving " + self._label(key))
+        return buffers
+
+    def finish(self) -> None:
+        """A drain's end: wait for every posted send, with the timeout.
+
+        Raises:
+            PACICommunicationError: a send was not received in time.
+            RuntimeError: a message made or posted was left over (a planner bug).
+        """
         works = [w for w, _ in self._sends]
         self._sends = []
-        wait_all(works, f"stage {self.stage}: tied-embedding sends to stage "
-                 f"{self.num_stages - 1 - self.stage}", self.timeout, self.watchdog)
+        self._wait(works, f"stage {self.stage}: tied-embedding sends to stage {self.peer_stage}")
+        if self._held or self._posted:
+            raise RuntimeError(f"stage {self.stage}: tied-embedding messages left at a drain's "
+                               f"end: made {sorted(self._held)}, posted {sorted(self._posted)}")
 
     # ------------------------------------------------------------------ helpers
     def _grad_view(self, optimizer) -> torch.Tensor:
@@ -161,9 +252,10 @@ class TiedEmbedding:
         return torch.empty(0, dtype=torch.float32, device=self.weight.device)
 
     # ------------------------------------------------------------------ the last stage
-    def send_window_grad(self, optimizer, update: int) -> None:
-        """Last stage, update ``update``: send ``gL`` (its DP-reduced ``main_grad``)."""
-        self._send(self._grad_view(optimizer).detach().clone())
+    def hold_window_grad(self, optimizer, update: int) -> None:
+        """Last stage, update ``update``: keep ``gL`` (its DP-reduced ``main_grad``) for the
+        plan's send (``vocab / TP x hidden`` fp32 elements until then)."""
+        self._held[("tgrad", update)] = (self._grad_view(optimizer).detach().clone(),)
 
     def excluded(self, optimizer):
         """Last stage: the context in which its own step leaves ``E'`` alone."""
@@ -172,9 +264,9 @@ class TiedEmbedding:
         return compat.ParamGroupsWithout(optimizer, self.weight)
 
     def catch_up(self, optimizer, upto: int) -> int:
-        """Last stage: receive and apply tied updates ``version + 1 .. upto``, each the
-        first stage's step (same gradient, learning rate and weight decay) on ``E'``.
-        Returns the tied updates applied now.
+        """Last stage: apply tied updates ``version + 1 .. upto``, each the first stage's
+        step (same gradient, learning rate and weight decay) on ``E'``, from the receives
+        the plan posted. Returns the tied updates applied now.
 
         Raises:
             PACICommunicationError: the first stage's message did not come in time.
@@ -182,16 +274,14 @@ class TiedEmbedding:
         done = 0
         while self.version < upto:
             k = self.version + 1
-            main = self._main_like(optimizer)
-            grad, meta = self._recv(self._label(k, "the tied gradient"), main,
-                                    torch.zeros(4, dtype=torch.float64, device=main.device))
+            grad, meta = self._received(("tstep", k))
             lr, weight_decay, group_step, applied = meta.tolist()
             if applied:
                 if self._spans is _UNSET:  # the first tied update: every DP rank is here
                     self._spans = compat.shard_spans(optimizer, self.weight)
                 version = self.weight._version
                 try:
-                    if main.numel():
+                    if grad.numel():
                         compat.step_one_parameter(optimizer, self.weight, grad, lr,
                                                   weight_decay, int(group_step))
                     if self._spans is not None:
@@ -205,19 +295,19 @@ class TiedEmbedding:
     # ------------------------------------------------------------------ the first stage
     def add_last_stage_grad(self, optimizer, update: int) -> None:
         """First stage, update ``update``: ``main_grad += gL(update)`` (the synchronous sum,
-        on this rank's shard with the distributed optimizer).
+        on this rank's shard with the distributed optimizer), from the receive the plan
+        posted.
 
         Raises:
             PACICommunicationError: the last stage's gradient did not come in time.
         """
-        mine = self._grad_view(optimizer)
-        (grad,) = self._recv(self._label(update, "the output layer's gradient"), mine)
-        mine.add_(grad)
+        (grad,) = self._received(("tgrad", update))
+        self._grad_view(optimizer).add_(grad)
 
-    def send_step(self, optimizer, update: int, applied: bool) -> None:
-        """First stage, after its update: send the gradient the step used on ``E`` (after
-        clipping) with its learning rate, weight decay and (fused Adam) group step count,
-        or that it was skipped."""
+    def hold_step(self, optimizer, update: int, applied: bool) -> None:
+        """First stage, after its update: keep, for the plan's send, the gradient the step
+        used on ``E`` (after clipping) with its learning rate, weight decay and (fused Adam)
+        group step count, or that it was skipped."""
         main = self._main_like(optimizer)
         if main.numel():
             lr, weight_decay, group_step = compat.step_hyperparameters(optimizer, self.weight)
@@ -226,5 +316,5 @@ class TiedEmbedding:
         grad = main.grad if applied and main.grad is not None else torch.zeros_like(main)
         meta = torch.tensor([lr, weight_decay, group_step, 1.0 if applied else 0.0],
                             dtype=torch.float64, device=main.device)
-        self._send(grad.detach().clone(), meta)
+        self._held[("tstep", update)] = (grad.detach().clone(), meta)
         self.version = update

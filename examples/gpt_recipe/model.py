@@ -15,6 +15,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 __all__ = [
+    "available_fusions",
+    "stage_device",
     "transformer_config",
     "build_model",
     "build_optimizer",
@@ -24,6 +26,51 @@ __all__ = [
     "microbatches",
     "model_parameters",
 ]
+
+
+def available_fusions(on_gpu: bool) -> Dict[str, bool]:
+    """The fused kernels megatron-core's local layer spec can run here, by
+    ``TransformerConfig`` field: what Megatron-LM ends up with when Apex and Transformer
+    Engine are absent (and uses where they are installed).
+
+    - ``persist_layer_norm``: Apex's persistent layer norm (megatron-core's
+      ``FusedLayerNorm``; torch's LayerNorm, the fallback, refuses the flag);
+    - ``masked_softmax_fusion``: the compiled ``scaled_*masked_softmax_cuda`` kernels (Apex);
+      without them megatron-core would fail at the first bf16/fp16 attention;
+    - ``bias_activation_fusion``, ``bias_dropout_fusion``: megatron-core's own fused
+      functions (``torch.compile`` / TorchScript), on any GPU;
+    - ``gradient_accumulation_fusion``: off (it needs Apex's ``fused_weight_gradient_mlp_cuda``
+      and writes ``main_grad`` inside backward: not run under PACI yet).
+
+    All off on CPU.
+    """
+    import importlib.util
+
+    def has(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    persist = False
+    if on_gpu:
+        from megatron.core.fusions import fused_layer_norm
+
+        persist = bool(getattr(fused_layer_norm, "HAVE_PERSIST_LAYER_NORM", False))
+    softmax = on_gpu and all(has(m) for m in ("scaled_upper_triang_masked_softmax_cuda",
+                                              "scaled_masked_softmax_cuda",
+                                              "scaled_softmax_cuda"))
+    return {"persist_layer_norm": persist, "masked_softmax_fusion": softmax,
+            "bias_activation_fusion": on_gpu, "bias_dropout_fusion": on_gpu,
+            "gradient_accumulation_fusion": False}
+
+
+def stage_device(device: str = "cuda") -> torch.device:
+    """This rank's device: ``cuda:<current device>`` (``torch.cuda.set_device(LOCAL_RANK)``
+    done first, as Megatron-LM does) or the CPU."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
 
 
 def transformer_config(
@@ -44,14 +91,18 @@ def transformer_config(
 ):
     """megatron-core ``TransformerConfig`` for a GPT, from Megatron-LM's flag values.
 
-    On CPU (``on_gpu=False``) the fused kernels that need CUDA/Apex are switched off
-    (Megatron-LM's ``--no-*-fusion`` flags) and weights are initialised on CPU. ``more``:
-    further ``TransformerConfig`` fields (MoE: ``num_moe_experts``, ``moe_router_topk``,
-    ``moe_aux_loss_coeff``, ...).
+    Fused kernels: those :func:`available_fusions` finds (all off on CPU, as Megatron-LM's
+    ``--no-*-fusion`` flags). Weights are initialised on the CPU with ``on_gpu=False``, on
+    the current CUDA device otherwise. ``more``: further ``TransformerConfig`` fields (MoE:
+    ``num_moe_experts``, ``moe_router_topk``, ``moe_aux_loss_coeff``, ...), which override
+    the fusions too.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
+    fields = dict(available_fusions(on_gpu), apply_rope_fusion=False,
+                  deallocate_pipeline_outputs=True)
+    fields.update(more)
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -69,14 +120,7 @@ def transformer_config(
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        deallocate_pipeline_outputs=True,
-        **more,
+        **fields,
     )
 
 
@@ -89,11 +133,16 @@ def build_model(
     use_transformer_engine: bool = False,
     overlap_grad_reduce: bool = False,
     use_distributed_optimizer: bool = False,
+    device: Optional[torch.device] = None,
 ) -> List[torch.nn.Module]:
     """This rank's GPT stage, wrapped like Megatron-LM's ``get_model``.
 
-    ``Float16Module`` for bf16, then megatron-core ``DistributedDataParallel`` with fp32
-    grad buffers. Returns the list of model chunks (one: no virtual pipeline).
+    The stage is moved to ``device`` (default: the CPU in CPU mode or without CUDA, else
+    :func:`stage_device`) before it is wrapped, as ``get_model`` calls ``.cuda()``: layers
+    megatron-core builds with torch defaults (layer norms, position embeddings) start on
+    the CPU whatever ``use_cpu_initialization`` says. Then ``Float16Module`` for bf16 and
+    megatron-core ``DistributedDataParallel`` with fp32 grad buffers. Returns the list of
+    model chunks (one: no virtual pipeline).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -113,6 +162,9 @@ def build_model(
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not untie_embeddings_and_output_weights,
     )
+    if device is None:
+        device = stage_device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
     if config.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -237,7 +289,8 @@ def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
 
 
 def microbatches(
-    dataset, micro_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1, start_sample: int = 0
+    dataset, micro_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1, start_sample: int = 0,
+    device: Optional[torch.device] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Endless iterator of micro-batches over a megatron-core GPT dataset.
 
@@ -245,7 +298,8 @@ def microbatches(
     ``start + (i * dp_size + r) * mbs ... + mbs - 1`` (modulo the dataset length), so a
     run that resumes at ``start_sample`` sees the same data. Yields dicts of
     ``[micro_batch_size, seq_length]`` tensors (int64 tokens/labels/position_ids, float
-    loss_mask); the causal attention mask is left to the model.
+    loss_mask) on ``device`` (default: the CPU), copied without a host wait as
+    Megatron-LM's ``get_batch`` does; the causal attention mask is left to the model.
     """
     n = len(dataset)
     if n == 0:
@@ -255,7 +309,7 @@ def microbatches(
         base = start_sample + (i * dp_size + dp_rank) * micro_batch_size
         samples = [dataset[(base + k) % n] for k in range(micro_batch_size)]
         yield {
-            key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device, non_blocking=True)
             for key in ("tokens", "labels", "loss_mask", "position_ids")
         }
         i += 1
