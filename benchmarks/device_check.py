@@ -5,28 +5,39 @@
 
 If megatron-core is not importable it is installed from the wheels in ``--wheels``
 (default ``.whl/``, made here by ``bash benchmarks/fetch_device_wheels.sh`` for the GPU
-machine's Python; no network needed there). Transformer Engine and Apex are not used:
-the layers are megatron-core's local spec. Four checks, one JSON report:
+machine's Python; no network needed there). Transformer Engine and Apex are not needed:
+the layers are megatron-core's local spec with the fused kernels that are installed
+(``gpt_recipe.model.available_fusions``). Five checks, one JSON report:
 
 (a) PP = 1, bf16, GPT-2 Medium layers (hidden 1024, 16 heads, sequence 1024): the PACI
     schedule (a = m) against megatron-core's ``forward_backward_no_pipelining`` from the
-    same weights: per-iteration losses (must be identical) and tokens/s of each.
+    same weights, in alternating rounds (each round both schedules, the first alternating):
+    the losses of every iteration (must be identical), seconds per iteration from CUDA
+    events (median and min-max over >= 20 iterations each, the per-round ratio of
+    medians), and the CUDA kernel time of one profiled iteration of each
+    (``torch.profiler``) beside its wall time: where the kernels take the same time, a
+    difference in wall time is the host's.
 (b) A single-process replay of a 4-stage PACI plan (:func:`paci_megatron.sim.stage_actions`)
     on the device in bf16, weights updated in place while micro-batches are in flight
     (version counters restored as the optimizer wrapper does): no autograd version error,
     and the bits of a replay that recomputes each backward with the current weights (the
     semantics the CPU tests pin), but not those of one with forward-time weights.
-(c) Host syncs in (a)'s PACI steady state, by source: every ``Tensor.item`` / ``bool`` /
-    ``.cpu`` / ... call counted per micro-batch and per update, and on CUDA the warnings of
-    ``torch.cuda.set_sync_debug_mode("warn")``. The schedule's own must be 0.
+(c) Host syncs in (a)'s steady state (``Tensor.item`` / ``bool`` / ``.cpu`` / ... calls),
+    each charged to the module that made it (outside torch's own package folder): the
+    schedule's own (must be 0), the wrapper's per update, megatron-core's per iteration
+    for both schedules; on CUDA also the warnings of ``torch.cuda.set_sync_debug_mode``.
 (d) Forward / backward seconds of GPT-2 Medium stages (3 layers; the first with the
     embedding, the last with the output layer and loss; sequence 1024, micro-batch 16 and
     32), fed to :func:`paci_megatron.sim.simulate` for the paper's P = 8, m = a = 8:
     projected PACI / 1F1B throughput, p2p costed as activation bytes over assumed link
     speeds (NCCL point-to-point needs two devices: one GPU cannot measure it).
+(e) The recipe end to end: ``torchrun --nproc-per-node 1 examples/pretrain_gpt.py --device
+    cuda`` at PP 1 with
+    ``--pipeline-schedule paci`` and ``1f1b`` (a GPT-2 Small-width model, bf16, real
+    text), the same losses at every iteration and evaluation expected.
 
-``--device cpu`` runs the same code at toy sizes in seconds (so it cannot rot); its
-timings mean nothing.
+``--device cpu`` runs the same code at toy sizes in under a minute (so it cannot rot);
+its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -36,26 +47,39 @@ import datetime
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests")):
+for path in (ROOT, os.path.join(ROOT, "examples")):  # paci_megatron, gpt_recipe
     if path not in sys.path:
         sys.path.insert(0, path)
 
-#: sizes per device: (a)/(c) model and run, (d) stage shapes, (b) replay width
+#: sizes per device: (a)/(c) model and rounds, (b) replay width, (d) stage shapes, (e) recipe
 SIZES = {
     "cuda": dict(layers=6, hidden=1024, heads=16, seq=1024, vocab=50304, mbs=4, m=8,
-                 iters=6, stage_layers=3, stage_mbs=(16, 32), repeats=5, width=1024),
+                 warmup=2, rounds=5, iters_per_round=4, sync_iters=2, width=1024,
+                 stage_layers=3, stage_mbs=(16, 32), repeats=5,
+                 recipe=["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads",
+                         "12", "--seq-length", "512", "--micro-batch-size", "8",
+                         "--global-batch-size", "32", "--bf16", "--eval-iters", "2"],
+                 recipe_iters=30, recipe_timeout_s=240),
     "cpu": dict(layers=2, hidden=64, heads=4, seq=32, vocab=128, mbs=2, m=4,
-                iters=3, stage_layers=1, stage_mbs=(2, 4), repeats=2, width=16),
+                warmup=1, rounds=2, iters_per_round=2, sync_iters=1, width=16,
+                stage_layers=1, stage_mbs=(2, 4), repeats=2,
+                recipe=["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                        "--seq-length", "32", "--micro-batch-size", "2",
+                        "--global-batch-size", "4", "--eval-iters", "1"],
+                recipe_iters=3, recipe_timeout_s=240),
 }
 LINK_GBPS = (25.0, 150.0)  # inter-node InfiniBand (200 Gb/s) and NVLink, GB/s per direction
 LINK_LATENCY_S = 10e-6
+SCHEDULE_OWN = ("paci_megatron/schedule.py", "paci_megatron/p2p.py", "paci_megatron/plan.py")
 
 
 def ensure_megatron_core(wheels: str) -> str:
@@ -84,52 +108,50 @@ def setup(device: str) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
+    from harness import free_port
+    from paci_megatron import compat
+
+    kwargs: Dict[str, Any] = {}
     if device == "cpu":
         from paci_megatron.cpu import enable_cpu_mode
 
         enable_cpu_mode(force=True)
     else:
         torch.cuda.set_device(0)
+        kwargs = compat.init_device_kwargs(torch.device("cuda", 0))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from harness import free_port
-
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0,
-                                         world_size=1, timeout=datetime.timedelta(seconds=120))
+                                         world_size=1, timeout=datetime.timedelta(seconds=120),
+                                         **kwargs)
     ps.initialize_model_parallel(1, 1)
 
 
 def _seed(seed: int) -> None:
-    import torch
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from harness import seed_all
 
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    seed_all(seed)
 
 
 def _config(size: Dict[str, Any], device: str, num_layers: int):
+    """The recipe's ``TransformerConfig``: bf16, fused kernels by availability."""
     from gpt_recipe import model as gpt
 
-    cfg = gpt.transformer_config(num_layers=num_layers, hidden_size=size["hidden"],
-                                 num_attention_heads=size["heads"], bf16=True,
-                                 on_gpu=device == "cuda")
-    # fused kernels of Apex / Transformer Engine are not on the machine
-    cfg.persist_layer_norm = cfg.masked_softmax_fusion = False
-    cfg.bias_activation_fusion = cfg.bias_dropout_fusion = False
-    return cfg
+    return gpt.transformer_config(num_layers=num_layers, hidden_size=size["hidden"],
+                                  num_attention_heads=size["heads"], bf16=True,
+                                  on_gpu=device == "cuda")
 
 
-def _batches(size: Dict[str, Any], n: int, device: str) -> List[Dict[str, Any]]:
+def _batch(size: Dict[str, Any], j: int, device: str) -> Dict[str, Any]:
+    """Micro-batch ``j`` of random tokens (the same for every schedule), on ``device``."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        seq = torch.randint(0, size["vocab"], (size["mbs"], size["seq"] + 1), generator=g)
-        out.append({"tokens": seq[:, :-1], "labels": seq[:, 1:],
-                    "loss_mask": torch.ones(size["mbs"], size["seq"]),
-                    "position_ids": torch.arange(size["seq"]).expand(size["mbs"], -1)})
-    return [{k: v.to(device) for k, v in b.items()} for b in out]
+    g = torch.Generator().manual_seed(j)
+    seq = torch.randint(0, size["vocab"], (size["mbs"], size["seq"] + 1), generator=g)
+    batch = {"tokens": seq[:, :-1], "labels": seq[:, 1:],
+             "loss_mask": torch.ones(size["mbs"], size["seq"]),
+             "position_ids": torch.arange(size["seq"]).expand(size["mbs"], -1)}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _sync(device: str) -> None:
@@ -139,71 +161,197 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    """``{"median", "min", "max", "n"}`` of ``values``."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+class _Timer:
+    """Seconds of each timed region: CUDA events on a GPU (read after a synchronize at the
+    end of a round), the host clock around a synchronize on the CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.pending, self.seconds = device, [], []
+
+    def region(self):
+        timer = self
+
+        class Region:
+            def __enter__(self):
+                import torch
+
+                if timer.device == "cuda":
+                    self.events = (torch.cuda.Event(enable_timing=True),
+                                   torch.cuda.Event(enable_timing=True))
+                    self.events[0].record()
+                else:
+                    self.t0 = time.perf_counter()
+                return self
+
+            def __exit__(self, *exc):
+                if timer.device == "cuda":
+                    self.events[1].record()
+                    timer.pending.append(self.events)
+                else:
+                    timer.seconds.append(time.perf_counter() - self.t0)
+
+        return Region()
+
+    def collect(self) -> List[float]:
+        """Seconds of the regions since the last collect."""
+        if self.device == "cuda":
+            _sync(self.device)
+            self.seconds += [a.elapsed_time(b) / 1e3 for a, b in self.pending]
+            self.pending = []
+        out, self.seconds = self.seconds, []
+        return out
+
+
 # ------------------------------------------------------------------ (a) + (c)
-def check_pp1(size: Dict[str, Any], device: str) -> Dict[str, Any]:
-    """(a) and (c): PACI vs megatron-core's no-pipelining schedule on one GPU."""
-    import torch
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+class _Arm:
+    """One schedule on its own model copy, iterating over the shared micro-batches."""
 
-    import paci_megatron as pm
-    from gpt_recipe import model as gpt
-    from workers import HostSyncCounter
+    def __init__(self, name: str, size: Dict[str, Any], device: str):
+        import torch
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    m, iters = size["m"], size["iters"]
-    batches = _batches(size, m * (iters + 2), device)
-    report: Dict[str, Any] = {"model": {k: size[k] for k in ("layers", "hidden", "heads", "seq",
-                                                               "mbs", "m")}}
-    for name in ("megatron", "paci"):
+        import paci_megatron as pm
+        from gpt_recipe import model as gpt
+
         _seed(1234)
         cfg = _config(size, device, size["layers"])
-        model = gpt.build_model(cfg, vocab_size=size["vocab"], max_position_embeddings=size["seq"])
-        opt = gpt.build_optimizer(model, lr=1e-4, clip_grad=1.0, bf16=True, weight_decay=0.1)
+        self.model = gpt.build_model(cfg, vocab_size=size["vocab"],
+                                     max_position_embeddings=size["seq"],
+                                     device=gpt.stage_device(device))
+        opt = gpt.build_optimizer(self.model, lr=1e-4, clip_grad=1.0, bf16=True, weight_decay=0.1)
         if name == "megatron":
-            cfg.finalize_model_grads_func, cfg.no_sync_func = finalize_model_grads, model[0].no_sync
-            fb = get_forward_backward_func()
+            cfg.finalize_model_grads_func = finalize_model_grads
+            cfg.no_sync_func = self.model[0].no_sync
+            self.schedule = get_forward_backward_func()
+            self.optimizer = opt
         else:
-            opt = pm.PACIOptimizer(opt, model)
-            fb = pm.PACISchedule(opt)
-        it = iter(batches)
-        losses, seconds, syncs, debug = [], [], {}, 0
-        for i in range(iters + 2):  # two untimed iterations first
-            steady = i >= 2
-            _sync(device)
-            t0 = time.perf_counter()
-            with HostSyncCounter() as counter, warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if steady and device == "cuda" and name == "paci":
-                    torch.cuda.set_sync_debug_mode("warn")
-                model[0].zero_grad_buffer()
-                opt.zero_grad()
-                out = fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-                         num_microbatches=m, seq_length=size["seq"],
-                         micro_batch_size=size["mbs"], forward_only=False)
-                opt.step()
+            self.optimizer = pm.PACIOptimizer(opt, self.model)
+            self.schedule = pm.PACISchedule(self.optimizer)
+        self.name, self.size, self.device = name, size, device
+        self.next_microbatch, self.losses = 0, []
+        self.tokens_per_iteration = size["m"] * size["mbs"] * size["seq"]
+        self._torch = torch
+
+    def iteration(self) -> None:
+        """One training iteration, Megatron's ``train_step`` around the schedule."""
+        from gpt_recipe import model as gpt
+
+        m, first = self.size["m"], self.next_microbatch
+        batches = iter([_batch(self.size, j, self.device) for j in range(first, first + m)])
+        self.next_microbatch += m
+        self.model[0].zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = self.schedule(forward_step_func=gpt.forward_step, data_iterator=batches,
+                            model=self.model, num_microbatches=m, seq_length=self.size["seq"],
+                            micro_batch_size=self.size["mbs"], forward_only=False)
+        self.optimizer.step()
+        self.losses.append(out)
+
+    def float_losses(self) -> List[List[float]]:
+        return [[float(d["lm loss"]) for d in out] for out in self.losses]
+
+
+def _profile(arm: _Arm, device: str) -> Dict[str, Optional[float]]:
+    """One iteration under ``torch.profiler``: its CUDA kernel seconds (sum of every
+    kernel's own time) and its wall seconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    timer = _Timer(device)
+    with profile(activities=activities) as prof:
+        with timer.region():
+            arm.iteration()
+        _sync(device)
+    kernel = None
+    if device == "cuda":  # every kernel, copy and set on the device, by its own duration
+        from torch.autograd import DeviceType
+
+        kernel = sum(e.time_range.elapsed_us() for e in prof.events()
+                     if e.device_type == DeviceType.CUDA) / 1e6
+    return {"kernel_seconds": kernel, "wall_seconds": timer.collect()[0]}
+
+
+def check_pp1(size: Dict[str, Any], device: str) -> Dict[str, Any]:
+    """(a) and (c): PACI vs megatron-core's no-pipelining schedule on one device."""
+    import torch
+
+    from harness import HostSyncCounter
+
+    arms = {name: _Arm(name, size, device) for name in ("megatron", "paci")}
+    for arm in arms.values():  # warm-up: compilation, allocator, first-touch
+        for _ in range(size["warmup"]):
+            arm.iteration()
+    _sync(device)
+    seconds: Dict[str, List[float]] = {name: [] for name in arms}
+    round_ratio = []
+    for r in range(size["rounds"]):
+        order = ("megatron", "paci") if r % 2 == 0 else ("paci", "megatron")
+        medians = {}
+        for name in order:
+            timer = _Timer(device)
+            for _ in range(size["iters_per_round"]):
+                with timer.region():
+                    arms[name].iteration()
+            got = timer.collect()
+            seconds[name] += got
+            medians[name] = statistics.median(got)
+        round_ratio.append(medians["megatron"] / medians["paci"])
+    report: Dict[str, Any] = {
+        "model": {k: size[k] for k in ("layers", "hidden", "heads", "seq", "mbs", "m")},
+        "rounds": size["rounds"], "iterations_per_round": size["iters_per_round"]}
+    for name, arm in arms.items():
+        per_it = spread(seconds[name])
+        report[name] = {"seconds_per_iteration": per_it,
+                        "tokens_per_second": arm.tokens_per_iteration / per_it["median"],
+                        "profiled_iteration": _profile(arm, device)}
+    report["tokens_per_second_ratio"] = {
+        "of_medians": report["megatron"]["seconds_per_iteration"]["median"]
+        / report["paci"]["seconds_per_iteration"]["median"], "per_round": spread(round_ratio)}
+    kernels = [report[n]["profiled_iteration"]["kernel_seconds"] for n in ("paci", "megatron")]
+    report["kernel_time_ratio"] = kernels[0] / kernels[1] if None not in kernels else None
+    # (c): steady-state host syncs, by module
+    syncs: Dict[str, Dict[str, int]] = {}
+    debug = 0
+    for name, arm in arms.items():
+        with HostSyncCounter() as counter, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device == "cuda" and name == "paci":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(size["sync_iters"]):
+                    arm.iteration()
+            finally:
                 if device == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
-            _sync(device)
-            if steady:
-                seconds.append(time.perf_counter() - t0)
-                for key, n in counter.counts.items():
-                    syncs[key] = syncs.get(key, 0) + n
-                debug += sum("synchroniz" in str(w.message) for w in caught)
-            losses.append([float(d["lm loss"]) for d in out])
-        tokens = m * size["mbs"] * size["seq"] * iters
-        report[name] = {"losses": losses, "seconds_per_iteration": sorted(seconds)[len(seconds) // 2],
-                        "tokens_per_second": tokens / sum(seconds)}
+        syncs[name] = counter.counts
         if name == "paci":
-            schedule_own = {k: v for k, v in syncs.items()
-                            if k.startswith(("paci_megatron/schedule", "paci_megatron/p2p",
-                                             "paci_megatron/plan"))}
-            report["host_syncs"] = {
-                "by_source": syncs, "iterations": iters, "microbatches": m * iters,
-                "updates": iters, "schedule_own": sum(schedule_own.values()),
-                "sync_debug_warnings": debug if device == "cuda" else None}
+            debug = sum("synchroniz" in str(w.message) for w in caught)
+    iters = size["sync_iters"]
+    paci = syncs["paci"]
+    report["host_syncs"] = {
+        "iterations": iters, "updates": iters,
+        "by_source": syncs,
+        "schedule_own": sum(n for k, n in paci.items() if k.startswith(SCHEDULE_OWN)),
+        "wrapper_per_update": sum(n for k, n in paci.items()
+                                  if k.startswith("paci_megatron/optimizer.py")) / iters,
+        "megatron_core_per_iteration": {
+            name: sum(n for k, n in counts.items() if k.startswith("megatron/")) / iters
+            for name, counts in syncs.items()},
+        "sync_debug_warnings": debug if device == "cuda" else None}
+    for name, arm in arms.items():
+        report[name]["losses"] = arm.float_losses()
     report["losses_identical"] = report["paci"]["losses"] == report["megatron"]["losses"]
-    report["tokens_per_second_ratio"] = (report["paci"]["tokens_per_second"]
-                                         / report["megatron"]["tokens_per_second"])
+    del arms
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return report
 
 
@@ -343,7 +491,7 @@ def stage_seconds(size: Dict[str, Any], device: str, mbs: int) -> Dict[str, List
                 for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                     times[key].append(value)
         for key, values in times.items():
-            out[key].append(sorted(values)[len(values) // 2])
+            out[key].append(statistics.median(values))
         del stage, adam, main
     return out
 
@@ -373,12 +521,58 @@ def check_projection(size: Dict[str, Any], device: str, P: int = 8, m: int = 8,
                     "bytes at assumed link speeds, not measured", "rows": rows}
 
 
+# ------------------------------------------------------------------ (e)
+def check_recipe(size: Dict[str, Any], device: str, data_cache_dir: str,
+                 data_path: Optional[str] = None) -> Dict[str, Any]:
+    """(e): ``examples/pretrain_gpt.py --device <device>`` at PP 1, PACI and 1F1B, one after
+    the other on the same data: the losses of every iteration and evaluation, and the
+    recipe's own tokens/s (host clock over each log interval; indicative only)."""
+    iters = size["recipe_iters"]
+    out: Dict[str, Any] = {"flags": size["recipe"], "train_iters": iters}
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule in ("paci", "1f1b"):
+            log = os.path.join(tmp, f"{schedule}.jsonl")
+            data = ["--data-path", data_path] if data_path else ["--data-cache-dir", data_cache_dir]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                   os.path.join(ROOT, "examples", "pretrain_gpt.py"), "--device", device, "--pipeline-model-parallel-size", "1",
+                   "--pipeline-schedule", schedule, *size["recipe"], "--train-iters", str(iters),
+                   "--log-interval", "1", "--eval-interval", str(iters), "--log-json", log, *data]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                  timeout=size["recipe_timeout_s"])
+            run: Dict[str, Any] = {"returncode": proc.returncode,
+                                   "seconds": round(time.time() - t0, 1)}
+            if proc.returncode != 0:
+                run["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
+                out[schedule] = run
+                continue
+            records = [json.loads(line) for line in open(log) if line.strip()]
+            run["lm_loss"] = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
+            run["val_loss"] = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+            speed = [r["tokens_per_second"] for r in records[3:] if r.get("tokens_per_second")]
+            run["tokens_per_second"] = spread(speed) if speed else None
+            run["last_line"] = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            out[schedule] = run
+    ok = all(out[s].get("returncode") == 0 for s in ("paci", "1f1b"))
+    out["losses_identical"] = ok and all(out["paci"][k] == out["1f1b"][k]
+                                         for k in ("lm_loss", "val_loss"))
+    if not ok:
+        out["error"] = "a recipe run failed: see its 'error'"
+    return out
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--output", default="device_check.json", help="JSON report path")
     parser.add_argument("--wheels", default=os.path.join(ROOT, ".whl"),
                         help="folder of wheels to install megatron-core from (no network)")
+    parser.add_argument("--data-cache-dir", default=os.path.join(ROOT, "data", "stdlib"),
+                        help="(e): where the recipe prepares its default corpus")
+    parser.add_argument("--data-path", default=None,
+                        help="(e): an already prepared Megatron data prefix to train on instead")
+    parser.add_argument("--checks", default="abcde",
+                        help="which checks to run, by letter (default: all)")
     args = parser.parse_args(argv)
     start = time.time()
     report: Dict[str, Any] = {"device": args.device,
@@ -389,24 +583,30 @@ def main(argv: Sequence[str] = None) -> int:
         parser.error("no CUDA device: run with --device cpu for the dry run")
     report.update(torch=torch.__version__, python=sys.version.split()[0],
                   gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else None)
-    setup(args.device)
     size = SIZES[args.device]
-    for key, check in (("pp1", lambda: check_pp1(size, args.device)),
-                       ("replay", lambda: check_replay(args.device, size["width"])),
-                       ("projection", lambda: check_projection(size, args.device))):
+    checks = {"a": ("pp1", lambda: check_pp1(size, args.device)),
+              "b": ("replay", lambda: check_replay(args.device, size["width"])),
+              "d": ("projection", lambda: check_projection(size, args.device)),
+              "e": ("recipe", lambda: check_recipe(size, args.device, args.data_cache_dir,
+                                                   args.data_path))}
+    wanted = [checks[c] for c in "abde" if c in args.checks]
+    if any(key != "recipe" for key, _ in wanted):
+        setup(args.device)
+    for key, check in wanted:
         t0 = time.time()
         try:
             report[key] = check()
         except Exception as exc:  # one failed check still reports the others
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         report[key]["seconds"] = round(time.time() - t0, 1)
-        print(f"{key}: {json.dumps(report[key], default=str)[:400]}", flush=True)
-    report["seconds"] = round(time.time() - start, 1)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        print(f"{key}: {json.dumps(report[key], default=str)[:600]}", flush=True)
+        report["seconds"] = round(time.time() - start, 1)
+        with open(args.output, "w") as f:  # after each check: a cut-short run keeps the rest
+            json.dump(report, f, indent=1, default=str)
     print(f"wrote {args.output} in {report['seconds']} s")
-    torch.distributed.destroy_process_group()
-    return 0 if all("error" not in report[k] for k in ("pp1", "replay", "projection")) else 1
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0 if all("error" not in report[key] for key, _ in wanted) else 1
 
 
 if __name__ == "__main__":

@@ -103,8 +103,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _folder in (_ROOT, os.path.join(_ROOT, "examples"), os.path.join(_ROOT, "tests")):
-    # paci_megatron, gpt_recipe, the process harness
+for _folder in (_ROOT, os.path.join(_ROOT, "examples")):  # paci_megatron, gpt_recipe
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
 

@@ -64,7 +64,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _folder in (ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests")):
+for _folder in (ROOT, os.path.join(ROOT, "examples")):
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
 
@@ -205,7 +205,7 @@ def stage_times_case(rank: int, world: int, regime: Regime, vocab: int,
 
     import paci_megatron as pm
     from gpt_recipe import model as gpt
-    from workers import seed_all, setup_parallel
+    from harness import seed_all, setup_parallel
 
     setup_parallel(world)
     stage = ps.get_pipeline_model_parallel_rank()

@@ -11,26 +11,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("device") / "report.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
-                           "--device", "cpu", "--output", str(out)],
+                           "--device", "cpu", "--output", str(out), "--data-path", str(corpus)],
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_pp1_paci_equals_megatron_no_pipelining_and_syncs_only_per_update(report):
+def test_pp1_paci_equals_megatron_no_pipelining_in_alternating_rounds(report):
     pp1 = report["pp1"]
     assert pp1["losses_identical"] is True
     assert pp1["paci"]["losses"] == pp1["megatron"]["losses"]
-    assert len(pp1["paci"]["losses"]) == 5 and len(pp1["paci"]["losses"][0]) == 4
-    syncs = pp1["host_syncs"]
+    # warm-up 1 + 2 rounds x 2 + 1 profiled + 1 counted iteration, 4 micro-batches each
+    assert len(pp1["paci"]["losses"]) == 7 and len(pp1["paci"]["losses"][0]) == 4
+    for name in ("paci", "megatron"):
+        per_it = pp1[name]["seconds_per_iteration"]
+        assert per_it["n"] == 4 and per_it["min"] <= per_it["median"] <= per_it["max"]
+        assert pp1[name]["tokens_per_second"] == pytest.approx(4 * 2 * 32 / per_it["median"])
+        assert pp1[name]["profiled_iteration"]["wall_seconds"] > 0
+        assert pp1[name]["profiled_iteration"]["kernel_seconds"] is None  # no CUDA here
+    ratio = pp1["tokens_per_second_ratio"]
+    assert ratio["of_medians"] == pytest.approx(pp1["megatron"]["seconds_per_iteration"]["median"]
+                                                / pp1["paci"]["seconds_per_iteration"]["median"])
+    assert ratio["per_round"]["n"] == 2
+    assert ratio["per_round"]["min"] <= ratio["per_round"]["median"] <= ratio["per_round"]["max"]
+
+
+def test_host_syncs_are_charged_by_module_the_schedule_makes_none(report):
+    syncs = report["pp1"]["host_syncs"]
     assert syncs["schedule_own"] == 0
-    assert syncs["by_source"]["paci_megatron/optimizer.py: Tensor.item"] == syncs["updates"]
-    assert pp1["tokens_per_second_ratio"] == pytest.approx(
-        pp1["paci"]["tokens_per_second"] / pp1["megatron"]["tokens_per_second"])
+    assert syncs["wrapper_per_update"] == 1  # the non-finite flag, read once per update
+    paci = syncs["by_source"]["paci"]
+    assert paci["paci_megatron/optimizer.py: Tensor.item"] == syncs["updates"]
+    # megatron-core's own syncs are megatron-core's, for both schedules
+    assert all(k.split(": ")[0].endswith(".py") or k.startswith("torch") for k in paci)
+    assert set(syncs["megatron_core_per_iteration"]) == {"paci", "megatron"}
 
 
 def test_replay_uses_current_weights_without_version_error(report):
@@ -55,3 +73,14 @@ def test_projection_comes_from_the_stage_times_it_reports(report):
         assert row["paci_over_1f1b_throughput"] == pytest.approx(
             runs["1f1b"].makespan / runs["paci"].makespan)
         assert row["bubble_paci"] < row["bubble_1f1b"]
+
+
+def test_the_recipe_runs_end_to_end_with_both_schedules_and_the_same_losses(report):
+    recipe = report["recipe"]
+    assert "error" not in recipe, recipe
+    for schedule in ("paci", "1f1b"):
+        run = recipe[schedule]
+        assert run["returncode"] == 0
+        assert len(run["lm_loss"]) == 3 and len(run["val_loss"]) == 2  # iterations 0 and 3
+    assert recipe["losses_identical"] is True
+    assert recipe["paci"]["lm_loss"] == recipe["1f1b"]["lm_loss"]

@@ -50,14 +50,6 @@ def test_git_ignores_what_the_readme_creates():
     assert ignored == [".venv/x", "data/x", "runs/x"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from gpt_recipe.data import prepare_corpus
-
-    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib", max_bytes=1_000_000,
-                          vocab_size=512).prefix
-
-
 def test_the_readme_training_command_runs_a_short_trial_with_readable_progress(corpus, tmp_path):
     cmd = next(c for b in code_blocks("Quick start") for c in commands(b)
                if c.startswith("torchrun"))

@@ -44,3 +44,26 @@ def test_no_host_sync_per_microbatch_and_a_few_per_update():
         # the wrapper's own: one read of the non-finite flag (reduced on the device) per update
         wrapper_own = {k: v for k, v in b["counts"].items() if k.startswith("paci_megatron/")}
         assert wrapper_own == {"paci_megatron/optimizer.py: Tensor.item": CALLS}, wrapper_own
+
+
+def test_syncs_are_charged_to_the_module_that_made_them_even_under_a_folder_named_torch(
+        tmp_path, monkeypatch):
+    """On a machine whose packages live in /opt/torch/.venv, megatron-core's syncs are still
+    megatron-core's: only torch's own package folder (from ``torch.__file__``) is skipped."""
+    import torch
+
+    from harness import HostSyncCounter
+
+    site = tmp_path / "torch" / ".venv" / "site-packages"
+    (site / "somepkg").mkdir(parents=True)
+    (site / "somepkg" / "__init__.py").write_text("")
+    (site / "somepkg" / "norms.py").write_text("def norm(t):\n    return t.norm().item()\n")
+    monkeypatch.syspath_prepend(str(site))
+    from somepkg.norms import norm
+
+    with HostSyncCounter() as counter:
+        norm(torch.ones(3))
+        torch.ones(2).sum().item()
+    assert counter.counts == {"somepkg/norms.py: Tensor.item": 1,
+                              "test_host_syncs.py: Tensor.item": 1}, counter.counts
+    assert counter.by_module() == {"somepkg/norms.py": 1, "test_host_syncs.py": 1}

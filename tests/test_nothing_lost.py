@@ -15,14 +15,6 @@ S = ["--device", "cpu", "--untie-embeddings-and-output-weights", "--num-layers",
      "--eval-iters", "1", "--log-interval", "1"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from gpt_recipe.data import prepare_corpus
-
-    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "stdlib", max_bytes=1_000_000,
-                          vocab_size=512).prefix
-
-
 def run(cwd, *flags, nproc=2, pp=2, corpus=None):
     extra = ["--data-path", corpus] if corpus else []
     proc = subprocess.run(

@@ -14,14 +14,6 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
         "--device", "cpu", "--lr-warmup-iters", "1"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from gpt_recipe.data import prepare_corpus
-
-    prefix = tmp_path_factory.mktemp("corpus") / "stdlib"
-    return prepare_corpus(prefix, max_bytes=2_000_000, vocab_size=512).prefix
-
-
 def recipe(corpus, tmp_path, name, nproc, *flags):
     log = tmp_path / f"{name}.jsonl"
     proc = subprocess.run(

@@ -7,25 +7,9 @@ from typing import Dict, List
 
 import torch
 
+from harness import HostSyncCounter, seed_all, setup_parallel  # noqa: F401 (shared)
+
 VOCAB, SEQ, MBS = 64, 16, 2
-
-
-def setup_parallel(pp: int, tp: int = 1, ep: int = 1) -> None:
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-    )
-
-
-def seed_all(seed: int) -> None:
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
 
 
 def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
@@ -763,55 +747,6 @@ def timers_case(rank: int, world: int, calls: int):
 
 
 # ------------------------------------------------------------------ host syncs
-HOST_SYNCS = (("Tensor", "item"), ("Tensor", "__bool__"), ("Tensor", "tolist"),
-              ("Tensor", "cpu"), ("Tensor", "numpy"), ("Tensor", "__float__"),
-              ("Tensor", "__int__"), ("cuda", "synchronize"))
-
-
-class HostSyncCounter:
-    """Counts calls of the host-sync entry points in :data:`HOST_SYNCS`, by the first
-    source file outside torch on the stack (``"paci_megatron/schedule.py"``, ...)."""
-
-    def __init__(self):
-        self.counts: Dict[str, int] = {}
-        self._saved = []
-
-    def __enter__(self):
-        import sys
-
-        for owner_name, attr in HOST_SYNCS:
-            owner = torch.Tensor if owner_name == "Tensor" else torch.cuda
-            original = getattr(owner, attr)
-            self._saved.append((owner, attr, original))
-
-            def counted(*args, _original=original, _name=f"{owner_name}.{attr}", **kwargs):
-                frame = sys._getframe(1)
-                while frame is not None and f"{os_sep}torch{os_sep}" in frame.f_code.co_filename:
-                    frame = frame.f_back
-                where = "?" if frame is None else _short(frame.f_code.co_filename)
-                key = f"{where}: {_name}"
-                self.counts[key] = self.counts.get(key, 0) + 1
-                return _original(*args, **kwargs)
-
-            setattr(owner, attr, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for owner, attr, original in reversed(self._saved):
-            setattr(owner, attr, original)
-
-
-os_sep = __import__("os").sep
-
-
-def _short(path: str) -> str:
-    for root in ("paci_megatron", "megatron", "gpt_recipe", "tests"):
-        marker = f"{os_sep}{root}{os_sep}"
-        if marker in path:
-            return root + os_sep + path.rsplit(marker, 1)[1]
-    return path
-
-
 def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int) -> dict:
     """Continuous PACI (a = m) on a tiny GPT: host syncs counted over ``calls`` steady-state
     calls (after ``warmup_calls``), by source; the updates those calls made."""

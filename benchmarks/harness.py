@@ -1,7 +1,8 @@
-"""Run a function on N CPU processes with gloo: fail fast, never hang.
+"""What the tests and the benchmarks share (not part of the installed package): running a
+function on N CPU processes with gloo (fail fast, never hang), the per-rank megatron-core
+set-up, and the host-sync counter.
 
-The test suite's process harness (the benchmarks use it too; not part of the installed
-package). Each rank runs ``fn(rank, world_size, *args)``
+Each rank of :func:`run_distributed` runs ``fn(rank, world_size, *args)``
 in CPU mode (:mod:`paci_megatron.cpu`) with ``torch.distributed`` initialised on gloo
 with a timeout. If any rank raises, every other rank is killed and
 :class:`DistributedFailure` carries that rank's traceback; if the ranks do not all finish
@@ -16,9 +17,10 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["run_distributed", "DistributedFailure", "free_port"]
+__all__ = ["run_distributed", "DistributedFailure", "free_port", "setup_parallel", "seed_all",
+           "HostSyncCounter", "HOST_SYNCS"]
 
 
 class DistributedFailure(AssertionError):
@@ -144,3 +146,98 @@ def run_distributed(
     if failure is not None:
         raise DistributedFailure(failure)
     return [results[r] for r in range(world_size)]
+
+
+# ------------------------------------------------------------------ per-rank set-up
+def setup_parallel(pp: int, tp: int = 1, ep: int = 1) -> None:
+    """megatron-core's model-parallel state for ``pp`` stages x ``tp`` x ``ep`` (afresh)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+    )
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch and megatron-core's model-parallel RNG tracker."""
+    import torch
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+# ------------------------------------------------------------------ host syncs
+HOST_SYNCS = (("Tensor", "item"), ("Tensor", "__bool__"), ("Tensor", "tolist"),
+              ("Tensor", "cpu"), ("Tensor", "numpy"), ("Tensor", "__float__"),
+              ("Tensor", "__int__"), ("cuda", "synchronize"))
+"""The host-sync entry points :class:`HostSyncCounter` counts: ``(owner, attribute)``."""
+
+
+def module_of(filename: str) -> str:
+    """The module path of a source file, relative to the ``sys.path`` entry holding it
+    (``"paci_megatron/schedule.py"``, ``"megatron/core/optimizer/clip_grads.py"``), by the
+    longest matching entry: a package installed under a folder named ``torch`` (such as a
+    virtual environment at ``/opt/torch/.venv``) is still itself."""
+    import sys
+
+    path = os.path.abspath(filename)
+    roots = sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True)
+    for root in roots:
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root).replace(os.sep, "/")
+    return os.path.basename(path)
+
+
+class HostSyncCounter:
+    """Counts calls of the host-sync entry points in :data:`HOST_SYNCS` (a context manager).
+
+    Each call is charged to the innermost frame outside the ``torch`` package, whose folder
+    comes from ``torch.__file__`` (not a path substring), and named by :func:`module_of`:
+    ``counts["paci_megatron/optimizer.py: Tensor.item"]``. A call with only torch frames on
+    the stack counts as ``"torch: ..."``.
+    """
+
+    def __init__(self):
+        self.counts: Dict[str, int] = {}
+        self._saved: list = []
+
+    def __enter__(self):
+        import sys
+
+        import torch
+
+        torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+        for owner_name, attr in HOST_SYNCS:
+            owner = torch.Tensor if owner_name == "Tensor" else torch.cuda
+            original = getattr(owner, attr)
+            self._saved.append((owner, attr, original))
+
+            def counted(*args, _original=original, _name=f"{owner_name}.{attr}", **kwargs):
+                frame = sys._getframe(1)
+                while frame is not None and os.path.abspath(
+                        frame.f_code.co_filename).startswith(torch_dir):
+                    frame = frame.f_back
+                where = "torch" if frame is None else module_of(frame.f_code.co_filename)
+                key = f"{where}: {_name}"
+                self.counts[key] = self.counts.get(key, 0) + 1
+                return _original(*args, **kwargs)
+
+            setattr(owner, attr, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+        self._saved = []
+
+    def by_module(self) -> Dict[str, int]:
+        """Counts summed per module (the part of each key before ``": "``)."""
+        out: Dict[str, int] = {}
+        for key, n in self.counts.items():
+            where = key.split(": ", 1)[0]
+            out[where] = out.get(where, 0) + n
+        return out
