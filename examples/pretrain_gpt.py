@@ -34,7 +34,8 @@ import torch
 if __name__ == "__main__":  # from a clone without installing: the repository's package
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paci_megatron.config import PACIConfig, check_arguments  # noqa: E402
+from paci_megatron.config import (PACIConfig, check_arguments, unwritable_file,  # noqa: E402
+                                  unwritable_folder)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +82,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="default: --seq-length")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="required with PACI and more than one stage")
+                   help="give the output layer a weight of its own (default: tied to the input "
+                   "embedding, as Megatron-LM; under PACI the first and last stage exchange "
+                   "the tied weight's gradient and step)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
@@ -194,10 +197,13 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             problems.append(f"--save {args.save} holds checkpoints (up to iteration {saved}) that "
                             "this run did not load: it would overwrite them. Resume with --load "
                             f"{args.save}, or save elsewhere")
-    for flag in ("paci_trace", "log_json"):
-        problem = _unwritable(getattr(args, flag))
-        if problem:
-            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {problem}")
+    problem = unwritable_file(args.log_json)
+    if problem:
+        problems.append(f"--log-json {args.log_json}: {problem}")
+    problem = unwritable_folder(args.save)  # any schedule (under PACI, a refusal of config too)
+    if problem and args.pipeline_schedule != "paci":
+        problems.append(f"--save {args.save}: {problem}: nothing could be saved; give a "
+                        "folder you can write")
     if args.data_path == []:
         problems.append("--data-path was given without a value (an unset variable?): give "
                         "a data prefix, or leave the flag out for the embedded corpus")
@@ -244,7 +250,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         problems.append(f"--split {args.split}: give three non-negative train,valid,test "
                         "shares with train and valid above 0 (evaluation needs validation data)")
     problems += check_arguments(args, num_microbatches=args.global_batch_size // (mbs * dp),
-                                pipeline_model_parallel_size=pp)
+                                pipeline_model_parallel_size=pp, training_args=args)
     if problems:
         _refuse(problems)
 
@@ -256,23 +262,9 @@ def _number(text: str) -> Optional[float]:
         return None
 
 
-def _unwritable(path: Optional[str]) -> Optional[str]:
-    """Why a file cannot be written at ``path`` (None if it can, or no path was given)."""
-    if not path:
-        return None
-    if os.path.isdir(path):
-        return "is a folder: give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        return f"{folder} is a file, not a folder"
-    return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
-
-
 def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
     """What makes ``--load`` unusable, or a relaunch pointless, before anything starts."""
-    from gpt_recipe.checkpoint import checkpoint_shape, latest_iteration
+    from gpt_recipe.checkpoint import checkpoint_shape, latest_iteration, missing_ranks
 
     try:
         iteration = latest_iteration(args.load)
@@ -289,14 +281,29 @@ def _load_problems(args: argparse.Namespace, tp: int, pp: int) -> List[str]:
                         f"{args.train_iters}: raise --train-iters (saving would overwrite "
                         "later checkpoints with earlier ones)")
     shape = checkpoint_shape(args.load, iteration)
+    missing = missing_ranks(args.load, iteration, tp, pp)
     if shape == (0, 0):
         problems.append(f"--load {args.load}: its pointer names iteration {iteration}, but "
                         f"iter_{iteration:07d} is missing there: the checkpoint is incomplete")
-    elif shape != (tp, pp):
+    elif shape != (tp, pp) and not (shape[0] <= tp and shape[1] <= pp and missing
+                                    and not _recorded_shape(args.load, iteration)):
         problems.append(f"--load {args.load} iteration {iteration} was written with TP x PP = "
                         f"{shape[0]} x {shape[1]}, this run has {tp} x {pp}: use the same "
                         "--tensor-model-parallel-size and --pipeline-model-parallel-size")
+    elif missing:
+        stages = sorted({p for _, p in missing})
+        names = ", ".join(f"mp_rank_{t:02d}_{p:03d}" for t, p in missing)
+        problems.append(f"--load {args.load} iteration {iteration} is incomplete: the files of "
+                        f"stage{'s' if len(stages) > 1 else ''} "
+                        f"{', '.join(map(str, stages))} are missing ({names}): resume from an "
+                        "earlier iteration's checkpoint")
     return problems
+
+
+def _recorded_shape(directory: str, iteration: int) -> bool:
+    from gpt_recipe.checkpoint import SHAPE
+
+    return os.path.isfile(os.path.join(directory, f"iter_{iteration:07d}", SHAPE))
 
 
 def _resume_problem(args, info, scheduler, schedule, m) -> Optional[str]:
@@ -345,6 +352,24 @@ def _resumed_paci_state(args, schedule, iteration: int, m: int, dp_size: int):
                        f"--paci-accumulation {a}", f"--load {args.load} cannot be resumed")
     fresh.load_state_dict(fresh.drained_state(microbatches, a))
     return fresh
+
+
+def _resume_notices(args, schedule, iteration: int, m: int) -> None:
+    """Say (once) which PACI settings differ from those the checkpoint trained with: each
+    applies from the resumed iteration on (the windows are counted afresh from the
+    checkpoint's drained state, so a new accumulation factor is exact from there)."""
+    saved = getattr(schedule, "restored_from", None) or {}
+    config = getattr(schedule, "paci_config", None)
+    if config is None:
+        return
+    now = {"accumulation": config.resolve_accumulation(m), "lookahead": config.lookahead,
+           "sync_warmup_iters": config.sync_warmup_iters}
+    for key, flag in (("accumulation", "--paci-accumulation"), ("lookahead", "--paci-lookahead"),
+                      ("sync_warmup_iters", "--paci-sync-warmup-iters")):
+        if saved.get(key) is not None and saved[key] != now[key]:
+            _say_once(f"> resuming at iteration {iteration} with {flag} {now[key]}; the "
+                      f"checkpoint was trained with {saved[key]}: the new value applies from "
+                      f"iteration {iteration + 1} on")
 
 
 def _already_done(args: argparse.Namespace) -> bool:
@@ -555,7 +580,7 @@ def gather_to_last(value: Optional[float], group) -> Optional[float]:
     from megatron.core import parallel_state as ps
 
     t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
-                     device="cuda" if torch.cuda.is_available() else None)
+                     device="cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
     dp = ps.get_data_parallel_world_size()
     if ps.is_pipeline_last_stage() and dp > 1:
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
@@ -578,20 +603,23 @@ def train(args: argparse.Namespace) -> List[dict]:
     model, optimizer, scheduler, schedule = build_training(args, vocab, m)
     start_iteration = 0
     if args.load and latest_iteration(args.load) is not None:
-        from gpt_recipe.checkpoint import load_checkpoint
+        from gpt_recipe.checkpoint import DamagedCheckpoint, load_checkpoint
 
         info, problem = {"iteration": 0, "extra": {}}, None
         try:
             info = load_checkpoint(args.load, model, optimizer, scheduler,
                                    schedule if hasattr(schedule, "drain") else None)
-        except Exception as err:  # torch's state-dict and unpickling errors, many kinds
+        except DamagedCheckpoint as err:
+            problem = str(err)
+        except Exception as err:  # torch's state-dict errors, many kinds
             problem = (f"it does not fit this model and optimizer (another --optimizer, model "
-                       f"shape or flag?) or a file is damaged: {str(err).splitlines()[0][:300]}")
+                       f"shape or flag?): {str(err).splitlines()[0][:300]}")
         _agree_or_stop(problem, f"--load {args.load} cannot be loaded")
         start_iteration = info["iteration"]
         _agree_or_stop(_resume_problem(args, info, scheduler, schedule, m),
                        f"--load {args.load} cannot be resumed by this run")
         schedule = _resumed_paci_state(args, schedule, start_iteration, m, dp_size)
+        _resume_notices(args, schedule, start_iteration, m)
     # micro-batch i of DP rank r reads samples (i * DP + r) * mbs ...: a resumed run
     # continues exactly where the saved one stopped
     train_it = gpt.microbatches(train_ds, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -675,6 +703,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     window_losses: List[float] = []
     t0 = time.time()
     tokens = 0
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         for chunk in model:
             chunk.zero_grad_buffer()
@@ -717,6 +746,8 @@ def train(args: argparse.Namespace) -> List[dict]:
             if args.save and not saved:
                 save(iteration)
             break
+        if iteration == crash_after:
+            _crash(iteration)
     else:
         if (args.save and start_iteration < args.train_iters
                 and (not args.save_interval or args.train_iters % args.save_interval)):
@@ -732,6 +763,20 @@ def train(args: argparse.Namespace) -> List[dict]:
     if log:
         log.close()
     return records
+
+
+CRASH_ENV = "PACI_EXAMPLE_CRASH_AFTER"
+"""Fault injection for the resume tests: with ``PACI_EXAMPLE_CRASH_AFTER=N`` in the
+environment every rank is killed (SIGKILL, no clean-up) once iteration ``N`` is complete
+(its log record, evaluation and checkpoint written), as a machine failure would."""
+
+
+def _crash(iteration: int) -> None:
+    import signal
+
+    torch.distributed.barrier()  # every rank has finished iteration N before any dies
+    _say_once(f"> {CRASH_ENV}: killing every rank after iteration {iteration}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def progress_line(record: dict, args: argparse.Namespace) -> str:
@@ -775,9 +820,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and records:
             vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
             losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
-            summary = [f"> done: iteration {records[-1]['iteration']}",
-                       f"validation loss {vals[0][1]:.3f} (iteration {vals[0][0]}) -> "
-                       f"{vals[-1][1]:.3f} (iteration {vals[-1][0]})"]
+            summary = [f"> done: iteration {records[-1]['iteration']}"]
+            if vals:  # a resumed run that stops before its next evaluation has none
+                summary.append(f"validation loss {vals[0][1]:.3f} (iteration {vals[0][0]}) -> "
+                               f"{vals[-1][1]:.3f} (iteration {vals[-1][0]})")
             if losses:
                 summary.append(f"last lm loss {losses[-1]:.3f}")
             if args.pipeline_schedule == "paci":

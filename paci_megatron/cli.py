@@ -91,11 +91,24 @@ def revert_checkout(path: str, diff_only: bool = False) -> str:
     return _edit(path, unpatched_text, diff_only)
 
 
+def _read(target: str) -> str:
+    """The target file's text.
+
+    Raises:
+        ValueError: it is not UTF-8 text (naming it).
+    """
+    try:
+        with open(target, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{target} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                         "is this a Megatron-LM checkout?") from None
+
+
 def _edit(path: str, change, diff_only: bool) -> str:
     """Apply ``change`` (text -> text) to the checkout's target file; returns the diff."""
     target = _target(path)
-    with open(target, encoding="utf-8") as f:
-        before = f.read()
+    before = _read(target)
     after = change(before)
     diff = "".join(difflib.unified_diff(
         before.splitlines(keepends=True), after.splitlines(keepends=True),
@@ -108,8 +121,16 @@ def _edit(path: str, change, diff_only: bool) -> str:
 
 def install_hook(site_packages: Optional[str] = None) -> str:
     """Copy ``paci_megatron.pth`` into ``site_packages`` (default: this interpreter's
-    purelib folder); returns the path written."""
+    purelib folder); returns the path written.
+
+    Raises:
+        NotADirectoryError: ``site_packages`` is not a folder. OSError: it is not writable.
+    """
     folder = site_packages or sysconfig.get_paths()["purelib"]
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder} is not a folder: give the site-packages folder "
+                                 "(python -c 'import sysconfig; print(sysconfig.get_paths()"
+                                 "[\"purelib\"])' prints this interpreter's)")
     dest = os.path.join(folder, "paci_megatron.pth")
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paci_megatron.pth")
     with open(source, encoding="utf-8") as src, open(dest, "w", encoding="utf-8") as out:
@@ -148,10 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             hook = os.path.join(sysconfig.get_paths()["purelib"], "paci_megatron.pth")
             print(f"hook file: {hook} ({'present' if os.path.exists(hook) else 'missing: run paci-megatron install-hook'})")
             if args.path:
-                with open(_target(args.path), encoding="utf-8") as f:
-                    state = "patched" if MARK in f.read() else "not patched"
+                state = "patched" if MARK in _read(_target(args.path)) else "not patched"
                 print(f"checkout: {args.path} ({state})")
-    except (FileNotFoundError, PermissionError) as err:
+    except (OSError, ValueError) as err:  # missing, not a folder, not writable, not UTF-8
         print(f"paci-megatron: {err}", file=sys.stderr)
         return 2
     return 0

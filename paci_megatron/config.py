@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .plan import drift_bound
 
 __all__ = ["SCHEDULES", "MEMORY_MODES", "PACIConfig", "PACIConfigError", "Setup", "REFUSALS",
-           "validate_setup", "check_arguments", "divisors"]
+           "validate_setup", "check_arguments", "divisors", "unwritable_file", "unwritable_folder"]
 
 SCHEDULES = ("1f1b", "paci")
 MEMORY_MODES = ("activations", "recompute")
@@ -148,6 +148,53 @@ class PACIConfig:
         return cls(**values)
 
 
+def _nearest_existing(path: str) -> str:
+    import os
+
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _cannot_write_in(folder: str) -> Optional[str]:
+    """Why no file can be created in the existing ``folder`` (None if one can): tried, not
+    read from permission bits, which a root user bypasses and a read-only file system
+    such as ``/sys`` ignores. The probe file is removed at once."""
+    import os
+    import tempfile
+
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".paci-write-probe-")
+    except OSError as err:
+        return f"{folder} is not writable ({err.strerror or err})"
+    os.close(handle)
+    os.remove(probe)
+    return None
+
+
+def unwritable_file(path: Optional[str]) -> Optional[str]:
+    """Why a file cannot be written at ``path`` (None if it can, or no path was given)."""
+    import os
+
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a folder: give a file name"
+    return _cannot_write_in(_nearest_existing(os.path.dirname(os.path.abspath(path))))
+
+
+def unwritable_folder(path: Optional[str]) -> Optional[str]:
+    """Why files cannot be written under the folder ``path`` (None if they can, or no
+    path was given): it, or the nearest existing folder above it, must be a folder in
+    which a file can be created (not ``/sys/...``, nor a path under a regular file)."""
+    if not path:
+        return None
+    return _cannot_write_in(_nearest_existing(path))
+
+
 def divisors(n: int) -> List[int]:
     """Positive divisors of ``n`` in increasing order."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -257,6 +304,16 @@ REFUSALS: Sequence[Refusal] = (
      lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters}: must be >= 0"),
     (lambda s: not 0.0 <= s.paci.lookahead <= 4.0,
      lambda s: f"--paci-lookahead {s.paci.lookahead}: must be between 0 (off) and 4"),
+    (lambda s: (s.paci.sync_warmup_iters is not None and s.arg("train_iters") is not None
+                and s.paci.sync_warmup_iters >= s.arg("train_iters") >= 1),
+     lambda s: f"--paci-sync-warmup-iters {s.paci.sync_warmup_iters} drains after every one of "
+               f"the {s.arg('train_iters')} iterations of --train-iters: the run would be plain "
+               "1F1B; lower it (0: PACI from the start) or use --pipeline-schedule 1f1b"),
+    (lambda s: unwritable_file(s.paci.trace) is not None,
+     lambda s: f"--paci-trace {s.paci.trace}: {unwritable_file(s.paci.trace)}"),
+    (lambda s: unwritable_folder(s.arg("save")) is not None,
+     lambda s: f"--save {s.arg('save')}: {unwritable_folder(s.arg('save'))}: nothing could be "
+               "saved; give a folder you can write"),
     (lambda s: s.model_config is not None and s.P > 1 and s.cfg("pipeline_dtype") is None,
      lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
                "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "

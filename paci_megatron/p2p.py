@@ -73,9 +73,14 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._loop, daemon=True)
                 self._thread.start()
 
-    def _prune(self) -> None:  # exchanges complete in the order they were posted
+    def _prune(self) -> None:
+        """Forget completed exchanges: the head first (works of one channel complete in the
+        order they were posted), then any other completed one."""
         while self._pending and all(w.is_completed() for w in self._pending[0][1]):
             self._pending.popleft()
+        if any(all(w.is_completed() for w in entry[1]) for entry in self._pending):
+            self._pending = collections.deque(
+                e for e in self._pending if not all(w.is_completed() for w in e[1]))
 
     def _loop(self) -> None:
         if self.device is not None and self.device.type == "cuda":
@@ -84,9 +89,14 @@ class Watchdog:
             time.sleep(self.poll_s)
             with self._lock:
                 self._prune()
-                head = self._pending[0] if self._pending else None
-            if head is not None and time.monotonic() > head[0]:
-                return self.on_expire(f"{head[2]}: not completed within {self.timeout_s:g} s")
+                now = time.monotonic()
+                # the oldest posted exchange past its deadline (any, not only the head:
+                # set_timeout can shorten later ones)
+                expired = next((e for e in self._pending if now > e[0]), None)
+                if expired is not None:
+                    self._pending.remove(expired)
+            if expired is not None:
+                self.on_expire(f"{expired[2]}: not completed within {self.timeout_s:g} s")
 
 
 def wait_all(works: Sequence, label: str, timeout: datetime.timedelta,

@@ -134,6 +134,8 @@ class PACISchedule:
         self._no_sync_ctx = None
         self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
         self._validated_for: Optional[int] = None
+        #: the accumulation factor and settings a loaded checkpoint was trained with
+        self.restored_from: Dict[str, Any] = {}
         self._tp_group = self._cp_group = None  # with the pipeline group, from the first call
 
     # ------------------------------------------------------------------ public API
@@ -191,6 +193,9 @@ class PACISchedule:
         run = self._prepare(model, num_microbatches, forward_only, seq_length, micro_batch_size,
                             decoder_seq_length, adjust_tensor_shapes_fn, p2p_communicator,
                             pg_collection)
+        # what a drain inside this call (the synchronous warm-up's) runs with, also when
+        # this is the first call of a resumed run
+        self._run = run
         run = dataclasses.replace(run, forward_step_func=forward_step_func,
                                   data_iterator=data_iterator)
         store: List[Any] = []
@@ -272,10 +277,14 @@ class PACISchedule:
         if not self._drained():
             raise RuntimeError("PACI state can only be saved on a drained pipeline: drain() first")
         telemetry = self.telemetry
+        config = self.paci_config
         return {"state": dataclasses.asdict(self.state), "accumulation": self.accumulation,
+                "settings": {"lookahead": config.lookahead,
+                             "sync_warmup_iters": config.sync_warmup_iters},
                 "telemetry": None if telemetry is None else {
                     "num_stages": telemetry.num_stages, "stage": telemetry.stage,
-                    "histogram": dict(telemetry.histogram), "total": telemetry.total}}
+                    "histogram": dict(telemetry.histogram), "total": telemetry.total,
+                    "tied_lag": dict(telemetry.tied_lag)}}
 
     @staticmethod
     def drained_state(microbatches: int, accumulation: int) -> Dict[str, Any]:
@@ -307,6 +316,8 @@ class PACISchedule:
         if restored.in_flight or restored.pending:
             raise ValueError(f"a checkpoint's PACI state must be drained, got {restored}")
         self.state = self._origin = restored
+        self.restored_from = {"accumulation": state.get("accumulation"),
+                              **(state.get("settings") or {})}
         if self.optimizer.tied is not None:
             self.optimizer.tied.version = restored.version
         self.accumulation = state["accumulation"]
@@ -317,6 +328,7 @@ class PACISchedule:
                                             check=self.paci_config.check_drift)
             self.telemetry.histogram.update({int(k): v for k, v in t["histogram"].items()})
             self.telemetry.total = t["total"]
+            self.telemetry.tied_lag.update({int(k): v for k, v in t.get("tied_lag", {}).items()})
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, model, num_microbatches, forward_only, seq_length, micro_batch_size,

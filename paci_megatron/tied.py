@@ -88,6 +88,13 @@ class TiedEmbedding:
             its peer at the other end of the pipeline.
         timeout_s: longest wait for the peer's message, seconds.
 
+    Memory: the last stage keeps each window gradient (``vocab / TP x hidden`` fp32, divided
+    by DP with the distributed optimizer) from its update until the send completes; the
+    first stage posts each receive after its forward of ``e(k) + 1`` and uses it at update
+    ``k``, so up to ``ceil((P - 2) / a) + 1`` receive buffers of that size are live at once
+    (one with ``a >= P - 1``, ``P - 1`` at ``a = 1``): the price of one in-order channel
+    per pair, whose messages must interleave the same way at both ends.
+
     Attributes:
         version: tied updates applied to this copy (on the last stage it trails the stage's
             own version; on the first stage it is the stage's version).
@@ -190,16 +197,16 @@ class TiedEmbedding:
         Raises:
             RuntimeError: the plan posts a message this stage has not made (a planner bug).
         """
+        self._release_sent()
         if op == "send":
             try:
                 tensors = self._held.pop(key)
             except KeyError:
                 raise RuntimeError(f"stage {self.stage}: the plan sends {key} of the tied "
                                    "embedding before this stage made it") from None
-            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
             works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
             self._sends += [(w, tensors) for w in works]
-            if self.watchdog is not None:
+            if self.watchdog is not None:  # timed from its post, in post order
                 self.watchdog.watch(works, "sending " + self._label(key))
             return
         main = self._main_like(optimizer)
@@ -210,6 +217,13 @@ class TiedEmbedding:
                        torch.zeros(4, dtype=torch.float64, device=main.device))
         works = [dist.irecv(t, self.peer, group=self.group) for t in buffers]
         self._posted[key] = (works, buffers)
+        if self.watchdog is not None:
+            self.watchdog.watch(works, "receiving " + self._label(key))
+
+    def _release_sent(self) -> None:
+        """Drop the tensors of completed sends (the window gradient's copy at once, not a
+        window later)."""
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
 
     def _received(self, key: Tuple[str, int]) -> Tuple[torch.Tensor, ...]:
         try:
@@ -217,7 +231,12 @@ class TiedEmbedding:
         except KeyError:
             raise RuntimeError(f"stage {self.stage}: {self._label(key)} was never posted "
                                "(a planner bug)") from None
-        self._wait(works, "receiving " + self._label(key))
+        if self.watchdog is not None:  # NCCL: a stream wait; the watchdog timed it at post
+            for work in works:
+                work.wait()
+        else:
+            self._wait(works, "receiving " + self._label(key))
+        self._release_sent()
         return buffers
 
     def finish(self) -> None:

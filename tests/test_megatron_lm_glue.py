@@ -187,6 +187,11 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"tensor_parallel_num_weight_shards": 2}, [], "--tensor-parallel-num-weight-shards reduces"),
     ({"pipeline_schedule": "1f1b"}, ["--yaml-cfg", "x.yaml", "--pipeline-schedule", "paci"],
      "put pipeline_schedule: paci in the YAML file"),
+    ({"save": "/sys/paci_ckpt"}, [], "--save /sys/paci_ckpt: /sys is not writable"),
+    ({"save": "/etc/hostname/ck"}, [], "/etc/hostname is a file, not a folder"),
+    ({"paci_trace": "/sys/run.json"}, [], "--paci-trace /sys/run.json: /sys is not writable"),
+    ({"train_iters": 100, "paci_sync_warmup_iters": 100}, [],
+     "--paci-sync-warmup-iters 100 drains after every one of the 100 iterations"),
 ])
 def test_each_refusal_names_the_flag_to_change(overrides, argv, expected):
     problems = check_args(megatron_args(**overrides), argv=["pretrain_gpt.py", *argv])
@@ -470,3 +475,18 @@ def test_log_line_writes_drift_grad_norm_and_lr_per_stage_to_megatrons_writers(m
     assert wandb.calls == [(expected, 40)]
     assert "drift_max per stage: [1, 0]" in line and "version per stage: [7, 8]" in line
     assert g.log_line((None, None)) == line  # writers not configured: the line alone
+
+
+def test_the_command_reports_a_bad_site_packages_or_checkout_in_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["install-hook", "--site-packages", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"paci-megatron: {afile} is not a folder") and "Traceback" not in err
+    target = tmp_path / "megatron" / "training" / "__init__.py"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"# \xff\xfe not text\n")
+    for command in (["patch", str(tmp_path)], ["status", str(tmp_path)]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{target} is not UTF-8 text" in err and "Traceback" not in err

@@ -82,6 +82,24 @@ def test_resume_relaunch_and_a_checkpoint_that_does_not_fit(corpus, tmp_path, ca
     rc, out = run(tmp_path, "--pipeline-schedule", "paci", "--train-iters", "4", "--load", ck2,
                   "--save", ck2, "--eval-interval", "4", "--micro-batch-size", "1", corpus=corpus)
     assert rc == 0 and "> done: iteration 4" in out, out[-3000:]
+    # a checkpoint whose last stage's files are missing: incomplete, not another PP size
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(ck, partial)
+    shutil.rmtree(partial / "iter_0000004" / "mp_rank_00_001")
+    (partial / "iter_0000004" / "parallel_sizes.txt").unlink()  # as an older checkpoint
+    out = refusal(capsys, monkeypatch, "--train-iters", "6", "--load", partial)
+    assert "iteration 4 is incomplete: the files of stage 1 are missing (mp_rank_00_001)" in out
+    assert "written with TP x PP" not in out
+    # a damaged file: named, and said to be damaged
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ck, damaged)
+    path = damaged / "iter_0000004" / "mp_rank_00_000" / "model_optim_rng.pt"
+    path.write_bytes(b"not a checkpoint")
+    rc, out = run(tmp_path, *common[:-4], "--train-iters", "6", "--load", damaged, "--save",
+                  damaged, "--log-json", log, corpus=corpus)
+    assert rc != 0 and f"{path} cannot be read" in out and "the file is damaged" in out
     # a checkpoint of another model shape: one message, not a state-dict traceback per rank
     rc, out = run(tmp_path, "--train-iters", "6", "--load", ck, "--save", ck, "--hidden-size",
                   "64", "--lr-warmup-iters", "1", corpus=corpus)
@@ -150,52 +168,27 @@ def test_logged_losses_average_over_data_parallel_replicas(corpus, tmp_path):
     assert vals[1] == pytest.approx(vals[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("phase", ["training", "evaluation"])
-def test_a_run_killed_resumes_from_its_last_checkpoint(corpus, tmp_path, phase):
-    """Kill every rank while training (right after the iteration-2 checkpoint) or right
-    after the evaluation of iteration 3 (before the iteration-4 checkpoint), relaunch the
-    same command: the losses equal an uninterrupted run's and the log holds every record
-    once. (Killed while preparing data or saving: tests/test_data.py, test_checkpoint.py.)"""
-    import signal
-    import time
+def test_an_unwritable_save_folder_and_a_warm_up_as_long_as_the_run_are_refused_at_once(
+        capsys, monkeypatch, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for schedule in ("1f1b", "paci"):
+        out = refusal(capsys, monkeypatch, "--pipeline-schedule", schedule, "--save",
+                      "/sys/paci_ckpt")
+        assert out.count("--save /sys/paci_ckpt: /sys is not writable") == 1, out
+        out = refusal(capsys, monkeypatch, "--pipeline-schedule", schedule, "--save",
+                      afile / "ck")
+        assert f"--save {afile / 'ck'}: {afile} is a file, not a folder" in out
+    out = refusal(capsys, monkeypatch, "--pipeline-schedule", "paci", "--train-iters", "6",
+                  "--paci-sync-warmup-iters", "6")
+    assert "--paci-sync-warmup-iters 6 drains after every one of the 6 iterations" in out
 
-    def reached(ck, log):
-        if phase == "training":
-            return (ck / "latest_checkpointed_iteration.txt").exists()
-        records = [json.loads(line) for line in log.read_text().splitlines()
-                   if line.endswith("}")] if log.exists() else []
-        return any(r.get("iteration") == 3 and "val_loss" in r for r in records)
 
-    flags = ["--pipeline-schedule", "paci", "--train-iters", "6", "--eval-interval", "3",
-             "--save-interval", "2", "--data-path", corpus]
+def test_the_help_no_longer_calls_untied_embeddings_required(capsys):
+    import pretrain_gpt
 
-    def command(ck, log):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                os.path.join(ROOT, "examples", "pretrain_gpt.py"), *S,
-                "--pipeline-model-parallel-size", "2", *flags, "--save", str(ck), "--load",
-                str(ck), "--log-json", str(log)]
-
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    straight = tmp_path / "straight.jsonl"
-    proc = subprocess.run(command(tmp_path / "a", straight), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    ck, log = tmp_path / "b", tmp_path / "killed.jsonl"
-    victim = subprocess.Popen(command(ck, log), cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not reached(ck, log):
-        assert victim.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)  # every rank
-    victim.wait()
-    saved = (ck / "latest_checkpointed_iteration.txt").read_text().strip()
-    assert saved == "2", f"killed after the checkpoint of iteration {saved}: too late"
-    proc = subprocess.run(command(ck, log), cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=400)  # the same command again
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    mine = [json.loads(line) for line in log.read_text().splitlines()]
-    theirs = [json.loads(line) for line in straight.read_text().splitlines()]
-    assert [r["iteration"] for r in mine] == [r["iteration"] for r in theirs]
-    for a, b in zip(mine, theirs):  # --log-interval 1: every iteration's own loss
-        assert (a.get("lm_loss"), a.get("val_loss")) == (b.get("lm_loss"), b.get("val_loss"))
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "required with PACI" not in text
+    assert "tied to the input embedding" in text

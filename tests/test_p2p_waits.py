@@ -136,3 +136,20 @@ def test_watchdog_default_ends_the_process_with_the_message():
     assert f"PACI watchdog: {LABEL}: not completed within 0.5 s" in proc.stderr
     assert "still running" not in proc.stdout
     assert time.monotonic() - start < 20
+
+
+def test_watchdog_goes_on_watching_after_a_stall_and_checks_every_deadline():
+    fired = []
+    watchdog = Watchdog(5.0, on_expire=fired.append, poll_s=0.02)
+    watchdog.watch([FakeWork(completes_after_s=1e9)], "slow head")  # deadline in 5 s
+    watchdog.timeout_s = 0.2  # shortened: later exchanges have a near deadline
+    watchdog.watch([FakeWork(completes_after_s=1e9)], "stalled second")
+    deadline = time.monotonic() + 5
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fired == ["stalled second: not completed within 0.2 s"]  # not hidden by the head
+    watchdog.watch([FakeWork(completes_after_s=1e9)], "stalled third")
+    while len(fired) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fired[1] == "stalled third: not completed within 0.2 s"  # the thread lives on
+    assert [label for _, _, label in watchdog._pending] == ["slow head"]

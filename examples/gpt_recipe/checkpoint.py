@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "latest_iteration",
-           "checkpoint_shape"]
+           "checkpoint_shape", "missing_ranks", "DamagedCheckpoint"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
+SHAPE = "parallel_sizes.txt"  # "<TP> <PP>" of the run that wrote the iteration
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint file exists but cannot be read; the message names the file."""
 
 
 def checkpoint_path(directory: str, iteration: int) -> str:
@@ -56,14 +61,30 @@ def latest_iteration(directory: str) -> Optional[int]:
 
 
 def checkpoint_shape(directory: str, iteration: int) -> Tuple[int, int]:
-    """``(TP, PP)`` of the model-parallel ranks that wrote ``iteration`` (from the
-    ``mp_rank_<tp>_<pp>`` folders); ``(0, 0)`` when there are none."""
+    """``(TP, PP)`` of the run that wrote ``iteration``: from the sizes it recorded
+    (``parallel_sizes.txt``), else (older checkpoints) from the ``mp_rank_<tp>_<pp>``
+    folders present; ``(0, 0)`` when there are none."""
     folder = os.path.join(directory, f"iter_{iteration:07d}")
+    try:
+        with open(os.path.join(folder, SHAPE), encoding="utf-8") as f:
+            tp, pp = (int(x) for x in f.read().split())
+        return tp, pp
+    except (OSError, ValueError):
+        pass
     ranks = [name.split("_")[2:] for name in (os.listdir(folder) if os.path.isdir(folder) else [])
              if name.startswith("mp_rank_")]
     if not ranks:
         return 0, 0
     return max(int(t) for t, _ in ranks) + 1, max(int(p) for _, p in ranks) + 1
+
+
+def missing_ranks(directory: str, iteration: int, tp: int, pp: int) -> List[Tuple[int, int]]:
+    """``(tp rank, pipeline stage)`` of every model-parallel rank of a TP x PP run whose
+    file for ``iteration`` is missing."""
+    folder = os.path.join(directory, f"iter_{iteration:07d}")
+    return [(t, p) for p in range(pp) for t in range(tp)
+            if not os.path.isfile(os.path.join(folder, f"mp_rank_{t:02d}_{p:03d}",
+                                               "model_optim_rng.pt"))]
 
 
 def _remove_stale_temporaries(directory: str) -> None:
@@ -177,6 +198,11 @@ def save_checkpoint(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        sizes = os.path.join(os.path.dirname(os.path.dirname(path)), SHAPE)
+        with open(f"{sizes}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
+            f.write(f"{ps.get_tensor_model_parallel_world_size()} "
+                    f"{ps.get_pipeline_model_parallel_world_size()}\n")
+        os.replace(f"{sizes}.tmp{os.getpid()}", sizes)
         tracker = os.path.join(directory, TRACKER)
         tmp = f"{tracker}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -200,6 +226,7 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: no checkpoint in ``directory`` (or not for this rank), naming
             the path looked for.
+        DamagedCheckpoint: this rank's file cannot be read, naming it.
     """
     if iteration is None:
         iteration = latest_iteration(directory)
@@ -209,7 +236,14 @@ def load_checkpoint(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path} is missing (was it saved with the "
                                 "same TP x PP sizes?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("it holds no model state")
+    except Exception as err:  # torch's unpickling errors come in many kinds
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DamagedCheckpoint(f"{path} cannot be read ({first}): the file is damaged; "
+                                "resume from an earlier iteration's checkpoint") from None
     for chunk, sd in zip(model, state["model"]):
         chunk.load_state_dict(sd)
     optimizer.load_state_dict(state["optimizer"])
