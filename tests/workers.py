@@ -313,7 +313,7 @@ def silent_peer_case(rank: int, world: int, m: int):
     setup_parallel(world)
     _, model, opt = build_tiny_gpt(world, bf16=False)  # collective: both ranks build
     if ps.get_pipeline_model_parallel_rank() == 1:
-        time.sleep(25)
+        time.sleep(10)
         return "silent"
     fb = pm.PACISchedule(pm.PACIOptimizer(opt, model), pm.PACIConfig(p2p_timeout_s=3))
     t0 = time.monotonic()
@@ -322,7 +322,10 @@ def silent_peer_case(rank: int, world: int, m: int):
            data_iterator=iter(synthetic_batches(m)), model=model, num_microbatches=m,
            seq_length=SEQ, micro_batch_size=MBS)
     except pm.PACICommunicationError as err:
-        return {"message": str(err), "seconds": time.monotonic() - t0}
+        import traceback
+
+        return {"message": str(err), "seconds": time.monotonic() - t0,
+                "printed": "".join(traceback.format_exception(err))}
     return "no error"
 
 
