@@ -9,6 +9,10 @@ from setuptools.command.build_py import build_py
 # it activates the Megatron-LM glue only when "--pipeline-schedule" is on the command
 # line (or PACI_MEGATRON_CPU is set); see paci_megatron/hook.py.
 PTH = "paci_megatron.pth"
+VERSIONS: dict = {}  # paci_megatron/versions.py, the one statement of the supported releases
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "paci_megatron", "versions.py"),
+          encoding="utf-8") as _f:
+    exec(_f.read(), VERSIONS)
 
 
 class build_py_with_pth(build_py):
@@ -35,8 +39,7 @@ setup(
     entry_points={"console_scripts": ["paci-megatron=paci_megatron.cli:main"]},
     install_requires=[
         "torch>=2.1",
-        # the release table (README): 0.14.0 to 0.19.0 and main (0.20.0.dev) pass
-        "megatron-core>=0.14,<0.21",
+        VERSIONS["MEGATRON_CORE_REQUIREMENT"],
         "numpy",
     ],
     extras_require={

@@ -34,8 +34,8 @@ import torch
 if __name__ == "__main__":  # from a clone without installing: the repository's package
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paci_megatron.config import (PACIConfig, check_arguments, unwritable_file,  # noqa: E402
-                                  unwritable_folder)
+from paci_megatron.config import (PACIConfig, PACIConfigError,  # noqa: E402
+                                  resolve_arguments, unwritable_file, unwritable_folder)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,9 +160,14 @@ MUON_FLAGS = ("muon_momentum", "muon_use_nesterov", "muon_scale_mode", "muon_num
               "muon_extra_scale_factor")  # megatron-core OptimizerConfig fields, Megatron-LM names
 
 
-def check_args(args: argparse.Namespace, world_size: int) -> None:
+def check_args(args: argparse.Namespace, world_size: int):
     """Refuse a bad configuration before anything is built, listing every problem and
-    what to change (printed once, by rank 0; exit status 2)."""
+    what to change (printed once, by rank 0; exit status 2).
+
+    Returns:
+        PACI's :class:`~paci_megatron.config.Settings`, resolved here once (None under
+        ``--pipeline-schedule 1f1b``).
+    """
     problems = []
     for flag in POSITIVE_FLAGS:
         if getattr(args, flag) < 1:
@@ -249,10 +254,16 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     except ValueError:
         problems.append(f"--split {args.split}: give three non-negative train,valid,test "
                         "shares with train and valid above 0 (evaluation needs validation data)")
-    problems += check_arguments(args, num_microbatches=args.global_batch_size // (mbs * dp),
-                                pipeline_model_parallel_size=pp, training_args=args)
+    settings = None
+    try:
+        settings = resolve_arguments(args, num_microbatches=args.global_batch_size // (mbs * dp),
+                                     pipeline_model_parallel_size=pp,
+                                     lr_warmup_iters=args.lr_warmup_iters)
+    except PACIConfigError as err:
+        problems += err.problems
     if problems:
         _refuse(problems)
+    return settings
 
 
 def _number(text: str) -> Optional[float]:
@@ -344,13 +355,12 @@ def _resumed_paci_state(args, schedule, iteration: int, m: int, dp_size: int):
     microbatches = iteration * m
     if schedule.state.forwarded == microbatches:
         return schedule
-    fresh = type(schedule)(schedule.optimizer, schedule.paci_config,
-                           schedule.share_embeddings_and_output_weights)
-    a = schedule.paci_config.resolve_accumulation(m)
+    fresh = type(schedule)(schedule.optimizer, schedule.settings)
+    a = schedule.settings.accumulation
     if microbatches % a:
         _agree_or_stop(f"{iteration} iterations of {m} micro-batches are not whole windows of "
                        f"--paci-accumulation {a}", f"--load {args.load} cannot be resumed")
-    fresh.load_state_dict(fresh.drained_state(microbatches, a))
+    fresh.load_state_dict(fresh.drained_state(microbatches, a, iteration))
     return fresh
 
 
@@ -359,11 +369,11 @@ def _resume_notices(args, schedule, iteration: int, m: int) -> None:
     applies from the resumed iteration on (the windows are counted afresh from the
     checkpoint's drained state, so a new accumulation factor is exact from there)."""
     saved = getattr(schedule, "restored_from", None) or {}
-    config = getattr(schedule, "paci_config", None)
-    if config is None:
+    settings = getattr(schedule, "settings", None)
+    if settings is None:
         return
-    now = {"accumulation": config.resolve_accumulation(m), "lookahead": config.lookahead,
-           "sync_warmup_iters": config.sync_warmup_iters}
+    now = {"accumulation": settings.accumulation, "lookahead": settings.lookahead,
+           "sync_warmup_iters": settings.sync_warmup_iters}
     for key, flag in (("accumulation", "--paci-accumulation"), ("lookahead", "--paci-lookahead"),
                       ("sync_warmup_iters", "--paci-sync-warmup-iters")):
         if saved.get(key) is not None and saved[key] != now[key]:
@@ -486,8 +496,9 @@ def _agree_or_stop(problem: Optional[str], what: str) -> None:
         _stop(speaker=flags.index(failed[0]))
 
 
-def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: int):
-    """Model chunks, optimizer (PACI-wrapped or not), LR scheduler, forward_backward_func."""
+def build_training(args: argparse.Namespace, vocab_size: int, settings=None):
+    """Model chunks, optimizer (PACI-wrapped or not), LR scheduler, forward_backward_func;
+    ``settings``: PACI's, resolved by :func:`check_args` (None: Megatron's 1F1B)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -524,20 +535,9 @@ def build_training(args: argparse.Namespace, vocab_size: int, num_microbatches: 
         weight_decay=args.weight_decay,
     )
     config.grad_scale_func = optimizer.scale_loss
-    if args.pipeline_schedule == "paci":
-        paci = PACIConfig.from_args(args).resolve_sync_warmup(args.lr_warmup_iters)
-        optimizer = pm.PACIOptimizer(optimizer, model, opt_param_scheduler=scheduler,
-                                     skip_nonfinite_updates=paci.skip_nonfinite_updates,
-                                     lookahead=paci.lookahead)
-        pm.validate_setup(
-            paci, num_microbatches=num_microbatches,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size, model_config=config,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        )
-        schedule = pm.PACISchedule(
-            optimizer, paci,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        )
+    if settings is not None:
+        schedule = pm.build(optimizer, model, settings, opt_param_scheduler=scheduler)
+        optimizer = schedule.optimizer
     else:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = model[0].no_sync
@@ -589,8 +589,9 @@ def gather_to_last(value: Optional[float], group) -> Optional[float]:
     return float(t.item())
 
 
-def train(args: argparse.Namespace) -> List[dict]:
-    """The training loop, shaped like Megatron-LM's ``train`` / ``train_step``."""
+def train(args: argparse.Namespace, settings=None) -> List[dict]:
+    """The training loop, shaped like Megatron-LM's ``train`` / ``train_step``; ``settings``:
+    PACI's (:func:`check_args`), None for Megatron's 1F1B."""
     from megatron.core import parallel_state as ps
 
     from gpt_recipe import model as gpt
@@ -600,7 +601,7 @@ def train(args: argparse.Namespace) -> List[dict]:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     m = args.global_batch_size // (args.micro_batch_size * dp_size)
     train_ds, valid_ds, vocab = build_data(args, dp_rank, dp_size)
-    model, optimizer, scheduler, schedule = build_training(args, vocab, m)
+    model, optimizer, scheduler, schedule = build_training(args, vocab, settings)
     start_iteration = 0
     if args.load and latest_iteration(args.load) is not None:
         from gpt_recipe.checkpoint import DamagedCheckpoint, load_checkpoint
@@ -693,9 +694,9 @@ def train(args: argparse.Namespace) -> List[dict]:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
               f"DP={dp_size} m={m} device={args.device} bf16={args.bf16} "
               f"optimizer={args.optimizer}", flush=True)
-    sync = schedule.paci_config.sync_warmup_iters if hasattr(schedule, "drain") else 0
+    sync = settings.sync_warmup_iters if settings is not None else 0
     if sync and is_writer:
-        exact = " (exactly 1F1B)" if schedule.paci_config.accumulation in (None, m) else ""
+        exact = " (exactly 1F1B)" if settings.accumulation == m else ""
         print(f"> paci: synchronous warm-up, iterations 1..{sync} drained after each{exact}; "
               f"PACI takes over at iteration {sync + 1}", flush=True)
     if start_iteration == 0:
@@ -715,8 +716,6 @@ def train(args: argparse.Namespace) -> List[dict]:
         scheduler.step(increment=args.global_batch_size)
         if sync and iteration == sync + 1 and is_writer:
             print(f"> paci: PACI took over at iteration {iteration}", flush=True)
-        if args.paci_drain_interval and iteration % args.paci_drain_interval == 0:
-            schedule.drain()
         if losses:
             window_losses.append(average_losses(losses))
             recent_losses.append(window_losses[-1])
@@ -733,7 +732,7 @@ def train(args: argparse.Namespace) -> List[dict]:
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                 **drift(),
             }
-            if args.paci_skip_nonfinite_updates:
+            if settings is not None and settings.skip_nonfinite_updates:
                 record["skipped_updates"] = skipped()
             if evaluated:
                 record["val_loss"] = run_eval()
@@ -752,14 +751,10 @@ def train(args: argparse.Namespace) -> List[dict]:
         if (args.save and start_iteration < args.train_iters
                 and (not args.save_interval or args.train_iters % args.save_interval)):
             save(args.train_iters)
-    if hasattr(schedule, "drain"):
-        schedule.drain()
-    if args.paci_trace:
-        from paci_megatron.telemetry import write_run_trace
-
-        written = write_run_trace(args.paci_trace, schedule.timeline)  # a collective
+    if settings is not None:
+        written = schedule.finish()  # drains; writes --paci-trace (a collective)
         if written is not None:
-            print(f"> trace of {written} actions written to {args.paci_trace}", flush=True)
+            print(f"> trace of {written} actions written to {settings.config.trace}", flush=True)
     if log:
         log.close()
     return records
@@ -811,12 +806,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    settings = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     if _already_done(args):
         return
     setup_distributed(args)
     try:
-        records = train(args)
+        records = train(args, settings)
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and records:
             vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
             losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]

@@ -7,7 +7,8 @@ stages (arXiv 2606.07881). Public entry points:
 - :class:`PACISchedule` / :func:`get_forward_backward_func`: a ``forward_backward_func``
   with Megatron's exact signature, plus ``drain()``;
 - :class:`PACIOptimizer`: the per-stage wrapper around ``get_megatron_optimizer``'s result;
-- :class:`PACIConfig`, :func:`validate_setup`, :class:`PACIConfigError`;
+- :class:`PACIConfig` (its ``resolve`` gives the frozen :class:`Settings`), :func:`build`
+  (the wrapper and the schedule from them), :func:`validate_setup`, :class:`PACIConfigError`;
 - :mod:`paci_megatron.plan`: the pure schedule IR; :mod:`paci_megatron.cpu`: CPU/gloo mode.
 """
 
@@ -23,6 +24,8 @@ _EXPORTS = {
     "PACIOptimizer": "optimizer",
     "NonFiniteGradientError": "optimizer",
     "PACISchedule": "schedule",
+    "build": "schedule",
+    "Settings": "config",
     "PACICommunicationError": "p2p",
     "get_forward_backward_func": "schedule",
     "Action": "plan",

@@ -1,7 +1,7 @@
 """Every megatron-core / PyTorch version difference paci-megatron depends on, and nothing else.
 
-Supported: megatron-core 0.14 .. 0.19 (0.16.1 in CI), PyTorch releases that have
-``torch._C._autograd._unsafe_set_version_counter``.
+Supported: the megatron-core releases of :mod:`paci_megatron.versions`, PyTorch releases that
+have ``torch._C._autograd._unsafe_set_version_counter``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["MEGATRON_CORE_VERSION", "init_device_kwargs", "backward_step", "forward_step", "get_tensor_shapes",
-           "get_model_config", "get_model_type", "set_version_counters", "inner_optimizers",
-           "main_parameters", "publish_main_parameters", "get_megatron_muon_optimizer",
-           "muon_module", "stage_grad_stats_group", "finalize_stage_local"]
+__all__ = ["MEGATRON_CORE_VERSION", "init_device_kwargs", "backward_step", "forward_step",
+           "get_tensor_shapes", "get_model_config", "get_model_type", "set_version_counters",
+           "process_groups", "get_megatron_muon_optimizer", "muon_module", "finalize_stage_local"]
 
 try:
     from megatron.core import package_info as _pkg
@@ -95,28 +94,12 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, c
     return schedules.backward_step(*[values[n] for n in names if n in values])
 
 
-MULTI_MODULE_REFUSAL = (
-    "a multi-module process-group collection or communicator (megatron-core's "
-    "MultiModuleProcessGroupCollection / MultiModulePipelineCommunicator: several modules, "
-    "such as an encoder and a language model, on separate pipeline grids) is not supported: "
-    "PACI's stages each hold one chunk of one model; use --pipeline-schedule 1f1b")
-
-
-def refuse_multi_module(*objects: Any) -> None:
-    """Raise :class:`PACIConfigError` if any object is a megatron-core multi-module process-group
-    collection or communicator (0.16+), recognised by class name (older releases lack them)."""
-    from .config import PACIConfigError
-
-    if any(c.__name__.startswith("MultiModule") for o in objects for c in type(o).__mro__):
-        raise PACIConfigError([MULTI_MODULE_REFUSAL])
-
-
 def process_groups(pg_collection=None, p2p_communicator=None):
     """``(pp_group, tp_group, cp_group)`` of one call, as Megatron's 1F1B takes them.
 
     From ``pg_collection`` (a single-module ``ProcessGroupCollection``, megatron-core 0.14+)
     and ``p2p_communicator.pp_group`` where given, else from ``parallel_state``. The caller
-    refuses multi-module ones first (:func:`refuse_multi_module`).
+    refuses multi-module ones first (a row of :data:`paci_megatron.config.REFUSALS`).
     """
     from megatron.core import parallel_state as ps
 
@@ -155,193 +138,6 @@ def get_model_type(model):
     from megatron.core.utils import get_model_type as _get
 
     return _get(model)
-
-
-def inner_optimizers(optimizer) -> List[Any]:
-    """The optimizers inside a ``ChainedOptimizer`` (or ``[optimizer]`` for a single one)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def main_parameters(optimizer) -> List[torch.Tensor]:
-    """The tensors the inner optimizers step: the fp32 main parameters of Megatron's
-    mixed-precision optimizers, the model parameters themselves for ``FP32Optimizer``."""
-    return [p for inner in inner_optimizers(optimizer) for group in inner.optimizer.param_groups
-            for p in group["params"]]
-
-
-def main_parameter(optimizer, param: torch.Tensor) -> torch.Tensor:
-    """The tensor Megatron's optimizer steps for model parameter ``param``: its fp32 main
-    copy (``Float16OptimizerWithFloat16Params``), this data-parallel rank's shard of it
-    (``DistributedOptimizer``: 1-D, :func:`main_shard` elements of ``param.view(-1)``), or
-    ``param`` itself.
-
-    Raises:
-        ValueError: no inner optimizer holds ``param`` (with the distributed optimizer: this
-            rank's shard holds none of it).
-    """
-    return _locate(optimizer, param)[1]
-
-
-def holds_main_parameter(optimizer, param: torch.Tensor) -> bool:
-    """Whether this rank's optimizer steps (a shard of) ``param``."""
-    try:
-        _locate(optimizer, param)
-    except ValueError:
-        return False
-    return True
-
-
-def main_shard(optimizer, param: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """``(start, end)``: the elements of ``param.view(-1)`` this data-parallel rank's
-    distributed optimizer steps (``DistributedOptimizer._get_model_param_range_map``), or
-    None where the main parameter is the whole tensor.
-
-    Raises:
-        ValueError: as :func:`main_parameter`.
-    """
-    return _locate(optimizer, param)[3]
-
-
-#: (model parameters, main parameters) group attributes of Megatron's optimizers:
-#: ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` (bf16 and fp32 params)
-_MAIN_GROUPS = (("float16_groups", "fp32_from_float16_groups"),
-                ("model_float16_groups", "shard_fp32_from_float16_groups"),
-                ("model_fp32_groups", "shard_fp32_groups"))
-
-
-def _locate(optimizer, param: torch.Tensor):
-    """``(torch optimizer, main parameter, its param group, shard)`` of a model parameter,
-    ``shard`` as :func:`main_shard`."""
-    for inner in inner_optimizers(optimizer):
-        main = param
-        for model_attr, main_attr in _MAIN_GROUPS:
-            for model_group, main_group in zip(getattr(inner, model_attr, []),
-                                               getattr(inner, main_attr, [])):
-                main = next((q for p, q in zip(model_group, main_group) if p is param), main)
-        for group in inner.optimizer.param_groups:
-            if any(p is main for p in group["params"]):
-                shard = None
-                if main is not param and hasattr(inner, "_get_model_param_range_map"):
-                    span = inner._get_model_param_range_map(param)["param"]
-                    shard = (int(span.start), int(span.end))
-                return inner.optimizer, main, group, shard
-    raise ValueError(f"no optimizer holds the parameter of shape {tuple(param.shape)}")
-
-
-def step_hyperparameters(optimizer, param: torch.Tensor) -> Tuple[float, float, int]:
-    """``(lr, weight_decay, group step)`` of the param group holding ``param`` (as last set);
-    the group step is the step count that fused Adams (Transformer Engine's and Apex's
-    ``FusedAdam``) keep in the group, -1 where the group has none (torch's Adam keeps it per
-    parameter)."""
-    group = _locate(optimizer, param)[2]
-    return float(group["lr"]), float(group["weight_decay"]), int(group.get("step", -1))
-
-
-def step_one_parameter(optimizer, param: torch.Tensor, grad: torch.Tensor, lr: float,
-                       weight_decay: float, group_step: int = -1) -> None:
-    """One step of the inner optimizer on ``param`` alone, with gradient ``grad`` (fp32,
-    the main parameter's shape), ``lr`` and ``weight_decay``; its state (Adam's moments and
-    step count) is the parameter's own, except that an optimizer counting steps per group
-    (fused Adam) takes step ``group_step`` (>= 1) for it, leaving the group's own count
-    alone. The model copy is refreshed from the main one as Megatron's
-    ``_copy_main_params_to_model_params`` does (with the distributed optimizer: this rank's
-    shard only; :func:`gather_parameter` then rebuilds the whole tensor)."""
-    torch_optimizer, main, group, shard = _locate(optimizer, param)
-    saved = torch_optimizer.param_groups
-    one = dict(group, params=[main], lr=lr, weight_decay=weight_decay)
-    if group_step >= 1:
-        one["step"] = group_step - 1  # fused Adam counts the step before using it
-    torch_optimizer.param_groups = [one]
-    main.grad = grad
-    try:
-        torch_optimizer.step()
-    finally:
-        torch_optimizer.param_groups = saved
-        main.grad = None
-    if shard is not None:
-        param.detach().view(-1)[shard[0]:shard[1]].copy_(main.detach())
-    elif main is not param:
-        param.data.copy_(main.data)
-
-
-def distributed_optimizer_of(optimizer, param: torch.Tensor):
-    """The ``DistributedOptimizer`` inside ``optimizer`` whose buffers hold ``param`` (the
-    dense one, not an expert one, for a dense parameter), or None."""
-    for inner in inner_optimizers(optimizer):
-        if type(inner).__name__ == "DistributedOptimizer" and any(
-                param in getattr(buffer, "param_index_map", {})
-                for buffer in getattr(inner, "buffers", [])):
-            return inner
-    return None
-
-
-def shard_spans(optimizer, param: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
-    """Per rank of the distributed optimizer's ``data_parallel_group``: the ``(start, end)``
-    elements of ``param.view(-1)`` it steps (a stage-local all-gather of two integers; call
-    it on every rank of that group). None without a distributed optimizer."""
-    inner = distributed_optimizer_of(optimizer, param)
-    if inner is None:
-        return None
-    span = main_shard(optimizer, param) if holds_main_parameter(optimizer, param) else (0, 0)
-    group = inner.data_parallel_group
-    mine = torch.tensor(span, dtype=torch.int64, device=param.device)
-    every = torch.empty(2 * dist.get_world_size(group), dtype=torch.int64, device=param.device)
-    dist.all_gather_into_tensor(every, mine, group=group)
-    return [tuple(pair) for pair in every.view(-1, 2).tolist()]
-
-
-@torch.no_grad()
-def gather_parameter(optimizer, param: torch.Tensor, spans: Sequence[Tuple[int, int]]) -> None:
-    """With the distributed optimizer: rebuild the whole model parameter ``param`` on every
-    data-parallel rank of this stage from the shards each rank stepped (``spans``, from
-    :func:`shard_spans`), bit for bit: a stage-local all-gather over the optimizer's
-    ``data_parallel_group`` of equal-sized chunks (the largest shard; ``param.numel()``
-    elements of ``param.dtype`` in all, as Megatron's own bucket all-gather,
-    ``start_param_sync``)."""
-    inner = distributed_optimizer_of(optimizer, param)
-    flat = param.detach().view(-1)
-    size = max(end - start for start, end in spans)
-    start, end = spans[dist.get_rank(inner.data_parallel_group)]
-    chunk = torch.zeros(size, dtype=flat.dtype, device=flat.device)
-    chunk[:end - start] = flat[start:end]
-    every = torch.empty(size * len(spans), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(every, chunk, group=inner.data_parallel_group)
-    for r, (start, end) in enumerate(spans):
-        flat[start:end] = every[r * size:r * size + end - start]
-
-
-class ParamGroupsWithout:
-    """Context: the inner optimizer's param groups without ``param`` (its main copy), so
-    that a Megatron ``step()`` inside leaves it, its grad and its state alone. What the step
-    writes into a group besides its parameters (a fused Adam's group step count) is kept."""
-
-    def __init__(self, optimizer, param: torch.Tensor):
-        self.torch_optimizer, self.main = _locate(optimizer, param)[:2]
-        self.saved = None
-
-    def __enter__(self):
-        self.saved = self.torch_optimizer.param_groups
-        self.torch_optimizer.param_groups = [
-            dict(g, params=[p for p in g["params"] if p is not self.main]) for g in self.saved]
-        return self
-
-    def __exit__(self, *exc):
-        for saved, used in zip(self.saved, self.torch_optimizer.param_groups):
-            saved.update((k, v) for k, v in used.items() if k != "params")
-        self.torch_optimizer.param_groups = self.saved
-
-
-def publish_main_parameters(optimizer) -> None:
-    """Copy changed main parameters into the model's (mixed precision; a no-op for fp32);
-    the distributed optimizer's shards then reach every DP replica through the same
-    stage-local all-gather its own step makes (``start_param_sync``)."""
-    for inner in inner_optimizers(optimizer):
-        copy = getattr(inner, "_copy_main_params_to_model_params", None)
-        if copy is not None:
-            copy()
-        if type(inner).__name__ == "DistributedOptimizer":
-            for chunk in inner.model_chunks:
-                chunk.start_param_sync()
 
 
 def muon_module():
@@ -394,20 +190,6 @@ def _old_muon_keywords(muon) -> None:
     ns = muon.newton_schulz_tp
     if "mode" not in inspect.signature(ns).parameters:
         muon.newton_schulz_tp = lambda x, mode="duplicated", **kw: ns(x, tp_mode=mode, **kw)
-
-
-def stage_grad_stats_group(distributed_optimizer: bool):
-    """Process group over which a stage reduces grad norm, zero count and found-inf.
-
-    Megatron reduces over TP x PP (or the whole distributed-optimizer instance); PACI over
-    the stage only: its TP group, or its TP x DP x CP group when grads are sharded
-    (docs/design.md, "What stays stage-local, what is refused").
-    """
-    from megatron.core import parallel_state as ps
-
-    if distributed_optimizer:
-        return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-    return ps.get_tensor_model_parallel_group()
 
 
 def finalize_stage_local(model: Sequence[torch.nn.Module], config) -> None:

@@ -18,8 +18,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .plan import drift_bound
 
-__all__ = ["SCHEDULES", "MEMORY_MODES", "PACIConfig", "PACIConfigError", "Setup", "REFUSALS",
-           "validate_setup", "check_arguments", "divisors", "unwritable_file", "unwritable_folder"]
+__all__ = ["SCHEDULES", "MEMORY_MODES", "PACIConfig", "PACIConfigError", "Setup", "Settings",
+           "REFUSALS", "problems", "refuse", "validate_setup", "resolve_arguments",
+           "check_arguments", "divisors", "unwritable_file", "unwritable_folder"]
 
 SCHEDULES = ("1f1b", "paci")
 MEMORY_MODES = ("activations", "recompute")
@@ -105,6 +106,24 @@ class PACIConfig:
         if self.sync_warmup_iters is not None:
             return self
         return replace(self, sync_warmup_iters=max(int(lr_warmup_iters or 0), 0))
+
+    def resolve(self, *, num_microbatches: int, pipeline_model_parallel_size: int,
+                lr_warmup_iters: Optional[int] = None, tied: bool = False, model_config=None,
+                training_args=None) -> "Settings":
+        """These settings for a run of ``m`` micro-batches per iteration on ``P`` stages,
+        checked against every refusal (:data:`REFUSALS`) once: the frozen
+        :class:`Settings` both front ends hand to the optimizer wrapper and the schedule.
+        ``lr_warmup_iters``: the default of ``sync_warmup_iters`` (None: 0).
+
+        Raises:
+            PACIConfigError: listing every violation and the flag to change.
+        """
+        config = self.resolve_sync_warmup(lr_warmup_iters or 0)
+        setup = Setup(config, num_microbatches, pipeline_model_parallel_size, tied, model_config,
+                      training_args)
+        refuse(setup)
+        return Settings(config, num_microbatches, pipeline_model_parallel_size, setup.a,
+                        config.sync_warmup_iters, tied)
 
     @staticmethod
     def flag_fields() -> List[Tuple[str, str, Any]]:
@@ -202,27 +221,44 @@ def divisors(n: int) -> List[int]:
 
 @dataclass(frozen=True)
 class Setup:
-    """What the refusals look at: PACI's settings and the Megatron setup around them.
+    """What the refusals look at: PACI's settings and the Megatron setup around them. Every
+    field may be absent (None / empty); a refusal whose inputs are absent does not apply,
+    so the runtime can check what it alone sees (its process groups, its model chunks).
 
     Attributes:
         paci: the :class:`PACIConfig`. m: micro-batches per iteration. P: pipeline stages.
         tied: input embedding and output layer share weights.
-        model_config: megatron-core ``TransformerConfig`` (or an object with its attribute
-            names), or None.
-        training_args: Megatron-LM's parsed arguments (flags that exist only there), or None.
+        model_config: megatron-core ``TransformerConfig``, or None.
+        training_args: the front end's parsed arguments (Megatron-LM's, or the example's),
+            or None. Flags that exist in both under one name (``fp16``, ...) are read from
+            the model config first (:meth:`value`).
+        schedule: the ``--pipeline-schedule`` asked for; ``argv``: the command line.
+        chunks: model chunks per stage. collections: the ``pg_collection`` /
+            ``p2p_communicator`` objects Megatron passes a schedule call.
+        consumed_microbatches: micro-batches a resumed run has consumed (None: a new run).
     """
 
-    paci: PACIConfig
-    m: int
-    P: int
+    paci: PACIConfig = field(default_factory=PACIConfig)
+    m: Optional[int] = None
+    P: Optional[int] = None
     tied: bool = False
     model_config: Any = None
     training_args: Any = None
+    schedule: str = "paci"
+    argv: Sequence[str] = ()
+    chunks: int = 1
+    collections: Sequence[Any] = ()
+    consumed_microbatches: Optional[int] = None
 
     @property
     def a(self) -> int:
         """The accumulation factor (1 where ``m`` is not valid)."""
-        return self.paci.resolve_accumulation(self.m) if self.m >= 1 else 1
+        return self.paci.resolve_accumulation(self.m) if (self.m or 0) >= 1 else 1
+
+    @property
+    def shaped(self) -> bool:
+        """``m``, ``a`` and ``P`` are known and valid."""
+        return (self.m or 0) >= 1 and self.a >= 1 and (self.P or 0) >= 1
 
     def cfg(self, name: str, default: Any = None) -> Any:
         """``model_config.<name>`` (``default`` without a model config or attribute)."""
@@ -231,6 +267,12 @@ class Setup:
     def arg(self, name: str, default: Any = None) -> Any:
         """``training_args.<name>`` (``default`` without training arguments or attribute)."""
         return getattr(self.training_args, name, default) if self.training_args is not None else default
+
+    def value(self, name: str) -> Any:
+        """``name`` from the model config, else from the training arguments (Megatron-LM's
+        arguments carry the ``TransformerConfig`` fields under the same names)."""
+        got = self.cfg(name)
+        return got if got is not None else self.arg(name)
 
 
 def _max_drift_fix(s: Setup) -> str:
@@ -248,8 +290,21 @@ def _virtual(s: Setup) -> bool:
             or bool(s.arg("num_layers_per_virtual_pipeline_stage")))
 
 
-def _valid_shape(s: Setup) -> bool:
-    return s.m >= 1 and s.a >= 1 and s.P >= 1
+def _multi_module(s: Setup) -> bool:
+    """A megatron-core multi-module process-group collection or communicator (0.16+),
+    recognised by class name (older releases lack them)."""
+    return any(c.__name__.startswith("MultiModule") for o in s.collections
+               for c in type(o).__mro__)
+
+
+def _paci_flags_given(s: Setup) -> List[str]:
+    return [flag for _, flag, default in PACIConfig.flag_fields()
+            if s.arg(PACIConfig.dest(flag), default) != default]
+
+
+def _paci_on_command_line(s: Setup) -> bool:
+    argv = list(s.argv)
+    return "--pipeline-schedule=paci" in argv or ("--pipeline-schedule", "paci") in zip(argv, argv[1:])
 
 
 #: Tied embeddings with main parameters kept outside the optimizer's param groups.
@@ -257,6 +312,10 @@ TIED_PRECISION_AWARE = (
     "tied embeddings under PACI step the tied weight's main parameter through the optimizer's "
     "param groups, which --use-precision-aware-optimizer (and --optimizer-cpu-offload) keep "
     "elsewhere: remove it or add --untie-embeddings-and-output-weights")
+#: A loss normalised by the token count of the whole batch (``num_tokens`` reaching the
+#: grad finish): that count is only known on the last stage.
+PER_TOKEN_LOSS = ("--calculate-per-token-loss reduces token counts across pipeline stages: "
+                  "remove it (PACI averages the loss per micro-batch)")
 
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
@@ -274,21 +333,34 @@ _LM_REFUSED = (
     ("freeze_all_layers", "--freeze-all-layers", "makes the training calls forward-only"),
 )
 
-#: Every refusal: ``(condition, message)``, evaluated in order on a :class:`Setup`.
-REFUSALS: Sequence[Refusal] = (
-    (lambda s: s.m < 1,
+#: Refusals that apply whatever the schedule: a front end's flags that contradict it.
+_ANY_SCHEDULE: Sequence[Refusal] = (
+    (lambda s: s.schedule != "paci" and bool(_paci_flags_given(s)),
+     lambda s: (f"{', '.join(_paci_flags_given(s))} only "
+                f"{'applies' if len(_paci_flags_given(s)) == 1 else 'apply'} with "
+                f"--pipeline-schedule paci: add that or remove "
+                f"{'it' if len(_paci_flags_given(s)) == 1 else 'them'}")),
+    (lambda s: s.schedule != "paci" and _paci_on_command_line(s),
+     lambda s: "--pipeline-schedule paci is on the command line but not in the arguments "
+               "Megatron-LM uses (--yaml-cfg replaces them): put pipeline_schedule: paci in "
+               "the YAML file"),
+)
+
+#: Refusals of a PACI run: ``(condition, message)``, evaluated in order on a :class:`Setup`.
+_PACI: Sequence[Refusal] = (
+    (lambda s: s.m is not None and s.m < 1,
      lambda s: f"num_microbatches is {s.m}: need at least 1 (check --global-batch-size)"),
-    (lambda s: s.m >= 1 and s.a < 1,
+    (lambda s: (s.m or 0) >= 1 and s.a < 1,
      lambda s: f"--paci-accumulation is {s.a}: must be >= 1"),
-    (lambda s: s.m >= 1 and s.a >= 1 and s.m % s.a != 0,
+    (lambda s: (s.m or 0) >= 1 and s.a >= 1 and s.m % s.a != 0,
      lambda s: f"--paci-accumulation {s.a} does not divide the {s.m} micro-batches of an "
                f"iteration (fewer micro-batches than one accumulation window needs, or windows "
                f"that end mid-iteration): choose one of {divisors(s.m)}, or change "
                f"--global-batch-size"),
-    (lambda s: s.P < 1, lambda s: f"pipeline size is {s.P}: must be >= 1"),
+    (lambda s: s.P is not None and s.P < 1, lambda s: f"pipeline size is {s.P}: must be >= 1"),
     (lambda s: s.paci.max_drift is not None and s.paci.max_drift < 0,
      lambda s: f"--paci-max-drift {s.paci.max_drift}: must be >= 0"),
-    (lambda s: (s.paci.max_drift is not None and s.paci.max_drift >= 0 and _valid_shape(s)
+    (lambda s: (s.paci.max_drift is not None and s.paci.max_drift >= 0 and s.shaped
                 and drift_bound(s.P, 0, s.a) > s.paci.max_drift),
      lambda s: f"drift bound ceil((P-1)/a) = {drift_bound(s.P, 0, s.a)} on stage 0 exceeds "
                f"--paci-max-drift {s.paci.max_drift}: {_max_drift_fix(s)}"),
@@ -314,39 +386,55 @@ REFUSALS: Sequence[Refusal] = (
     (lambda s: unwritable_folder(s.arg("save")) is not None,
      lambda s: f"--save {s.arg('save')}: {unwritable_folder(s.arg('save'))}: nothing could be "
                "saved; give a folder you can write"),
-    (lambda s: s.model_config is not None and s.P > 1 and s.cfg("pipeline_dtype") is None,
+    (lambda s: (s.consumed_microbatches is not None and s.shaped
+                and s.consumed_microbatches % s.a != 0),
+     lambda s: f"the checkpoint consumed {s.consumed_microbatches} micro-batches, which are not "
+               f"whole accumulation windows of a = {s.a} micro-batches: resume with the "
+               "checkpoint's --global-batch-size and --micro-batch-size"),
+    (lambda s: s.chunks != 1,
+     lambda s: f"PACI runs one model chunk per stage, got {s.chunks}: remove virtual pipeline "
+               "stages"),
+    (_multi_module,
+     lambda s: "a multi-module process-group collection or communicator (megatron-core's "
+               "MultiModuleProcessGroupCollection / MultiModulePipelineCommunicator: several "
+               "modules, such as an encoder and a language model, on separate pipeline grids) "
+               "is not supported: PACI's stages each hold one chunk of one model; use "
+               "--pipeline-schedule 1f1b"),
+    # megatron-core sets pipeline_dtype itself in Megatron-LM: only a model config is asked
+    (lambda s: s.model_config is not None and (s.P or 0) > 1 and s.cfg("pipeline_dtype") is None,
      lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
                "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "
                "(Megatron-LM sets it from --bf16)"),
-    (lambda s: bool(s.cfg("calculate_per_token_loss")),
-     lambda s: "--calculate-per-token-loss reduces token counts across pipeline stages: "
-               "remove it (PACI averages the loss per micro-batch)"),
-    (lambda s: bool(s.cfg("fp16")),
+    (lambda s: bool(s.value("calculate_per_token_loss")), lambda s: PER_TOKEN_LOSS),
+    (lambda s: bool(s.value("fp16")),
      lambda s: "--fp16 uses dynamic loss scaling that needs every stage to agree on overflow: "
                "use --bf16 (or fp32)"),
     (_virtual,
      lambda s: "virtual pipeline stages are not supported by PACI yet: remove "
                "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
                "(--virtual-pipeline-model-parallel-size)"),
-    (lambda s: bool(s.cfg("variable_seq_lengths")),
+    (lambda s: bool(s.value("variable_seq_lengths")),
      lambda s: "variable sequence lengths are not supported by PACI yet: use a fixed --seq-length"),
-    (lambda s: bool(s.cfg("fp8")),
+    (lambda s: bool(s.value("fp8")),
      lambda s: "FP8 keeps a cached FP8 copy of each weight that a local update leaves stale: "
                "remove --fp8-format (use --bf16)"),
-    (lambda s: bool(s.cfg("mtp_num_layers")),
+    (lambda s: bool(s.value("mtp_num_layers")),
      lambda s: "multi-token prediction (--mtp-num-layers) is not supported by PACI"),
     # finalize_model_grads all-reduces these across the pipeline stages at every update
-    (lambda s: s.P > 1 and bool(s.cfg("flextron")),
+    (lambda s: (s.P or 0) > 1 and bool(s.value("flextron")),
      lambda s: "Flextron's router gradients are all-reduced across pipeline stages at every "
                "update, which PACI has no point for: train Flextron with --pipeline-schedule 1f1b"),
-    (lambda s: s.P > 1 and bool(s.cfg("has_cond_embedder")),
+    (lambda s: (s.P or 0) > 1 and bool(s.value("has_cond_embedder")),
      lambda s: "a conditional embedder's gradients (DiT) are all-reduced across pipeline "
                "stages at every update, which PACI has no point for: use --pipeline-schedule 1f1b"),
+    # Megatron-LM turns p2p overlap on by itself with virtual stages (refused above) and its
+    # non-interleaved schedule ignores it: only a model config given to PACI is asked
+    (lambda s: bool(s.cfg("overlap_p2p_comm")),
+     lambda s: "--overlap-p2p-communication is not supported by PACI: remove it"),
 ) + tuple(
-    (lambda s, name=name: bool(s.cfg(name)),
+    (lambda s, name=name: bool(s.value(name)),
      lambda s, flag=flag: f"{flag} is not supported by PACI: remove it")
-    for flag, name in (("--overlap-p2p-communication", "overlap_p2p_comm"),
-                       ("--delay-wgrad-compute", "delay_wgrad_compute"),
+    for flag, name in (("--delay-wgrad-compute", "delay_wgrad_compute"),
                        ("--defer-embedding-wgrad-compute", "defer_embedding_wgrad_compute"))
 ) + (
     # flags that exist only in Megatron-LM's training loop
@@ -355,7 +443,7 @@ REFUSALS: Sequence[Refusal] = (
                "over the world after each one; under PACI the updates happen inside the schedule "
                "and cannot be re-run: use --rerun-mode disabled (the default with "
                "--pipeline-schedule paci)"),
-    (lambda s: s.tied and s.P > 1 and bool(s.arg("use_precision_aware_optimizer")),
+    (lambda s: s.tied and (s.P or 0) > 1 and bool(s.arg("use_precision_aware_optimizer")),
      lambda s: TIED_PRECISION_AWARE),
     (lambda s: (s.arg("num_distributed_optimizer_instances") or 1) > 1,
      lambda s: f"--num-distributed-optimizer-instances "
@@ -385,6 +473,70 @@ REFUSALS: Sequence[Refusal] = (
                "flight: remove --cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph"),
 )
 
+#: Every refusal, whichever front end or runtime asks: ``(condition, message)`` rows,
+#: evaluated in order on a :class:`Setup` (those of a PACI run only under ``paci``).
+REFUSALS: Sequence[Refusal] = _ANY_SCHEDULE + tuple(
+    (lambda s, condition=condition: s.schedule == "paci" and condition(s), message)
+    for condition, message in _PACI)
+
+
+def problems(setup: Setup) -> List[str]:
+    """The message of every row of :data:`REFUSALS` that applies to ``setup``."""
+    return [message(setup) for condition, message in REFUSALS if condition(setup)]
+
+
+def refuse(setup: Setup) -> None:
+    """Raise :class:`PACIConfigError` with every problem of ``setup`` (nothing if none)."""
+    found = problems(setup)
+    if found:
+        raise PACIConfigError(found)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """PACI's settings resolved for one run, once: what the optimizer wrapper and the
+    schedule are handed (:meth:`PACIConfig.resolve`). Nothing below them reads a flag.
+
+    Attributes:
+        config: the :class:`PACIConfig` they come from (``sync_warmup_iters`` resolved).
+        num_microbatches: ``m``. num_stages: ``P``. accumulation: ``a`` (divides ``m``).
+        sync_warmup_iters: training calls that end with a drain (exactly 1F1B).
+        tied: the model ties its input embedding and output layer across stages.
+    """
+
+    config: PACIConfig
+    num_microbatches: int
+    num_stages: int
+    accumulation: int
+    sync_warmup_iters: int
+    tied: bool = False
+
+    @property
+    def lookahead(self) -> float:
+        """The look-ahead's scale ``c`` (0: off)."""
+        return self.config.lookahead
+
+    @property
+    def skip_nonfinite_updates(self) -> bool:
+        """Skip an update with NaN/Inf gradients instead of stopping."""
+        return self.config.skip_nonfinite_updates
+
+    @property
+    def drain_interval(self) -> int:
+        """Drain after every N training calls (0: never on its own)."""
+        return self.config.drain_interval or 0
+
+    def for_microbatches(self, num_microbatches: int, model_config=None) -> "Settings":
+        """These settings for another ``m`` (the accumulation factor re-resolved, every
+        refusal checked again).
+
+        Raises:
+            PACIConfigError: as :meth:`PACIConfig.resolve`.
+        """
+        return self.config.resolve(num_microbatches=num_microbatches,
+                                   pipeline_model_parallel_size=self.num_stages,
+                                   model_config=model_config, tied=self.tied)
+
 
 def validate_setup(
     paci: PACIConfig,
@@ -407,38 +559,42 @@ def validate_setup(
     Raises:
         PACIConfigError: listing every violation and the flag to change.
     """
-    setup = Setup(paci, num_microbatches, pipeline_model_parallel_size,
-                  share_embeddings_and_output_weights, model_config, training_args)
-    problems = [message(setup) for condition, message in REFUSALS if condition(setup)]
-    if problems:
-        raise PACIConfigError(problems)
-    return setup.a
+    return paci.resolve(num_microbatches=num_microbatches,
+                        pipeline_model_parallel_size=pipeline_model_parallel_size,
+                        model_config=model_config, tied=share_embeddings_and_output_weights,
+                        training_args=training_args).accumulation
+
+
+def resolve_arguments(args: Any, *, num_microbatches: int, pipeline_model_parallel_size: int,
+                      lr_warmup_iters: Optional[int] = None, model_config=None,
+                      argv: Sequence[str] = ()) -> Optional[Settings]:
+    """A front end's settings from its parsed arguments, resolved once: None under
+    ``--pipeline-schedule 1f1b``. ``args`` are also the rows' training arguments (tied
+    embeddings from ``--untie-embeddings-and-output-weights``).
+
+    Raises:
+        PACIConfigError: every refusal that applies (a ``--paci-*`` flag without
+            ``--pipeline-schedule paci`` included).
+    """
+    schedule = getattr(args, "pipeline_schedule", "1f1b")
+    tied = not getattr(args, "untie_embeddings_and_output_weights", False)
+    config = PACIConfig.from_args(args)
+    if schedule != "paci":
+        refuse(Setup(config, training_args=args, schedule=schedule, argv=argv))
+        return None
+    return config.resolve(num_microbatches=num_microbatches,
+                          pipeline_model_parallel_size=pipeline_model_parallel_size,
+                          lr_warmup_iters=lr_warmup_iters, tied=tied,
+                          model_config=model_config, training_args=args)
 
 
 def check_arguments(args: Any, *, num_microbatches: int, pipeline_model_parallel_size: int,
                     model_config=None, training_args=None) -> List[str]:
-    """A front end's check of parsed arguments: the problems (empty when the run may start).
-
-    With ``--pipeline-schedule paci``: every refusal of :func:`validate_setup` (tied
-    embeddings from ``--untie-embeddings-and-output-weights``, checked against
-    ``--use-distributed-optimizer``). Otherwise the only problem
-    is a ``--paci-*`` flag given without ``--pipeline-schedule paci``.
-    """
-    if getattr(args, "pipeline_schedule", "1f1b") != "paci":
-        used = [flag for _, flag, default in PACIConfig.flag_fields()
-                if getattr(args, PACIConfig.dest(flag), default) != default]
-        if not used:
-            return []
-        verb, them = ("applies", "it") if len(used) == 1 else ("apply", "them")
-        return [f"{', '.join(used)} only {verb} with --pipeline-schedule paci: "
-                f"add that or remove {them}"]
+    """The problems of :func:`resolve_arguments` as a list (empty when the run may start)."""
     try:
-        validate_setup(
-            PACIConfig.from_args(args), num_microbatches=num_microbatches,
-            pipeline_model_parallel_size=pipeline_model_parallel_size, model_config=model_config,
-            share_embeddings_and_output_weights=not getattr(
-                args, "untie_embeddings_and_output_weights", False),
-            training_args=training_args)
+        resolve_arguments(args, num_microbatches=num_microbatches,
+                          pipeline_model_parallel_size=pipeline_model_parallel_size,
+                          model_config=model_config)
     except PACIConfigError as err:
         return err.problems
     return []

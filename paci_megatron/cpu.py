@@ -1,8 +1,8 @@
 """CPU/gloo harness: run megatron-core's GPT model, DDP, optimizers and schedules on CPU.
 
 megatron-core assumes CUDA in many places (receive buffers, token counters, causal masks,
-param/grad buffers, optimizer type checks, the RNG tracker; MEGATRON_NOTES.md, "Running
-megatron-core on CPU"). :func:`enable_cpu_mode` redirects them so that the unmodified code
+param/grad buffers, optimizer type checks, the RNG tracker; docs/design.md, "megatron-core
+on CPU"). :func:`enable_cpu_mode` redirects them so that the unmodified code
 runs on CPU with gloo: ``torch.cuda``'s device, stream and RNG functions get CPU
 stand-ins, a :class:`CudaToCpuMode` rewrites every device argument naming CUDA to CPU (and
 reports CUDA type names, which Megatron's optimizers assert on), and the model-parallel
@@ -335,7 +335,7 @@ def enable_megatron_lm_cpu_mode() -> None:
     """Let Megatron-LM's own training loop (``pretrain_gpt.py``) run on CPU with gloo.
 
     Everything :func:`enable_cpu_mode` does, plus what ``megatron.training`` needs
-    (MEGATRON_NOTES.md, "Megatron-LM's own pretrain_gpt.py on CPU"): one device is
+    (docs/design.md, "megatron-core on CPU"): one device is
     reported, ``torch.cuda.is_available()`` is True for ``megatron.training`` callers
     only, streams are stand-ins. The module-level pieces (the dataset helper's ``make``,
     the fused-kernel ``nvcc`` build, the RNG tracker's CUDA states) are patched when

@@ -2,7 +2,7 @@
 
 Activated by :mod:`paci_megatron.hook`, with no edit to Megatron-LM. Right after Python
 executes Megatron-LM's modules it rebinds the names listed in :data:`PATCHED`
-(MEGATRON_NOTES.md, "How the training loop drives a schedule"):
+(docs/design.md, "Megatron-LM's training loop"):
 
 - ``megatron.training.arguments``: PACI's flags are added (:func:`add_arguments`) and the
   validated arguments checked (:func:`check_args`: every refusal of
@@ -12,9 +12,9 @@ executes Megatron-LM's modules it rebinds the names listed in :data:`PATCHED`
   :class:`~paci_megatron.optimizer.PACIOptimizer` with the stage's
   :class:`~paci_megatron.schedule.PACISchedule` as ``forward_backward_func``;
   ``finalize_model_grads`` becomes the stage-local one; evaluation, saving, the exit and
-  the end of training drain first; ``train_step`` counts iterations (and drains every
-  ``--paci-drain-interval``); ``training_log`` adds the drift per stage; the end of
-  training writes ``--paci-trace``.
+  the end of training drain first; ``train_step`` counts iterations; ``training_log`` adds
+  the drift per stage; the end of training finishes the schedule (which writes
+  ``--paci-trace``). PACI's settings are resolved once, when the arguments are validated.
 
 With ``--pipeline-schedule 1f1b`` (or without the flag) every rebound function calls
 Megatron-LM's original unchanged.
@@ -26,18 +26,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["PATCHED", "add_arguments", "check_args", "register", "Glue", "glue"]
+__all__ = ["PATCHED", "add_arguments", "resolve", "check_args", "register", "Glue", "glue"]
 
-#: Megatron-LM module -> names this module rebinds there (documentation and tests).
-PATCHED: Dict[str, Sequence[str]] = {
-    "megatron.training.arguments": ("_add_distributed_args", "validate_args"),
-    "megatron.training.initialize": ("validate_args",),
-    "megatron.training.training": (
-        "setup_model_and_optimizer", "get_forward_backward_func", "finalize_model_grads",
-        "train_step", "training_log", "evaluate", "save_checkpoint_and_time",
-        "checkpoint_and_decide_exit", "train",
-    ),
-}
 
 
 def add_arguments(parser):
@@ -69,28 +59,32 @@ def _num_microbatches(args) -> int:
     return int(args.global_batch_size // (args.micro_batch_size * dp))
 
 
-class _ArgsAsModelConfig:
-    """Megatron-LM's arguments seen through the attribute names of ``TransformerConfig``
-    (what :func:`paci_megatron.config.validate_setup` checks), before the config exists."""
+def resolve(args, argv: Optional[Sequence[str]] = None):
+    """PACI's settings from Megatron-LM's validated arguments, resolved once
+    (:func:`paci_megatron.config.resolve_arguments`, every refusal of
+    :data:`paci_megatron.config.REFUSALS` checked on the arguments); None under ``1f1b``.
 
-    def __init__(self, args):
-        self._args = args
-        # Megatron-LM always sets it (from --bf16/--fp16) when it builds the config.
-        self.pipeline_dtype = "set by Megatron-LM"
-        # Megatron-LM turns p2p overlap on by itself for virtual stages (refused below,
-        # with its own flags) and its non-interleaved schedule ignores it
-        self.overlap_p2p_comm = False
-        self.virtual_pipeline_model_parallel_size = None
+    Side effect: under ``paci`` with no ``--rerun-mode`` on the command line, sets
+    ``args.rerun_mode = "disabled"``.
 
-    def __getattr__(self, name):
-        return getattr(self._args, name, None)
+    Raises:
+        PACIConfigError: every problem, each naming the flag to change.
+    """
+    from .config import resolve_arguments
+
+    argv = list(sys.argv if argv is None else argv)
+    paci = getattr(args, "pipeline_schedule", "1f1b") == "paci"
+    if paci and not _given(argv, "--rerun-mode"):
+        args.rerun_mode = "disabled"
+    return resolve_arguments(
+        args, num_microbatches=_num_microbatches(args) if paci else 0,
+        pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+        lr_warmup_iters=_lr_warmup_iters(args), argv=argv)
 
 
 def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
-    """Problems that stop a Megatron-LM run before training, each naming the flag to change.
-
-    The refusals themselves are :data:`paci_megatron.config.REFUSALS`, evaluated on the
-    arguments (as a model config, and for Megatron-LM's own flags).
+    """Problems that stop a Megatron-LM run before training, each naming the flag to change
+    (:func:`resolve`'s, as a list).
 
     Args:
         args: Megatron-LM's parsed and validated arguments (``argparse.Namespace``).
@@ -102,24 +96,15 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
         arguments the only possible problems are a PACI flag given without it, or ``paci``
         on the command line that the arguments lost (``--yaml-cfg`` replaces them).
 
-    Side effect: under ``paci`` with no ``--rerun-mode`` on the command line, sets
-    ``args.rerun_mode = "disabled"``.
+    Side effect: as :func:`resolve`.
     """
-    from .config import check_arguments
+    from .config import PACIConfigError
 
-    argv = list(sys.argv if argv is None else argv)
-    paci = getattr(args, "pipeline_schedule", "1f1b") == "paci"
-    if paci and not _given(argv, "--rerun-mode"):
-        args.rerun_mode = "disabled"
-    if not paci and ("--pipeline-schedule=paci" in argv or ("--pipeline-schedule", "paci") in
-                     zip(argv, argv[1:])):
-        return ["--pipeline-schedule paci is on the command line but not in the arguments "
-                "Megatron-LM uses (--yaml-cfg replaces them): put pipeline_schedule: paci in "
-                "the YAML file"]
-    return check_arguments(
-        args, num_microbatches=_num_microbatches(args) if paci else 0,
-        pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
-        model_config=_ArgsAsModelConfig(args), training_args=args)
+    try:
+        resolve(args, argv)
+    except PACIConfigError as err:
+        return err.problems
+    return []
 
 
 def _lr_warmup_iters(args) -> int:
@@ -158,10 +143,13 @@ class Glue:
         args: Megatron-LM's arguments (after validation).
         optimizer: the stage's :class:`~paci_megatron.optimizer.PACIOptimizer`.
         schedule: the stage's :class:`~paci_megatron.schedule.PACISchedule`.
+        settings: PACI's :class:`~paci_megatron.config.Settings`, resolved once when the
+            arguments were validated.
         start_iteration: the iteration training started (or resumed) from.
         train_steps: ``train_step`` calls made under PACI in this process.
-        drains: drains done, by reason (``evaluation``, ``checkpoint``, ``exit``,
-            ``interval``, ``end of training``).
+        drains: drains Megatron-LM's loop asked for, by reason (``evaluation``,
+            ``checkpoint``, ``exit``, ``end of training``; the schedule's own, after the
+            synchronous warm-up's iterations and every ``--paci-drain-interval``, are its).
     """
 
     def __init__(self) -> None:
@@ -169,25 +157,18 @@ class Glue:
         self.disabled = False  # the script defines --pipeline-schedule itself
         self.evaluation_only = False  # Megatron built no optimizer (--skip-train)
         self.args = None
+        self.settings = None
         self.optimizer = None
         self.schedule = None
         self.start_iteration = 0
         self.start_version = 0
         self.train_steps = 0
         self.drains: Dict[str, int] = {}
-        self.trace_written = False
 
     @property
     def iteration(self) -> int:
         """The training iteration the schedule has completed (Megatron's count)."""
         return self.start_iteration + self.train_steps
-
-    @property
-    def paci(self):
-        """PACI's settings from Megatron-LM's arguments (:meth:`PACIConfig.from_args`)."""
-        from .config import PACIConfig
-
-        return PACIConfig.from_args(self.args)
 
     def drain(self, why: str) -> None:
         """Drain the PACI pipeline (every rank calls it at the same point)."""
@@ -197,49 +178,50 @@ class Glue:
 
     def wrap_optimizer(self, model, optimizer, opt_param_scheduler):
         """Wrap Megatron's optimizer and create the stage's schedule (after loading)."""
+        from megatron.core import parallel_state as ps
         from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-        from .config import PACIConfig
-        from .optimizer import PACIOptimizer
-        from .schedule import PACISchedule
+        from .config import Setup, refuse
+        from .plan import drift_bound
+        from .schedule import PACISchedule, build
 
-        args = self.args
-        paci = self.paci.resolve_sync_warmup(_lr_warmup_iters(args))
-        wrapped = PACIOptimizer(
-            optimizer, model, opt_param_scheduler=opt_param_scheduler,
-            distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
-            skip_nonfinite_updates=paci.skip_nonfinite_updates, lookahead=paci.lookahead)
+        args, settings = self.args, self.settings
         m = get_num_microbatches()
-        a = paci.resolve_accumulation(m)
+        if m != settings.num_microbatches:
+            settings = self.settings = settings.for_microbatches(m)
+        a = settings.accumulation
         self.start_iteration = int(getattr(args, "iteration", 0) or 0)
         # Megatron-LM restores the samples consumed; a changed batch size keeps them exact
         per_microbatch = args.micro_batch_size * (getattr(args, "data_parallel_size", 1) or 1)
         consumed = int(getattr(args, "consumed_train_samples", 0) or 0)
-        microbatches = consumed // per_microbatch
-        if consumed % per_microbatch or microbatches % a:
+        if consumed % per_microbatch:
             _report_and_exit([f"the checkpoint consumed {consumed} samples, which are not whole "
-                              f"accumulation windows of a = {a} micro-batches of {per_microbatch} "
-                              "samples: resume with the checkpoint's --global-batch-size and "
-                              "--micro-batch-size"])
+                              f"micro-batches of {per_microbatch} samples: resume with the "
+                              "checkpoint's --micro-batch-size"])
+        microbatches = consumed // per_microbatch
+        try:
+            refuse(Setup(settings.config, m, settings.num_stages,
+                         consumed_microbatches=microbatches))
+        except Exception as err:  # PACIConfigError
+            _report_and_exit(getattr(err, "problems", [str(err)]))
         self.start_version = microbatches // a
-        self.optimizer = wrapped
-        self.schedule = PACISchedule(wrapped, paci, share_embeddings_and_output_weights=not getattr(
-            args, "untie_embeddings_and_output_weights", False))
+        self.schedule = build(optimizer, model, settings, opt_param_scheduler=opt_param_scheduler,
+                              distributed_optimizer=bool(getattr(args, "use_distributed_optimizer",
+                                                                 False)))
+        self.optimizer = self.schedule.optimizer
         # Checkpoints are only written drained (save_checkpoint_and_time drains first).
-        self.schedule.load_state_dict(PACISchedule.drained_state(microbatches, a))
-        from megatron.core import parallel_state as ps
-
+        self.schedule.load_state_dict(
+            PACISchedule.drained_state(microbatches, a, self.start_iteration))
         P = ps.get_pipeline_model_parallel_world_size()
         s = ps.get_pipeline_model_parallel_rank()
-        from .plan import drift_bound
-
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             print(f"paci-megatron: stage {s} of {P}: PACI schedule active "
                   f"(accumulation a = {a} of m = {m} micro-batches, drift bound "
                   f"{drift_bound(P, s, a)}, starting at iteration {self.start_iteration}, "
                   f"version {self.schedule.state.version}, synchronous warm-up "
-                  f"{paci.sync_warmup_iters} iterations, look-ahead {paci.lookahead})", flush=True)
-        return wrapped
+                  f"{settings.sync_warmup_iters} iterations, look-ahead {settings.lookahead})",
+                  flush=True)
+        return self.optimizer
 
     def stage_summaries(self) -> List[Dict[str, Any]]:
         """Every stage's drift summary and update count, gathered over the pipeline group.
@@ -314,11 +296,14 @@ def _accept(args) -> None:
     """Check validated arguments (exit with the problems) and record the schedule."""
     if glue.disabled:
         return
-    problems = check_args(args)
-    if problems:
-        _report_and_exit(problems)
+    from .config import PACIConfigError
+
+    try:
+        glue.settings = resolve(args)
+    except PACIConfigError as err:
+        _report_and_exit(err.problems)
     glue.args = args
-    glue.active = getattr(args, "pipeline_schedule", "1f1b") == "paci"
+    glue.active = glue.settings is not None
     if glue.active and _rank() == 0:
         print(f"paci-megatron: --pipeline-schedule paci (rerun mode {args.rerun_mode})",
               flush=True)
@@ -363,14 +348,10 @@ def _print_summary() -> None:
         f"{[r['drift']['max'] if r['drift'] else 0 for r in rows]}, drains {glue.drains}"
         + (f", skipped non-finite updates per stage {[r.get('skipped', 0) for r in rows]}"
            if any(r.get("skipped") for r in rows) else ""))
-    path = glue.paci.trace
-    if path and glue.schedule is not None and not glue.trace_written:
-        from .telemetry import write_run_trace
-
-        written = write_run_trace(path, glue.schedule.timeline)  # a collective: every rank
-        glue.trace_written = True
-        if written is not None:
-            print(f"paci-megatron: trace of {written} actions written to {path}", flush=True)
+    written = glue.schedule.finish() if glue.schedule is not None else None  # every rank
+    if written is not None:
+        print(f"paci-megatron: trace of {written} actions written to {glue.settings.config.trace}",
+              flush=True)
 
 
 # Each maker takes Megatron-LM's module and its original function and returns the
@@ -398,9 +379,9 @@ def _get_forward_backward_func(module, original):
     def get_forward_backward_func(*a, **k):
         if not glue.active or (glue.schedule is None and glue.evaluation_only):
             return original(*a, **k)  # forward-only evaluation is the same in both
-        from . import compat
+        from .config import Setup, refuse
 
-        compat.refuse_multi_module(k.get("schedule_pg_collection"))
+        refuse(Setup(collections=(k.get("schedule_pg_collection"),)))
         if glue.schedule is None:
             raise RuntimeError("paci-megatron: the PACI schedule is requested before "
                                "setup_model_and_optimizer built the optimizer")
@@ -423,9 +404,6 @@ def _train_step(module, original):
         result = original(*a, **k)
         if glue.active:
             glue.train_steps += 1
-            interval = glue.paci.drain_interval
-            if interval and glue.iteration % interval == 0:
-                glue.drain("interval")
         return result
 
     return train_step
@@ -488,6 +466,14 @@ _TRAINING_PATCHES = {
     "save_checkpoint_and_time": _drain_first("checkpoint"),
     "checkpoint_and_decide_exit": _checkpoint_and_decide_exit,
     "train": _train,
+}
+
+
+#: Megatron-LM module -> names this module rebinds there (documentation and tests).
+PATCHED: Dict[str, Sequence[str]] = {
+    "megatron.training.arguments": ("_add_distributed_args", "validate_args"),
+    "megatron.training.initialize": ("validate_args",),
+    "megatron.training.training": tuple(_TRAINING_PATCHES),
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import compat
+from . import compat, internals
 
 __all__ = ["PACIOptimizer", "Window", "NonFiniteGradientError", "finalize_stage_grads"]
 
@@ -48,11 +48,13 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
         num_tokens: must be None: a per-token loss normalisation crosses stages.
 
     Raises:
-        ValueError: ``num_tokens`` was given (``--calculate-per-token-loss``).
+        PACIConfigError: ``num_tokens`` was given (``--calculate-per-token-loss``, a row of
+            :data:`~paci_megatron.config.REFUSALS`).
     """
     if num_tokens is not None:
-        raise ValueError("a per-token loss needs the token count of the last stage on every "
-                         "stage: remove --calculate-per-token-loss with PACI")
+        from .config import PER_TOKEN_LOSS, PACIConfigError
+
+        raise PACIConfigError([PER_TOKEN_LOSS])
     model = list(model)
     for chunk in model:
         chunk.finish_grad_sync()
@@ -75,7 +77,7 @@ def _tied_embedding(model: Sequence[torch.nn.Module], optimizer):
     if found is None:
         return None
     if any(getattr(getattr(o, "config", None), "use_precision_aware_optimizer", False)
-           for o in compat.inner_optimizers(optimizer)):
+           for o in internals.inner_optimizers(optimizer)):
         from .config import TIED_PRECISION_AWARE, PACIConfigError
 
         raise PACIConfigError([TIED_PRECISION_AWARE])
@@ -190,10 +192,10 @@ class PACIOptimizer:
         self.update_log: List[Tuple[int, Optional[float], Optional[float]]] = []
         if distributed_optimizer is None:
             distributed_optimizer = any(type(o).__name__ == "DistributedOptimizer"
-                                        for o in compat.inner_optimizers(optimizer))
+                                        for o in internals.inner_optimizers(optimizer))
         self.distributed_optimizer = distributed_optimizer
-        group = compat.stage_grad_stats_group(distributed_optimizer)
-        for inner in compat.inner_optimizers(optimizer):
+        group = internals.stage_grad_stats_group(distributed_optimizer)
+        for inner in internals.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group
             # Megatron's optimizer timers (--timing-log-level >= 1) start with a world
             # barrier; inside a local update it would wait for stages that update later
@@ -303,15 +305,15 @@ class PACIOptimizer:
             d.sub_(p.float()).neg_()
             p.add_(d.to(p.dtype), alpha=ahead)
         self._ahead = ahead
-        compat.publish_main_parameters(self.optimizer)
+        internals.publish_main_parameters(self.optimizer)
 
     def _lookahead_parameters(self) -> List[torch.Tensor]:
         """The main parameters that look ahead: all but a tied embedding's, whose two
         copies must stay the same bits (``x + g d - g d`` is not always ``x``)."""
-        main = compat.main_parameters(self.optimizer)
-        if self.tied is None or not compat.holds_main_parameter(self.optimizer, self.tied.weight):
+        main = internals.main_parameters(self.optimizer)
+        if self.tied is None or not internals.holds_main_parameter(self.optimizer, self.tied.weight):
             return main
-        skip = compat.main_parameter(self.optimizer, self.tied.weight)
+        skip = internals.main_parameter(self.optimizer, self.tied.weight)
         return [p for p in main if p is not skip]
 
     def settle(self) -> None:
@@ -325,7 +327,7 @@ class PACIOptimizer:
                     p.sub_(d.to(p.dtype), alpha=self._ahead)
                 d.zero_()
         self._ahead = 0.0
-        compat.publish_main_parameters(self.optimizer)
+        internals.publish_main_parameters(self.optimizer)
 
     def _nonfinite_grads(self) -> bool:
         """NaN/Inf anywhere in this stage's grad buffers, agreed over its TP x DP x CP group.
@@ -346,7 +348,7 @@ class PACIOptimizer:
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
-                                         group=compat.stage_grad_stats_group(True))
+                                         group=internals.stage_grad_stats_group(True))
         return flag.item() > 0
 
     def _zero(self) -> None:

@@ -21,14 +21,14 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 import torch
 
 from . import compat
-from .config import PACIConfig, PACIConfigError, validate_setup
+from .config import PACIConfig, PACIConfigError, Settings, Setup, refuse
 from .optimizer import PACIOptimizer, Window
 from .p2p import PACICommunicationError, PipelineP2P
 from .plan import (Action, Comm, GradSync, Kind, StageState, TiedComm, TiedWindows, advance,
                    lower, mean_drift, plan_call, plan_drain, plan_forward_only)
 from .telemetry import DriftTelemetry, TimelineEvent
 
-__all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func"]
+__all__ = ["PACISchedule", "PACICommunicationError", "get_forward_backward_func", "build"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +87,13 @@ class PACISchedule:
 
     Args:
         optimizer: the stage's :class:`PACIOptimizer`.
-        paci_config: :class:`PACIConfig` (accumulation factor, drift checks, timeouts).
-        share_embeddings_and_output_weights: whether the model ties its input embedding
-            and output layer (checked before training; the optimizer wrapper finds the tied
-            weight itself and keeps its two copies in step, :mod:`paci_megatron.tied`).
+        paci: resolved :class:`~paci_megatron.config.Settings` (what the front ends pass:
+            :func:`build`), or a :class:`PACIConfig`, resolved and checked at the first
+            training call with the model's config (a tied embedding is found by the
+            optimizer wrapper, which keeps its two copies in step, :mod:`paci_megatron.tied`).
         record_trace: keep every executed action in :attr:`trace`.
         record_timeline: keep a :class:`~paci_megatron.telemetry.TimelineEvent` per
-            executed action in :attr:`timeline` (also on with ``paci_config.trace``).
+            executed action in :attr:`timeline` (also on where the settings name a trace).
 
     Attributes:
         state: the stage's :class:`~paci_megatron.plan.StageState`, updated action by
@@ -102,24 +102,30 @@ class PACISchedule:
         trace: every executed :class:`~paci_megatron.plan.Action`, in order, when
             ``record_trace`` is True (tests and pictures).
         timeline: the recorded events, in wall-clock seconds since the first action
-            (write them with :func:`paci_megatron.telemetry.write_chrome_trace`).
+            (written by :meth:`finish` where the settings name a trace file).
         peak_in_flight: most micro-batches this stage has held in flight at once.
+        iteration: training calls completed, a resumed run's earlier ones included: the
+            schedule drains after each of the first ``sync_warmup_iters`` and after every
+            ``drain_interval``-th (its own drain decisions; the training loop drains before
+            evaluation, saving and exit).
+        settings: the resolved :class:`~paci_megatron.config.Settings` (None before the
+            first training call when built from a :class:`PACIConfig`).
     """
 
     def __init__(
         self,
         optimizer: PACIOptimizer,
-        paci_config: Optional[PACIConfig] = None,
-        share_embeddings_and_output_weights: bool = False,
+        paci: Union[Settings, PACIConfig, None] = None,
         record_trace: bool = False,
         record_timeline: bool = False,
     ):
         self.optimizer = optimizer
-        self.paci_config = paci_config or PACIConfig()
-        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.settings: Optional[Settings] = paci if isinstance(paci, Settings) else None
+        self.paci_config = paci.config if isinstance(paci, Settings) else (paci or PACIConfig())
         self.state = StageState()
         self._origin = StageState()  # the drained state windows are counted from
-        self.accumulation: Optional[int] = None
+        self.iteration = 0
+        self._finished = False
         self.telemetry: Optional[DriftTelemetry] = None
         self.record_trace = record_trace
         self.trace: List[Action] = []
@@ -133,7 +139,6 @@ class PACISchedule:
         self._outbox: Dict[Tuple[str, int], Any] = {}  # produced tensors not yet sent
         self._no_sync_ctx = None
         self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
-        self._validated_for: Optional[int] = None
         #: the accumulation factor and settings a loaded checkpoint was trained with
         self.restored_from: Dict[str, Any] = {}
         self._tp_group = self._cp_group = None  # with the pipeline group, from the first call
@@ -162,9 +167,9 @@ class PACISchedule:
         Training (``forward_only=False``): forwards ``m`` new micro-batches and runs the
         backwards 1F1B pairs with them; an update follows every ``a``-th backward.
         Evaluation (``forward_only=True``): drains first if anything is in flight, then
-        forwards ``m`` micro-batches with no backward. The first
-        ``paci_config.sync_warmup_iters`` training calls end with a drain (synchronous
-        warm-up: those iterations are exactly 1F1B).
+        forwards ``m`` micro-batches with no backward. The first ``sync_warmup_iters``
+        training calls end with a drain (synchronous warm-up: those iterations are exactly
+        1F1B), and so does every ``drain_interval``-th.
 
         Args: as megatron-core's ``forward_backward_pipelining_without_interleaving``.
             ``seq_length`` and ``micro_batch_size`` give the activation shape
@@ -175,18 +180,16 @@ class PACISchedule:
             micro-batch of this call, in order: Megatron's format); ``[]`` elsewhere.
 
         Raises:
-            PACIConfigError: the configuration breaks a PACI rule, or ``pg_collection`` /
-                ``p2p_communicator`` is multi-module (before any work). The pipeline, TP,
-                CP groups are the first call's (:func:`compat.process_groups`).
+            PACIConfigError: the configuration breaks a PACI rule (a row of
+                :data:`~paci_megatron.config.REFUSALS`: several model chunks, a multi-module
+                ``pg_collection`` / ``p2p_communicator``, ...), before any work. The
+                pipeline, TP, CP groups are the first call's (:func:`compat.process_groups`).
             PACICommunicationError: a send or receive failed or timed out.
             DriftBoundError: a measured drift exceeded ``ceil((P-1-s)/a)``.
         """
-        compat.refuse_multi_module(pg_collection, p2p_communicator)
+        refuse(Setup(chunks=len(model) if isinstance(model, list) else 1,
+                     collections=(pg_collection, p2p_communicator)))
         if isinstance(model, list):
-            if len(model) != 1:
-                raise PACIConfigError(
-                    [f"PACI runs one model chunk per stage, got {len(model)}: remove virtual "
-                     "pipeline stages"])
             model = model[0]
         if isinstance(data_iterator, list):
             data_iterator = data_iterator[0]
@@ -221,8 +224,11 @@ class PACISchedule:
             self.optimizer.begin_call(self.state.backwarded)
             self._execute(actions, run, store)
             assert self.state == state_after, (self.state, state_after)
-            if self.state.forwarded <= (self.paci_config.sync_warmup_iters or 0) * num_microbatches:
-                self.drain()  # synchronous warm-up: this iteration is exactly 1F1B
+            self.iteration += 1
+            settings = self.settings
+            if (self.iteration <= settings.sync_warmup_iters  # exactly 1F1B
+                    or (settings.drain_interval and self.iteration % settings.drain_interval == 0)):
+                self.drain()
             return store
         finally:
             if timers is not None:
@@ -253,6 +259,29 @@ class PACISchedule:
         self._origin = self.state
         self.optimizer.settle()
 
+    def finish(self) -> Optional[int]:
+        """The end of training (or an exit): drain, then write the run's trace where the
+        settings name a file (:func:`~paci_megatron.telemetry.write_run_trace`, a collective
+        over the pipeline group: call it on every rank). Only the first call does anything.
+
+        Returns:
+            The actions written, on the rank that wrote the trace; None elsewhere.
+        """
+        if self._finished:
+            return None
+        self._finished = True
+        self.drain()
+        if not self.paci_config.trace:
+            return None
+        from .telemetry import write_run_trace
+
+        return write_run_trace(self.paci_config.trace, self.timeline)
+
+    @property
+    def accumulation(self) -> Optional[int]:
+        """``a`` of the current settings (None before they are resolved)."""
+        return self.settings.accumulation if self.settings is not None else None
+
     @property
     def in_flight(self) -> int:
         """Micro-batches this stage holds forwarded and not yet backwarded."""
@@ -279,6 +308,7 @@ class PACISchedule:
         telemetry = self.telemetry
         config = self.paci_config
         return {"state": dataclasses.asdict(self.state), "accumulation": self.accumulation,
+                "iteration": self.iteration,
                 "settings": {"lookahead": config.lookahead,
                              "sync_warmup_iters": config.sync_warmup_iters},
                 "telemetry": None if telemetry is None else {
@@ -287,10 +317,11 @@ class PACISchedule:
                     "tied_lag": dict(telemetry.tied_lag)}}
 
     @staticmethod
-    def drained_state(microbatches: int, accumulation: int) -> Dict[str, Any]:
+    def drained_state(microbatches: int, accumulation: int, iteration: int) -> Dict[str, Any]:
         """The :meth:`state_dict` of a drained stage that trained ``microbatches``
-        micro-batches in windows of ``accumulation`` (what a checkpoint that does not
-        store PACI's state, such as Megatron-LM's, implies); drift telemetry starts afresh.
+        micro-batches in ``iteration`` training calls, in windows of ``accumulation`` (what a
+        checkpoint that does not store PACI's state, such as Megatron-LM's, implies); drift
+        telemetry starts afresh.
 
         Raises:
             ValueError: ``accumulation`` does not divide ``microbatches``.
@@ -302,25 +333,31 @@ class PACISchedule:
         state = StageState(forwarded=microbatches, backwarded=microbatches, pending=0,
                            version=microbatches // accumulation)
         return {"state": dataclasses.asdict(state), "accumulation": accumulation,
-                "telemetry": None}
+                "iteration": iteration, "telemetry": None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (or :meth:`drained_state`): before the first call.
+        The windows (and a tied embedding's messages) are counted afresh from the restored
+        state, so the run may continue with another accumulation factor.
 
         Raises:
-            ValueError: the schedule has already run, or the state is not drained.
+            ValueError: the schedule has already run, the state is not drained, or it does
+                not say how many iterations it trained.
         """
+        if "iteration" not in state:
+            raise ValueError("a PACI state without its iteration count (an older checkpoint): "
+                             "add state['iteration'] = the checkpoint's iteration")
         if self._run is not None or self.state != StageState():
             raise ValueError("load_state_dict() must come before the schedule's first call")
         restored = StageState(**state["state"])
         if restored.in_flight or restored.pending:
             raise ValueError(f"a checkpoint's PACI state must be drained, got {restored}")
         self.state = self._origin = restored
+        self.iteration = int(state["iteration"])
         self.restored_from = {"accumulation": state.get("accumulation"),
                               **(state.get("settings") or {})}
         if self.optimizer.tied is not None:
             self.optimizer.tied.version = restored.version
-        self.accumulation = state["accumulation"]
         self.telemetry = None
         t = state.get("telemetry")
         if t is not None:
@@ -350,8 +387,8 @@ class PACISchedule:
             if self.optimizer.tied is not None:
                 self.optimizer.tied.set_timeout(self.paci_config.p2p_timeout_s)
         P, stage = p2p.pp_group.size(), p2p.pp_group.rank()
-        if not forward_only and self._validated_for != num_microbatches:
-            self._validate(num_microbatches, P, config)
+        if not forward_only:
+            self._resolve(num_microbatches, P, config)
         if self.telemetry is None:
             self.telemetry = DriftTelemetry(P, stage, check=self.paci_config.check_drift)
         shapes = compat.get_tensor_shapes(seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -378,19 +415,26 @@ class PACISchedule:
                     samples_per_microbatch=micro_batch_size * dp,
                     num_microbatches=previous_m if forward_only else num_microbatches)
 
-    def _validate(self, num_microbatches: int, num_stages: int, config) -> None:
-        if not self._drained() and self.accumulation is not None:
+    def _resolve(self, num_microbatches: int, num_stages: int, config) -> None:
+        """The settings for this call's ``m``: those given (the front ends resolved them
+        once), or resolved here at the first call (and again, drained, when ``m`` changes)
+        with the model's config, every refusal checked."""
+        settings = self.settings
+        if settings is not None and settings.num_microbatches == num_microbatches:
+            return
+        if settings is not None and not self._drained():
             a_new = self.paci_config.resolve_accumulation(num_microbatches)
-            if a_new != self.accumulation:
+            if a_new != settings.accumulation:
                 raise PACIConfigError(
-                    [f"the accumulation factor changed from {self.accumulation} to {a_new} "
+                    [f"the accumulation factor changed from {settings.accumulation} to {a_new} "
                      "with micro-batches in flight: call drain() before changing "
                      "the number of micro-batches"])
-        self.accumulation = validate_setup(
-            self.paci_config, num_microbatches=num_microbatches,
-            pipeline_model_parallel_size=num_stages, model_config=config,
-            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights)
-        self._validated_for = num_microbatches
+        if settings is not None:
+            self.settings = settings.for_microbatches(num_microbatches, model_config=config)
+        else:
+            self.settings = self.paci_config.resolve(
+                num_microbatches=num_microbatches, pipeline_model_parallel_size=num_stages,
+                model_config=config, tied=self.optimizer.tied is not None)
 
     def _guarded_zero_grad_buffer(self, original: Callable[[], None]) -> Callable[[], None]:
         def zero_grad_buffer() -> None:
@@ -626,13 +670,35 @@ def _name(tensor) -> str:
 
 def get_forward_backward_func(
     optimizer: PACIOptimizer,
-    paci_config: Optional[PACIConfig] = None,
-    share_embeddings_and_output_weights: bool = False,
+    paci: Union[Settings, PACIConfig, None] = None,
 ) -> PACISchedule:
     """PACI's counterpart of megatron-core's ``get_forward_backward_func()``.
 
     Returns a :class:`PACISchedule` bound to the stage's optimizer wrapper; call it with
     the keywords Megatron's training loop passes, and ``.drain()`` it before evaluation
-    outside the schedule, checkpoint saving and exit.
+    outside the schedule, checkpoint saving and exit (``.finish()`` at the end).
     """
-    return PACISchedule(optimizer, paci_config, share_embeddings_and_output_weights)
+    return PACISchedule(optimizer, paci)
+
+
+def build(optimizer, model, settings: Settings, opt_param_scheduler=None,
+          distributed_optimizer: Optional[bool] = None) -> PACISchedule:
+    """The stage's optimizer wrapper and schedule from resolved settings, as both front
+    ends build them: ``build(...).optimizer`` is the :class:`PACIOptimizer` the training
+    loop steps, the returned :class:`PACISchedule` its ``forward_backward_func``.
+
+    Args:
+        optimizer: what megatron-core's ``get_megatron_optimizer`` returned.
+        model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
+        settings: :meth:`PACIConfig.resolve`'s (or ``config.resolve_arguments``').
+        opt_param_scheduler: Megatron's ``OptimizerParamScheduler``, or None.
+        distributed_optimizer: as :class:`PACIOptimizer` (None: detected).
+
+    Raises:
+        PACIConfigError, PACICommunicationError: as :class:`PACIOptimizer`.
+    """
+    wrapped = PACIOptimizer(optimizer, model, opt_param_scheduler=opt_param_scheduler,
+                            distributed_optimizer=distributed_optimizer,
+                            skip_nonfinite_updates=settings.skip_nonfinite_updates,
+                            lookahead=settings.lookahead)
+    return PACISchedule(wrapped, settings)

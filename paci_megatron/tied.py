@@ -27,7 +27,7 @@ weight's main copy; megatron-core gives the tied weight a bucket of its own on b
 (``_does_param_require_new_bucket``), so a rank's shard covers the same elements at both
 ends. Each message then carries only that shard (the DP-reduced part of the gradient after
 the reduce-scatter, and the shard's clipped gradient), and the last stage rebuilds ``E'``
-on its data-parallel ranks after each tied update (:func:`paci_megatron.compat.gather_parameter`,
+on its data-parallel ranks after each tied update (:func:`paci_megatron.internals.gather_parameter`,
 a stage-local collective).
 
 Both copies pass through the identical sequence of optimizer steps; ``E'`` lags the last
@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import compat
+from . import compat, internals
 from .p2p import PACICommunicationError, PipelineTimeout, Watchdog, wait_all
 
 __all__ = ["TiedEmbedding", "find_tied_embedding"]
@@ -258,16 +258,16 @@ class TiedEmbedding:
         """The part of ``main_grad`` this rank reduces: the whole tensor, or (distributed
         optimizer) its shard's elements, DP-reduced by the reduce-scatter."""
         grad = self.weight.main_grad
-        if not compat.holds_main_parameter(optimizer, self.weight):
+        if not internals.holds_main_parameter(optimizer, self.weight):
             return grad.view(-1)[:0]  # this rank's shard holds none of the weight
-        shard = compat.main_shard(optimizer, self.weight)
+        shard = internals.main_shard(optimizer, self.weight)
         return grad if shard is None else grad.view(-1)[shard[0]:shard[1]]
 
     def _main_like(self, optimizer) -> torch.Tensor:
         """This rank's main parameter of the tied weight (an empty tensor where its
         distributed-optimizer shard holds none of it)."""
-        if compat.holds_main_parameter(optimizer, self.weight):
-            return compat.main_parameter(optimizer, self.weight)
+        if internals.holds_main_parameter(optimizer, self.weight):
+            return internals.main_parameter(optimizer, self.weight)
         return torch.empty(0, dtype=torch.float32, device=self.weight.device)
 
     # ------------------------------------------------------------------ the last stage
@@ -278,9 +278,9 @@ class TiedEmbedding:
 
     def excluded(self, optimizer):
         """Last stage: the context in which its own step leaves ``E'`` alone."""
-        if not compat.holds_main_parameter(optimizer, self.weight):
+        if not internals.holds_main_parameter(optimizer, self.weight):
             return contextlib.nullcontext()  # its distributed-optimizer shard holds none of E'
-        return compat.ParamGroupsWithout(optimizer, self.weight)
+        return internals.ParamGroupsWithout(optimizer, self.weight)
 
     def catch_up(self, optimizer, upto: int) -> int:
         """Last stage: apply tied updates ``version + 1 .. upto``, each the first stage's
@@ -297,14 +297,14 @@ class TiedEmbedding:
             lr, weight_decay, group_step, applied = meta.tolist()
             if applied:
                 if self._spans is _UNSET:  # the first tied update: every DP rank is here
-                    self._spans = compat.shard_spans(optimizer, self.weight)
+                    self._spans = internals.shard_spans(optimizer, self.weight)
                 version = self.weight._version
                 try:
                     if grad.numel():
-                        compat.step_one_parameter(optimizer, self.weight, grad, lr,
+                        internals.step_one_parameter(optimizer, self.weight, grad, lr,
                                                   weight_decay, int(group_step))
                     if self._spans is not None:
-                        compat.gather_parameter(optimizer, self.weight, self._spans)
+                        internals.gather_parameter(optimizer, self.weight, self._spans)
                 finally:
                     compat.set_version_counters([self.weight], [version])
             self.version = k
@@ -329,7 +329,7 @@ class TiedEmbedding:
         group step count, or that it was skipped."""
         main = self._main_like(optimizer)
         if main.numel():
-            lr, weight_decay, group_step = compat.step_hyperparameters(optimizer, self.weight)
+            lr, weight_decay, group_step = internals.step_hyperparameters(optimizer, self.weight)
         else:  # nothing of the weight on this rank: the peer steps nothing either
             lr, weight_decay, group_step = 0.0, 0.0, -1
         grad = main.grad if applied and main.grad is not None else torch.zeros_like(main)

@@ -7,6 +7,7 @@ import types
 import pytest
 
 import paci_megatron as pm
+from paci_megatron.config import Setup, refuse
 from paci_megatron import compat
 from harness import run_distributed
 
@@ -59,5 +60,5 @@ def test_megatron_cores_own_multi_module_classes_are_refused():
         subclass = type("Custom", (cls,), {})  # a subclass is refused as well
         for obj in (object.__new__(cls), object.__new__(subclass)):
             with pytest.raises(pm.PACIConfigError, match="--pipeline-schedule 1f1b"):
-                compat.refuse_multi_module(None, obj)
-    compat.refuse_multi_module(None, types.SimpleNamespace(pp=None))  # a single module passes
+                refuse(Setup(collections=(None, obj)))
+    refuse(Setup(collections=(None, types.SimpleNamespace(pp=None))))  # one module passes

@@ -16,14 +16,18 @@ from launch import launch, records
 COMPARED = ("iteration", "lm_loss", "val_loss", "lr", "drift_max", "drift_mean",
             "drift_histogram", "tied_lag_max")
 
-#: (name, flags, iterations after which every rank is killed): resume points 2 / 6 or 4 / 8
+#: (name, flags, iterations after which every rank is killed). Checkpoints every 2
+#: iterations, evaluations every 4, drains every 3: the relaunch resumes at 2 inside the
+#: warm-up (A) or at its last iteration (C), at 4 = the warm-up's last iteration and an
+#: evaluation (B) or right after the warm-up and the drain of iteration 3 (D), and mid-run
+#: at 6 (A, a drain interval) and 8 (D, an evaluation)
 CONFIGS = [
     ("tied-a=m-sync3", ["--paci-sync-warmup-iters", "3"], (3, 7)),
     ("tied-a<m-lookahead-sync4", ["--paci-accumulation", "2", "--paci-lookahead", "1",
-                                  "--paci-sync-warmup-iters", "4"], (5, 9)),
+                                  "--paci-sync-warmup-iters", "4"], (5,)),
     ("untied-a=m-lookahead-sync2", ["--untie-embeddings-and-output-weights",
                                     "--paci-lookahead", "1", "--paci-sync-warmup-iters", "2"],
-     (3, 7)),
+     (3,)),
     ("untied-a<m-sync3", ["--untie-embeddings-and-output-weights", "--paci-accumulation", "2",
                           "--paci-sync-warmup-iters", "3"], (5, 9)),
 ]

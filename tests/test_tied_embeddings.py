@@ -108,27 +108,27 @@ class MegatronLike:
 
 
 def test_a_group_counting_optimizer_keeps_its_count_and_steps_the_tied_copy_at_the_peers():
-    from paci_megatron import compat
+    from paci_megatron import internals
 
     w, e = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = MegatronLike(GroupStepSGD([w, e], lr=0.1))
     w.grad, e.grad = torch.ones(2), torch.ones(2)
     for _ in range(2):  # the last stage's own updates, E' left out
-        with compat.ParamGroupsWithout(opt, e):
+        with internals.ParamGroupsWithout(opt, e):
             opt.optimizer.step()
     group = opt.optimizer.param_groups[0]
     assert group["step"] == 2  # the count its steps wrote is kept
     assert torch.equal(e.detach(), torch.ones(2))  # E' untouched
     assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 * 1 - 0.1 * 2))
-    assert compat.step_hyperparameters(opt, e) == (0.1, 0.0, 2)
+    assert internals.step_hyperparameters(opt, e) == (0.1, 0.0, 2)
     # the tied step arrives with the first stage's count (5): E' is stepped at 5 ...
-    compat.step_one_parameter(opt, e, torch.full((2,), 2.0), 0.05, 0.0, group_step=5)
+    internals.step_one_parameter(opt, e, torch.full((2,), 2.0), 0.05, 0.0, group_step=5)
     assert torch.allclose(e.detach(), torch.full((2,), 1 - 0.05 * 5 * 2))
     assert group["step"] == 2  # ... and the group's own count stays the last stage's
     # torch's AdamW counts per parameter: no group count is sent (-1) and none is added
     adam = MegatronLike(torch.optim.AdamW([e], lr=0.1))
-    assert compat.step_hyperparameters(adam, e)[2] == -1
-    compat.step_one_parameter(adam, e, torch.ones(2), 0.1, 0.0, group_step=-1)
+    assert internals.step_hyperparameters(adam, e)[2] == -1
+    internals.step_one_parameter(adam, e, torch.ones(2), 0.1, 0.0, group_step=-1)
     assert "step" not in adam.optimizer.param_groups[0]
     assert adam.optimizer.state[e]["step"] == 1
 

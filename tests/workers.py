@@ -265,6 +265,38 @@ def toy_paci_case(rank: int, world: int, m: int, a: int, calls: int, restore_ver
             "drift": fb.telemetry.summary()}
 
 
+def drain_decisions_case(rank: int, world: int, sync: int, interval: int, calls: int,
+                         resume_at: int) -> dict:
+    """The schedule's own drains on the toy pipeline (m = a = 2): after each training call,
+    whether every stage is drained; from ``resume_at`` on, a fresh schedule continues from a
+    drained state, as a resumed run does (its first call comes with no evaluation first)."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    setup_parallel(world)
+    stage = ps.get_pipeline_model_parallel_rank()
+    module = make_toy_stage(stage, world)
+    model = [DistributedDataParallel(module.config, DistributedDataParallelConfig(), module)]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=TOY_LR, weight_decay=0.0,
+                                                 sgd_momentum=0.0), model)
+    popt = pm.PACIOptimizer(opt, model)
+    config = pm.PACIConfig(sync_warmup_iters=sync, drain_interval=interval)
+    fb = pm.PACISchedule(popt, config)
+    it = (toy_batch(j) for j in range(10**6))
+    drained = []
+    for call in range(1, calls + 1):
+        if call == resume_at + 1:
+            fb.drain()
+            fb = pm.PACISchedule(popt, config)
+            fb.load_state_dict(fb.drained_state(resume_at * 2, 2, resume_at))
+        train_steps(model, popt, fb, it, 1, 2, forward_step_func=toy_forward_step,
+                    seq_length=TOY_SEQ, micro_batch_size=TOY_MBS)
+        drained.append((fb.iteration, fb.in_flight == 0 and not fb.has_unsent_gradient))
+    return {"stage": stage, "drained": drained}
+
+
 # ------------------------------------------------------------------ harness: 1F1B vs PP=1
 def _global_name(name: str, layer_offset: int) -> str:
     """'module.module.decoder.layers.1.x' on a stage -> 'decoder.layers.<1+offset>.x'."""
@@ -644,11 +676,11 @@ def mitigation_case(rank: int, world: int, optimizer: str, iters: int, m: int, s
     batches = synthetic_batches(m) * iters
 
     def run(schedule_of, drain_each=False):
-        from paci_megatron import compat
+        from paci_megatron import internals
 
         _, model, opt = build_tiny_gpt(world, False, optimizer=optimizer)
         out["inner_optimizers"] = sorted({type(o.optimizer).__name__
-                                          for o in compat.inner_optimizers(opt)})
+                                          for o in internals.inner_optimizers(opt)})
         sched = build_scheduler(opt, iters, m)
         opt, fb = schedule_of(model, opt, sched)
         snapshots = []
@@ -908,7 +940,7 @@ def tied_embedding_case(rank: int, world: int, bf16: bool, iters: int, m: int,
     sched = build_scheduler(opt, iters, m)
     popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
     result["has_tied"] = popt.tied is not None
-    fb = pm.get_forward_backward_func(popt, share_embeddings_and_output_weights=True)
+    fb = pm.get_forward_backward_func(popt)
     history = train_steps(model, popt, fb, iter(batches), iters, m, sched, drain_each=True)
     result["drained_losses"] = losses_of(history)
     result["drained_params"] = gpt.model_parameters(model)
@@ -917,8 +949,7 @@ def tied_embedding_case(rank: int, world: int, bf16: bool, iters: int, m: int,
         _, model, opt = build_tiny_gpt(pp, bf16, tied=True, optimizer=optimizer)
         sched = build_scheduler(opt, iters, m)
         popt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
-        fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a),
-                             share_embeddings_and_output_weights=True)
+        fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
         history = train_steps(model, popt, fb, iter(batches), iters, m, sched)
         tied_before_drain = None if popt.tied is None else popt.tied.version
         version_before_drain = popt.version

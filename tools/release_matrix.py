@@ -31,7 +31,8 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASES = ("0.14.0", "0.16.1", "0.17.1", "0.18.2", "0.19.0", "main")
+sys.path.insert(0, ROOT)
+from paci_megatron.versions import TESTED_RELEASES as RELEASES  # noqa: E402
 SHIM = "import typing; typing.override = getattr(typing, 'override', lambda f: f)\n"
 
 #: table column -> test names (prefixes) of tests/test_megatron_lm_integration.py

@@ -150,9 +150,9 @@ def save_checkpoint(
     """
     from megatron.core import parallel_state as ps
 
-    from paci_megatron import compat
+    from paci_megatron import internals
 
-    if any(type(o).__name__ == "DistributedOptimizer" for o in compat.inner_optimizers(optimizer)):
+    if any(type(o).__name__ == "DistributedOptimizer" for o in internals.inner_optimizers(optimizer)):
         raise NotImplementedError(
             "Megatron's distributed optimizer shards its state over DP, which this checkpoint "
             "format does not save: checkpoint without --use-distributed-optimizer"
@@ -250,6 +250,8 @@ def load_checkpoint(
     if opt_param_scheduler is not None and state["opt_param_scheduler"] is not None:
         opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
     if schedule is not None and state["paci"] is not None:
-        schedule.load_state_dict(state["paci"])
+        paci = dict(state["paci"])
+        paci.setdefault("iteration", state["iteration"])  # saved before PACI recorded it
+        schedule.load_state_dict(paci)
     _set_rng_state(state["rng"])
     return {"iteration": state["iteration"], "extra": state["extra"]}

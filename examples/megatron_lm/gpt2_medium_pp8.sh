@@ -7,8 +7,8 @@
 #       bash examples/megatron_lm/gpt2_medium_pp8.sh          # PACI
 #   SCHEDULE=1f1b bash examples/megatron_lm/gpt2_medium_pp8.sh # Megatron's 1F1B baseline
 #
-# Everything PACI needs is the one flag --pipeline-schedule paci (pip install
-# paci-megatron next to megatron-core). The paper's setting: m = a = 8 micro-batches per
+# Everything PACI needs is the one flag --pipeline-schedule paci (paci-megatron installed
+# from a clone, `pip install ".[megatron-lm]"`, next to megatron-core). The paper's setting: m = a = 8 micro-batches per
 # iteration on P = 8 stages, peak lr 3e-4 at global batch 256 (x sqrt(batch / 256)
 # otherwise), about 190k updates at batch 256 (the same tokens at other batch sizes), 1%
 # warm-up, cosine to 10%, no clipping; the 1F1B baseline differs in the schedule only.
