@@ -123,3 +123,13 @@ def test_the_simulator_says_where_it_wrote(tmp_path):
                           "--trace", str(trace)], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert f"wrote {png}" in out and f"wrote {trace}.paci.json" in out
+
+
+def test_the_own_data_command_as_printed_keeps_validation_data_for_twenty_files():
+    from gpt_recipe.data import documents_per_split
+
+    train = next(c for b in code_blocks("Prepare your own data") for c in commands(b)
+                 if c.startswith("torchrun"))
+    split = train.split("--split ", 1)[1].split()[0]
+    assert documents_per_split(20, split)[1] >= 1, split
+    assert documents_per_split(20, "98,2,0")[1] == 0  # why the command carries one
