@@ -2,8 +2,6 @@
 
 import argparse
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -125,20 +123,17 @@ def test_divisors():
 
 
 def run_recipe(*flags, nproc=4):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-         os.path.join(ROOT, "examples", "pretrain_gpt.py"), "--device", "cpu", *flags],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
-    )
+    from launch import launch
+
+    return launch("--device", "cpu", *flags, nproc=nproc, tiny=False, timeout=120)
 
 
 def test_recipe_refuses_a_short_window_before_starting():
     proc = run_recipe("--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
                       "--global-batch-size", "8", "--micro-batch-size", "4",
                       "--paci-accumulation", "4")
-    assert proc.returncode != 0
-    out = proc.stderr + proc.stdout
+    rc, out = proc
+    assert rc != 0
     assert "bad configuration, nothing was started" in out
     assert "untie" not in out  # tied embeddings (no --untie-...) are supported
     assert "--paci-accumulation 4 does not divide the 2 micro-batches" in out
@@ -152,8 +147,8 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
                       "--train-iters", "5", "--lr-warmup-iters", "10", "--eval-iters", "0",
                       "--load", "/nonexistent/ckpt", "--global-batch-size", "10",
                       "--micro-batch-size", "4", "--device", "cuda", nproc=2)
-    assert proc.returncode != 0
-    out = proc.stderr + proc.stdout
+    rc, out = proc
+    assert rc != 0
     for needle in ("world size 2 is not divisible by TP x PP = 4",
                    "--num-layers 6 is not divisible by --pipeline-model-parallel-size 4",
                    "--hidden-size 30 is not divisible by --num-attention-heads 4",

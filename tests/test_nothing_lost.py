@@ -3,27 +3,19 @@ divergence, bad flags and data, each reproduced and refused or handled."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from launch import TINY, launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-S = ["--device", "cpu", "--untie-embeddings-and-output-weights", "--num-layers", "4",
-     "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-     "--micro-batch-size", "2", "--global-batch-size", "8", "--lr-warmup-iters", "1",
-     "--eval-iters", "1", "--log-interval", "1"]
+S = TINY + ["--untie-embeddings-and-output-weights", "--log-interval", "1"]
 
 
 def run(cwd, *flags, nproc=2, pp=2, corpus=None):
     extra = ["--data-path", corpus] if corpus else []
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-         os.path.join(ROOT, "examples", "pretrain_gpt.py"), *S,
-         "--pipeline-model-parallel-size", str(pp), *extra, *map(str, flags)],
-        cwd=cwd, capture_output=True, text=True, timeout=400,
-        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
-    return proc.returncode, proc.stdout + proc.stderr
+    return launch("--untie-embeddings-and-output-weights", "--log-interval", "1",
+                  "--pipeline-model-parallel-size", pp, *extra, *flags, nproc=nproc, cwd=cwd)
 
 
 def tracker(path):

@@ -2,29 +2,21 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from launch import launch, records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--eval-iters", "1", "--log-interval", "2", "--untie-embeddings-and-output-weights",
-        "--device", "cpu", "--lr-warmup-iters", "1"]
+UNTIED = ["--log-interval", "2", "--untie-embeddings-and-output-weights"]
 
 
 def recipe(corpus, tmp_path, name, nproc, *flags):
     log = tmp_path / f"{name}.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-         os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY, "--data-path", corpus,
-         "--log-json", str(log), *flags],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in log.read_text().splitlines()], proc.stdout
+    rc, out = launch(*UNTIED, "--data-path", corpus, "--log-json", log, *flags, nproc=nproc,
+                     cwd=tmp_path, timeout=300)
+    assert rc == 0, out[-6000:]
+    return records(log), out
 
 
 @pytest.mark.parametrize("accumulation,expected", [(None, [1, 1, 1, 0]), (1, [3, 2, 1, 0])])
