@@ -181,7 +181,7 @@ class Glue:
         from megatron.core import parallel_state as ps
         from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-        from .config import Setup, refuse
+        from .config import PACIConfigError, Setup, refuse
         from .plan import drift_bound
         from .schedule import PACISchedule, build
 
@@ -202,8 +202,8 @@ class Glue:
         try:
             refuse(Setup(settings.config, m, settings.num_stages,
                          consumed_microbatches=microbatches))
-        except Exception as err:  # PACIConfigError
-            _report_and_exit(getattr(err, "problems", [str(err)]))
+        except PACIConfigError as err:
+            _report_and_exit(err.problems)
         self.start_version = microbatches // a
         self.schedule = build(optimizer, model, settings, opt_param_scheduler=opt_param_scheduler,
                               distributed_optimizer=bool(getattr(args, "use_distributed_optimizer",
