@@ -25,16 +25,23 @@ a lower learning rate, in four steps:
    sweep runs the first seed at every rate, then the other seeds at each arm's best rate
    (``--full-grid``: every seed at every rate). An arm's best rate is the one with the lowest mean final
    validation loss over the seeds run at it.
-4. **Time to accuracy.** Targets are the best 1F1B arm's mean validation loss at the end,
-   and at one and two thirds of its run. For each arm at its best rate: its mean final
-   loss (spread over seeds), the iterations and projected seconds its mean curve needs to
-   reach each target (linear between evaluations), and the TTA ratio: the reference's
-   time over the arm's (above 1: faster than 1F1B), with per-seed ratios (seeds paired by
-   position) for the spread. A second table compares each PACI arm with 1F1B under the
-   same optimizer and the same embeddings, tied or not (its targets taken from that arm).
+4. **Time to accuracy, per seed pair.** For each seed both arms ran, the targets are the
+   1F1B run's own validation losses at about one and two thirds of its run and at its end;
+   the pair's ratio is the 1F1B run's projected seconds to its own loss over the arm's
+   seconds to reach it (above 1: faster than 1F1B). Per target the table gives the
+   median of the pairs' ratios (a pair that never reached the target counts as the
+   slowest), their min-max and how many pairs reached it: the median can never lie
+   outside its own bracket. The reference is the best 1F1B arm (lowest mean final loss);
+   a second table compares each PACI arm with 1F1B under the same optimizer and the same
+   embeddings, tied or not. The crossing of mean curves is reported beside them, labelled.
    Tied arms (Megatron's default, no ``--untie-embeddings-and-output-weights``) use the
    untied model's stage times: the tied exchange (one add and two messages of the tied
    weight per update, docs/design.md) is not in the projection.
+
+Re-analysis of an earlier results JSON (no training, no timing)::
+
+    python benchmarks/time_to_accuracy.py --regime tiny --analyse-only --runs-dir /tmp/empty \\
+        --previous benchmarks/results/tta_tiny.json --output benchmarks/results/tta_tiny.json
 
 Usage::
 
@@ -484,16 +491,16 @@ def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
                    key=lambda n: arms[n]["final_val"]["mean"], default=None)
 
     reference = best_1f1b()
-    targets = targets_of(regime, arms[reference])
+    targets = targets_of(arms[reference])
     for name, arm in arms.items():
-        arm["tta"] = tta(arm, arms[reference], targets)
+        arm["tta"] = tta(arm, arms[reference])
         arm["final_gap_vs_reference"] = gap(arm, arms[reference])
         # the same optimizer (and the same tying of the embeddings) under 1F1B
         own = best_1f1b(ARMS[name].optimizer, ARMS[name].tied)
         if own is not None:
             arm["same_optimizer_reference"] = own
             arm["final_gap_vs_same_optimizer"] = gap(arm, arms[own])
-            arm["tta_same_optimizer"] = tta(arm, arms[own], targets_of(regime, arms[own]))
+            arm["tta_same_optimizer"] = tta(arm, arms[own])
     return {"reference": reference, "targets": targets, "arms": arms}
 
 
@@ -502,74 +509,168 @@ def gap(arm: Dict[str, Any], ref: Dict[str, Any]) -> float:
     return (arm["final_val"]["mean"] - ref["final_val"]["mean"]) / ref["final_val"]["mean"]
 
 
-def targets_of(regime: Regime, ref: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The reference's mean loss at about 1/3 and 2/3 of the run, and its final loss."""
+FRACTIONS = (1 / 3, 2 / 3, 1.0)  # the points of the reference run whose losses are targets
+
+
+def targets_of(ref: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The reference's mean curve at about 1/3 and 2/3 of its run and at its end: the
+    mean-curve targets (the plot's lines and the labelled mean-curve table)."""
     evals = sorted(ref["mean_curve"])
-    picks = sorted({min(evals, key=lambda it: abs(it - regime.train_iters * f))
-                    for f in (1 / 3, 2 / 3)} - {0, regime.train_iters})
-    targets = [{"name": f"1F1B at iteration {it}", "loss": ref["mean_curve"][it]} for it in picks]
-    return targets + [{"name": "1F1B final", "loss": ref["final_val"]["mean"]}]
-
-
-def tta(arm: Dict[str, Any], ref: Dict[str, Any], targets: List[Dict[str, Any]]
-        ) -> List[Dict[str, Any]]:
-    """Per target: when ``arm`` reaches it (iterations, projected seconds) and the TTA
-    ratio ``ref's seconds / arm's seconds`` (> 1: ``arm`` is faster), of the mean curves
-    and per seed pair."""
     out = []
-    for target in targets:
-        mine = crossing(arm["mean_curve"], arm["seconds_at"], target["loss"])
-        theirs = crossing(ref["mean_curve"], ref["seconds_at"], target["loss"])
-        per_seed = []
-        for mine_c, ref_c in zip(arm["seed_curves"], ref["seed_curves"]):
-            a = crossing(mine_c, arm["seconds_at"], target["loss"])
-            b = crossing(ref_c, ref["seconds_at"], target["loss"])
-            per_seed.append(b[1] / a[1] if a and b and a[1] > 0 else None)
+    for fraction in FRACTIONS:
+        it = _point(evals, fraction)
+        name = "1F1B final" if it == evals[-1] else f"1F1B at iteration {it}"
+        out.append({"name": name, "fraction": fraction, "loss": ref["mean_curve"][it]})
+    return out
+
+
+def _point(evals: Sequence[int], fraction: float) -> int:
+    """The evaluation iteration nearest ``fraction`` of the run (the last one for 1.0)."""
+    return min(evals, key=lambda it: (abs(it - evals[-1] * fraction), -it))
+
+
+def median_of_pairs(ratios: Sequence[Optional[float]]) -> Optional[float]:
+    """Median of per-pair TTA ratios, a pair that never reached its target counted as the
+    slowest (its ratio is below anything measured). None when the middle pair(s) did not
+    reach it. With every pair counted, the median lies inside the reached pairs' min-max."""
+    if not ratios:
+        return None
+    ranked = sorted(ratios, key=lambda r: -math.inf if r is None else r)
+    n = len(ranked)
+    middle = ranked[(n - 1) // 2: n // 2 + 1]
+    if any(r is None for r in middle):
+        return None
+    return statistics.fmean(middle)
+
+
+def tta(arm: Dict[str, Any], ref: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Time to accuracy of ``arm`` against ``ref``, seed pair by seed pair.
+
+    For each seed both arms ran, the targets are the reference RUN's own validation losses
+    at about 1/3 and 2/3 of its run and at its end; the pair's ratio is the reference's
+    projected seconds to reach its own loss over ``arm``'s seconds to reach it (> 1: ``arm``
+    is faster; None: ``arm`` never reached it). Per target: the per-pair ratios, how many
+    pairs reached it, their median (:func:`median_of_pairs`), min and max. The crossing
+    of the two mean curves is reported beside them, labelled, never as the headline.
+    """
+    seeds = [s for s in ref["seeds"] if s in arm["seeds"]]
+    mine = dict(zip(arm["seeds"], arm["seed_curves"]))
+    theirs = dict(zip(ref["seeds"], ref["seed_curves"]))
+    mean_targets = targets_of(ref)
+    out = []
+    for k, fraction in enumerate(FRACTIONS):
+        per_pair: Dict[str, Optional[float]] = {}
+        losses = []
+        for seed in seeds:
+            ref_curve = {int(i): v for i, v in theirs[seed].items()}
+            target = ref_curve[_point(sorted(ref_curve), fraction)]
+            losses.append(target)
+            a = crossing({int(i): v for i, v in mine[seed].items()}, arm["seconds_at"], target)
+            b = crossing(ref_curve, ref["seconds_at"], target)
+            per_pair[str(seed)] = b[1] / a[1] if a and b and a[1] > 0 else None
+        reached = [r for r in per_pair.values() if r is not None]
+        on_mean = crossing(arm["mean_curve"], arm["seconds_at"], mean_targets[k]["loss"])
+        ref_mean = crossing(ref["mean_curve"], ref["seconds_at"], mean_targets[k]["loss"])
         out.append({
-            "target": target["name"], "target_loss": target["loss"],
-            "iterations": mine[0] if mine else None, "seconds": mine[1] if mine else None,
-            "ratio": theirs[1] / mine[1] if mine and theirs and mine[1] > 0 else None,
-            "ratio_per_seed": per_seed, "ratio_spread": spread(per_seed),
+            "target": mean_targets[k]["name"], "fraction": fraction,
+            "target_loss_per_pair": dict(zip(map(str, seeds), losses)),
+            "ratio_per_pair": per_pair, "pairs": len(seeds), "reached": len(reached),
+            "median": median_of_pairs(list(per_pair.values())),
+            "min": min(reached) if reached else None, "max": max(reached) if reached else None,
+            "mean_curves": {
+                "target_loss": mean_targets[k]["loss"],
+                "iterations": on_mean[0] if on_mean else None,
+                "seconds": on_mean[1] if on_mean else None,
+                "ratio": ref_mean[1] / on_mean[1] if on_mean and ref_mean and on_mean[1] > 0
+                else None},
         })
     return out
 
 
-def _tta_cells(rows: List[Dict[str, Any]]) -> List[str]:
-    cells = []
-    for t in rows:
-        s = t["ratio_spread"]
-        if t["ratio"] is None:
-            cells.append("not reached")
-        else:
-            seeds = (f" [{s['min']:.2f}-{s['max']:.2f}, {s['n']} seeds]" if s["n"]
-                     else " [no seed pair]")
-            cells.append(f"{t['ratio']:.2f}x{seeds}")
-    return cells
+def tta_cell(t: Dict[str, Any]) -> str:
+    """One TTA cell: ``median x [min-max], reached/pairs`` (a pair that did not reach the
+    target counts as the slowest), e.g. ``1.07x [1.06-1.08], 3/3``."""
+    if t["median"] is None:
+        shown = f" (reached: {t['min']:.2f}-{t['max']:.2f})" if t["reached"] else ""
+        return f"not reached, {t['reached']}/{t['pairs']}{shown}"
+    return f"{t['median']:.2f}x [{t['min']:.2f}-{t['max']:.2f}], {t['reached']}/{t['pairs']}"
+
+
+def _mean_cell(t: Dict[str, Any]) -> str:
+    r = t["mean_curves"]["ratio"]
+    return "not reached" if r is None else f"{r:.2f}x"
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    """The table: per arm at its best rate, final loss, gap, and TTA per target."""
-    targets = result["targets"]
+    """The tables: per arm at its best rate, final loss, gap and TTA per target against
+    the best 1F1B arm; each PACI arm against 1F1B with its own optimizer; the mean-curve
+    crossings, labelled."""
     head = ["arm", "best lr", "iterations", "final val loss (mean ± std, n)", "vs best 1F1B"]
-    head += [f"TTA to {t['name']} ({t['loss']:.3f})" for t in targets]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    head += [f"TTA to its {n}" for n in ("1/3 loss", "2/3 loss", "final loss")]
+    lines = ["TTA: per seed pair, the best 1F1B run's own losses at 1/3, 2/3 and the end of "
+             "its run are the targets; median [min-max] of the pairs' ratios (above 1: "
+             "faster than 1F1B), pairs that reached the target / pairs (a pair that did not "
+             "counts as the slowest).", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, arm in result["arms"].items():
         f = arm["final_val"]
         row = [arm["label"], f"{arm['best_lr']:g}", str(arm["iterations"]),
                f"{f['mean']:.4f} ± {f['std']:.4f} ({f['n']})",
                f"{arm['final_gap_vs_reference']:+.2%}"]
-        lines.append("| " + " | ".join(row + _tta_cells(arm["tta"])) + " |")
+        lines.append("| " + " | ".join(row + [tta_cell(t) for t in arm["tta"]]) + " |")
     same = [(n, a) for n, a in result["arms"].items() if a.get("same_optimizer_reference")
             and a["same_optimizer_reference"] != n]
     if same:
-        lines += ["", "Against 1F1B with the same optimizer and embeddings (its final loss and "
-                  "earlier points):",
-                  "", "| arm | reference | vs its final loss | TTA to 1/3, 2/3, final |",
-                  "| --- | --- | --- | --- |"]
+        lines += ["", "Against 1F1B with the same optimizer and embeddings (its runs' own "
+                  "losses, per seed pair):",
+                  "", "| arm | reference | vs its final loss | TTA to its 1/3 loss | "
+                  "TTA to its 2/3 loss | TTA to its final loss |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, arm in same:
             ref = result["arms"][arm["same_optimizer_reference"]]["label"]
             lines.append(f"| {arm['label']} | {ref} | {arm['final_gap_vs_same_optimizer']:+.2%} | "
-                         + "; ".join(_tta_cells(arm["tta_same_optimizer"])) + " |")
+                         + " | ".join(tta_cell(t) for t in arm["tta_same_optimizer"]) + " |")
+    lines += ["", "Mean curves only (the crossing of the arm's mean curve with the reference's "
+              "mean-curve losses; not evidence where the pairs disagree):", "",
+              "| arm | " + " | ".join(t["name"] for t in result["targets"]) + " |",
+              "|" + " --- |" * (1 + len(result["targets"]))]
+    for name, arm in result["arms"].items():
+        lines.append(f"| {arm['label']} | " + " | ".join(_mean_cell(t) for t in arm["tta"]) + " |")
+    return "\n".join(lines)
+
+
+def verdict(arm: Dict[str, Any]) -> str:
+    """``wins`` / ``loses`` / ``mixed`` for a PACI arm against 1F1B with its optimizer: wins
+    when its mean final loss is lower and the median pair reaches every target sooner
+    (median above 1), loses when its final loss is higher and no median is above 1."""
+    medians = [t["median"] for t in arm["tta_same_optimizer"]]
+    faster = [m is not None and m > 1 for m in medians]
+    if arm["final_gap_vs_same_optimizer"] < 0 and all(faster):
+        return "PACI wins"
+    if arm["final_gap_vs_same_optimizer"] > 0 and not any(faster):
+        return "PACI loses"
+    return "mixed"
+
+
+def summary_table(results: Dict[str, Dict[str, Any]]) -> str:
+    """README's summary: per regime (``{name: results JSON}``) and PACI arm, the final loss
+    against 1F1B with the same optimizer and embeddings, the per-pair TTA cells
+    (:func:`tta_cell`) at its 1/3, 2/3 and final loss, and :func:`verdict`."""
+    lines = ["| regime | PACI arm | final val loss vs 1F1B, same optimizer (means, 3 seeds) "
+             "| TTA to 1F1B's 1/3 loss | 2/3 loss | final loss | |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for regime, result in results.items():
+        for name, arm in result["arms"].items():
+            own = arm.get("same_optimizer_reference")
+            if not own or own == name:
+                continue
+            ref = result["arms"][own]
+            lines.append(
+                f"| {regime} | {arm['label'][len('PACI, '):]} | "
+                f"{arm['final_gap_vs_same_optimizer']:+.1%} ({arm['final_val']['mean']:.3f} vs "
+                f"{ref['final_val']['mean']:.3f}) | "
+                + " | ".join(tta_cell(t) for t in arm["tta_same_optimizer"])
+                + f" | {verdict(arm)} |")
     return "\n".join(lines)
 
 
@@ -643,7 +744,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "loss at the others)")
     p.add_argument("--output", default=None, help="JSON results")
     p.add_argument("--png", default=None, help="loss against projected wall-clock time")
+    p.add_argument("--summary", nargs="+", metavar="NAME=JSON", default=None,
+                   help="print README's summary table of these results JSONs and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        if not all("=" in item for item in args.summary):
+            p.error("--summary takes NAME=JSON pairs, e.g. tiny=benchmarks/results/tta_tiny.json")
+        print(summary_table({name: json.load(open(path, encoding="utf-8")) for name, path in
+                             (item.split("=", 1) for item in args.summary)}))
+        return 0
     regime = REGIMES["quick" if args.quick else args.regime]
     if args.arms:
         regime = dataclasses.replace(regime, arms=tuple(args.arms))
@@ -657,6 +766,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(runs_dir, exist_ok=True)
 
     times_path = os.path.join(runs_dir, "stage_times.json")
+    if args.previous and not os.path.exists(times_path):  # re-analysis of an earlier JSON
+        times = json.load(open(args.previous, encoding="utf-8"))["stage_times"]
+        json.dump(times, open(times_path, "w", encoding="utf-8"), indent=1)
     if os.path.exists(times_path):
         times = json.load(open(times_path, encoding="utf-8"))
     else:
@@ -732,7 +844,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         here = machine()
         previous = json.load(open(args.previous, encoding="utf-8")) if args.previous else None
         out = {"machine": previous["machine"] if previous else here,
-               **({"added_runs_machine": here} if previous else {}),
+               **({"added_runs_machine": previous.get("added_runs_machine", here)}
+                  if previous else {}),
                "regime": dataclasses.asdict(regime),
                "stage_times": times, "budget_seconds": budget, "iterations": iterations,
                "simulator_check": simulator_check(), "table": table,

@@ -3,6 +3,7 @@ the simulator comparison, the overhead measure, and the time-to-accuracy study."
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -178,18 +179,29 @@ def test_time_to_accuracy_quick_run_reports_consistent_numbers(tmp_path):
         assert len(arm["seeds"]) == 2
         finals = [c[str(arm["iterations"])] for c in arm["seed_curves"]]
         assert arm["final_val"]["mean"] == pytest.approx(sum(finals) / 2)
-        for t in arm["tta"]:  # TTA from the reported curves and times
-            mine = tta.crossing(mean, seconds, t["target_loss"])
-            ref = data["arms"][data["reference"]]
-            theirs = tta.crossing({int(k): v for k, v in ref["mean_curve"].items()},
-                                  {int(k): v for k, v in ref["seconds_at"].items()},
-                                  t["target_loss"])
-            if mine is None:
-                assert t["ratio"] is None
-            else:
-                assert t["seconds"] == pytest.approx(mine[1])
-                assert t["ratio"] == pytest.approx(theirs[1] / mine[1])
-    assert arms["1f1b-adam"]["tta"][-1]["ratio"] == pytest.approx(1.0)
+        ref = data["arms"][data["reference"]]
+        for t in arm["tta"]:  # TTA per seed pair from the reported curves and times
+            assert t["pairs"] == 2 and sorted(t["ratio_per_pair"]) == ["1", "2"]
+            for k, seed in enumerate(arm["seeds"]):
+                ref_curve = {int(i): v for i, v in ref["seed_curves"][k].items()}
+                point = max(ref_curve) if t["fraction"] == 1.0 else None
+                target = t["target_loss_per_pair"][str(seed)]
+                if point is not None:  # the reference run's own final loss
+                    assert target == ref_curve[point]
+                mine = tta.crossing({int(i): v for i, v in arm["seed_curves"][k].items()},
+                                    seconds, target)
+                theirs = tta.crossing(ref_curve, {int(i): v for i, v in ref["seconds_at"].items()},
+                                      target)
+                ratio = t["ratio_per_pair"][str(seed)]
+                assert (ratio is None) == (mine is None)
+                if mine is not None:
+                    assert ratio == pytest.approx(theirs[1] / mine[1])
+            reached = [r for r in t["ratio_per_pair"].values() if r is not None]
+            assert t["reached"] == len(reached)
+            if t["median"] is not None:  # the headline lies inside its own bracket
+                assert t["min"] <= t["median"] <= t["max"]
+    for t in arms["1f1b-adam"]["tta"]:  # against its own runs: every pair at 1.0
+        assert t["median"] == pytest.approx(1.0) and t["reached"] == 2
     # the same-optimizer comparison: here the reference is the same 1F1B-AdamW arm
     sync = arms["paci-adam-sync"]
     assert sync["same_optimizer_reference"] == "1f1b-adam"
@@ -238,3 +250,68 @@ def test_tied_arms_keep_the_embeddings_tied_and_compare_with_tied_1f1b():
     assert arm["final_gap_vs_same_optimizer"] == pytest.approx(4.4 / 4.5 - 1)
     assert "| PACI, AdamW, synchronous warm-up, tied embeddings | 1F1B, AdamW, tied embeddings |" \
         in tta.markdown(result)
+
+
+def _int_keys(arm):
+    out = dict(arm)
+    for key in ("mean_curve", "seconds_at"):
+        out[key] = {int(k): v for k, v in arm[key].items()}
+    return out
+
+
+def test_median_of_pairs_counts_a_pair_that_never_reached_as_the_slowest():
+    assert tta.median_of_pairs([1.2, 1.1, 1.3]) == pytest.approx(1.2)
+    assert tta.median_of_pairs([1.2, None, 1.3]) == pytest.approx(1.2)
+    assert tta.median_of_pairs([1.2, None, None]) is None  # the middle pair never got there
+    assert tta.median_of_pairs([1.0, 1.4, None, 2.0]) == pytest.approx(1.2)
+    assert tta.median_of_pairs([]) is None
+
+
+def test_per_pair_targets_are_each_reference_runs_own_losses():
+    # two seeds; PACI is faster per second on seed 1, slower on seed 2, and the mean curves
+    # (which mix the two) cross where neither pair does
+    clock = {0: 0.0, 10: 10.0, 20: 20.0, 30: 30.0}
+    ref = {"seeds": [1, 2], "seed_curves": [{0: 9.0, 10: 6.0, 20: 5.0, 30: 4.0},
+                                            {0: 9.0, 10: 8.0, 20: 7.0, 30: 6.0}],
+           "seconds_at": clock}
+    arm = {"seeds": [1, 2], "seed_curves": [{0: 9.0, 10: 5.0, 20: 4.5, 30: 4.0},
+                                            {0: 9.0, 10: 8.5, 20: 7.5, 30: 7.0}],
+           "seconds_at": clock}
+    for x in (ref, arm):
+        x["mean_curve"] = tta.mean_curve(x["seed_curves"])
+    rows = tta.tta(arm, ref)
+    final = rows[-1]
+    assert final["target_loss_per_pair"] == {"1": 4.0, "2": 6.0}
+    assert final["ratio_per_pair"] == {"1": pytest.approx(1.0), "2": None}
+    assert (final["reached"], final["pairs"]) == (1, 2) and final["median"] is None
+    assert tta.tta_cell(final) == "not reached, 1/2 (reached: 1.00-1.00)"
+    first = rows[0]  # 1/3 of 30 iterations: iteration 10
+    assert first["target_loss_per_pair"] == {"1": 6.0, "2": 8.0}
+    assert first["ratio_per_pair"]["1"] == pytest.approx(10.0 / (10 * 3 / 4))
+    assert first["ratio_per_pair"]["2"] == pytest.approx(10.0 / 15.0)  # 8.5 -> 7.5 over 10..20
+    assert first["min"] <= first["median"] <= first["max"]
+
+
+@pytest.mark.parametrize("regime", ["tiny", "wide"])
+def test_published_tables_are_the_results_and_lie_inside_their_brackets(regime):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    data = json.load(open(os.path.join(root, "benchmarks", "results", f"tta_{regime}.json")))
+    arms = {n: _int_keys(a) for n, a in data["arms"].items()}
+    for name, arm in arms.items():  # the JSON's TTA is what the code computes from its curves
+        assert tta.tta(arm, arms[data["reference"]]) == arm["tta"]  # JSON keeps floats exactly
+        if arm.get("same_optimizer_reference"):
+            own = arms[arm["same_optimizer_reference"]]
+            assert tta.tta(arm, own) == arm["tta_same_optimizer"]
+    assert tta.markdown(data) == data["table"]
+    doc = open(os.path.join(root, "docs", "time_to_accuracy.md"), encoding="utf-8").read()
+    assert data["table"] in doc
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    results = {"tiny recipe": json.load(open(os.path.join(root, "benchmarks", "results",
+                                                          "tta_tiny.json"))),
+               "wide": json.load(open(os.path.join(root, "benchmarks", "results",
+                                                   "tta_wide.json")))}
+    assert tta.summary_table(results) in readme
+    cells = re.findall(r"(\d+\.\d+)x \[(\d+\.\d+)-(\d+\.\d+)", readme + doc)
+    assert len(cells) > 20
+    for median, low, high in cells:  # no headline outside its own bracket
+        assert float(low) <= float(median) <= float(high), (median, low, high)
