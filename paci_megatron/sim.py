@@ -1,4 +1,5 @@
-"""Discrete-event simulation of pipeline schedules: PACI, 1F1B with flush, GPipe.
+"""Discrete-event simulation of pipeline schedules: PACI, 1F1B with flush, interleaved
+1F1B, GPipe; and a stage-balance advisor.
 
 Each stage executes its actions in the order the planner gives (:mod:`paci_megatron.plan`:
 the same plan the runtime executes), as early as its dependencies allow: ``F j`` on stage
@@ -13,26 +14,39 @@ Schedules:
 
 - ``paci``: no flush; update after every ``a`` backwards; one drain at the end.
 - ``1f1b``: Megatron's 1F1B with a flush (drain) and one update per iteration.
+- ``interleaved``: Megatron's interleaved 1F1B (``--num-layers-per-virtual-pipeline-stage``):
+  each stage holds ``v`` model chunks, the order of ``forward_backward_pipelining_with_
+  interleaving`` (its schedule table, megatron-core's ``get_schedule_table``, and its
+  warm-up count), a flush and one update per iteration; its bubble is about ``v`` times
+  smaller than 1F1B's.
 - ``gpipe``: all forwards of an iteration, then all backwards, then the update.
 
-Command line: ``python -m paci_megatron.sim --stages 4 --microbatches 8 --iterations 4``.
+:func:`balance` proposes the layer split of each schedule from per-layer, embedding and
+output-layer times, and reports each schedule's best split and the best-vs-best ratios.
+
+Command line: ``python -m paci_megatron.sim --stages 4 --microbatches 8 --iterations 4``;
+``python -m paci_megatron.sim --balance --layers 24 --stages 8 --microbatches 8
+--layer-ms 4.12 6.63 --output-ms 12.69 8.09``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .plan import Action, Kind, StageState, measure_drift, plan_call, plan_drain
 from .telemetry import TimelineEvent, write_chrome_trace
 
-__all__ = ["SimResult", "stage_actions", "simulate", "plot_timeline", "flush_utilisation", "main"]
+__all__ = ["SimResult", "stage_actions", "interleaved_actions", "simulate", "plot_timeline",
+           "flush_utilisation", "StageCosts", "split_flags", "balance", "main"]
 
-SCHEDULES = ("paci", "1f1b", "gpipe")
+SCHEDULES = ("paci", "1f1b", "interleaved", "gpipe")
 
 
 @dataclass
@@ -46,7 +60,8 @@ class SimResult:
         utilisation: per stage, ``busy / makespan``.
         bubble_fraction: ``1 - mean(utilisation)``.
         peak_in_flight: per stage, most micro-batches forwarded and not yet backwarded
-            (activation memory in micro-batches).
+            (activation memory in micro-batches; interleaved: model-chunk forwards over
+            ``v``, in micro-batches of the whole stage).
         drift_max: per stage, the largest drift of any micro-batch.
     """
 
@@ -56,7 +71,7 @@ class SimResult:
     busy: List[float]
     utilisation: List[float]
     bubble_fraction: float
-    peak_in_flight: List[int]
+    peak_in_flight: List[float]
     drift_max: List[int]
     drift: Dict[int, Dict[int, int]] = field(default_factory=dict)
 
@@ -72,6 +87,8 @@ def stage_actions(schedule: str, num_stages: int, stage: int, num_microbatches: 
     a = accumulation or num_microbatches
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: choose from {SCHEDULES}")
+    if schedule == "interleaved":
+        raise ValueError("interleaved: use interleaved_actions (its actions carry a model chunk)")
     if schedule != "paci" and a != num_microbatches:
         raise ValueError(f"{schedule} updates once per iteration: accumulation must be m")
     out: List[Action] = []
@@ -95,36 +112,101 @@ def stage_actions(schedule: str, num_stages: int, stage: int, num_microbatches: 
     return out
 
 
-def _per_stage(value, num_stages: int) -> List[float]:
+def interleaved_actions(num_stages: int, stage: int, num_microbatches: int,
+                        virtual_stages: int, iterations: int) -> List[Tuple[int, Action]]:
+    """``(model chunk, action)`` of one stage under Megatron's interleaved 1F1B.
+
+    The order of ``forward_backward_pipelining_with_interleaving`` with its default
+    ``microbatch_group_size_per_vp_stage = P``: forwards follow megatron-core's
+    ``get_schedule_table(m, v, P)``, backwards the same table with the chunks reversed;
+    ``(P - s - 1) * 2 + (v - 1) * P`` warm-up forwards (``get_pp_rank_microbatches``),
+    then one forward and one backward per step, the cool-down, a flush and one update per
+    iteration. Model chunk ``c`` of stage ``s`` is virtual stage ``c * P + s``.
+
+    Raises:
+        ValueError: ``v < 2`` or ``m < P`` (Megatron refuses a micro-batch group larger
+            than ``m``).
+    """
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    P, m, v = num_stages, num_microbatches, virtual_stages
+    if v < 2:
+        raise ValueError(f"interleaved 1F1B needs at least 2 model chunks per stage, got {v}")
+    if m < P:
+        raise ValueError(f"interleaved 1F1B needs m >= P (Megatron's micro-batch group is P): "
+                         f"m = {m}, P = {P}")
+    table = get_schedule_table(m, v, P)
+    total = m * v
+    warmup = min(total, (P - stage - 1) * 2 + (v - 1) * P)
+    out: List[Tuple[int, Action]] = []
+    for it in range(iterations):
+        base = it * m
+
+        def fwd(k):
+            mb, chunk = table[k]
+            return chunk, Action(stage, Kind.FORWARD, base + mb)
+
+        def bwd(k):
+            mb, chunk = table[k]
+            return v - 1 - chunk, Action(stage, Kind.BACKWARD, base + mb)
+
+        out += [fwd(k) for k in range(warmup)]
+        for k in range(total - warmup):
+            out += [fwd(warmup + k), bwd(k)]
+        out += [bwd(k) for k in range(total - warmup, total)]
+        out.append((0, Action(stage, Kind.UPDATE, it + 1)))
+    return out
+
+
+def _per_stage(value, count: int, what: str = "stage") -> List[float]:
     if isinstance(value, (int, float)):
-        return [float(value)] * num_stages
-    if len(value) != num_stages:
-        raise ValueError(f"need one time per stage ({num_stages}), got {len(value)}")
+        return [float(value)] * count
+    if len(value) != count:
+        raise ValueError(f"need one time per {what} ({count}), got {len(value)}")
     return [float(v) for v in value]
+
+
+def _per_virtual_stage(value, P: int, v: int) -> List[float]:
+    """Seconds per virtual stage ``c * P + s``: one number or one per stage (each chunk
+    1/v of it), or one per virtual stage."""
+    if not isinstance(value, (int, float)) and len(value) == P * v and v > 1:
+        return [float(x) for x in value]
+    per_stage = _per_stage(value, P)
+    return [per_stage[vs % P] / v for vs in range(P * v)]
 
 
 def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: int,
              forward_s=1.0, backward_s=2.0, comm_s: float = 0.0, update_s=0.0,
-             accumulation: Optional[int] = None) -> SimResult:
+             accumulation: Optional[int] = None, virtual_stages: int = 2) -> SimResult:
     """Simulate ``iterations`` iterations of ``schedule``.
 
     Args:
         forward_s / backward_s: seconds per micro-batch forward / backward, one number or
-            one per stage.
+            one per stage; ``interleaved`` also takes one per virtual stage (``P * v``,
+            in the order ``c * P + s``), else each chunk takes ``1 / v`` of its stage's.
         comm_s: seconds from the end of an action to the arrival of its activation or
             gradient at the neighbour stage.
         update_s: seconds per optimizer update, one number or one per stage.
+        virtual_stages: ``v``, model chunks per stage (``interleaved`` only).
 
     Returns:
         :class:`SimResult`.
 
     Raises:
+        ValueError: see :func:`stage_actions` and :func:`interleaved_actions`.
         RuntimeError: the actions cannot all run (a dependency never satisfied).
     """
     P = num_stages
-    tf, tb, tu = _per_stage(forward_s, P), _per_stage(backward_s, P), _per_stage(update_s, P)
-    plans = [stage_actions(schedule, P, s, num_microbatches, iterations, accumulation)
-             for s in range(P)]
+    v = virtual_stages if schedule == "interleaved" else 1
+    V = P * v
+    tf, tb = _per_virtual_stage(forward_s, P, v), _per_virtual_stage(backward_s, P, v)
+    tu = _per_stage(update_s, P)
+    if schedule == "interleaved":
+        plans = [interleaved_actions(P, s, num_microbatches, v, iterations) for s in range(P)]
+    else:
+        plans = [[(s, act) for act in stage_actions(schedule, P, s, num_microbatches,
+                                                     iterations, accumulation)]
+                 for s in range(P)]
     pos = [0] * P
     free = [0.0] * P
     version = [0] * P
@@ -136,31 +218,32 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
         progressed = False
         for s in range(P):
             while pos[s] < len(plans[s]):
-                act = plans[s][pos[s]]
+                chunk, act = plans[s][pos[s]]
+                vs = chunk * P + s if v > 1 else s
                 ready = free[s]
-                if act.kind is Kind.FORWARD and s > 0:
-                    if (s - 1, act.index) not in done_f:
+                if act.kind is Kind.FORWARD and vs > 0:
+                    if (vs - 1, act.index) not in done_f:
                         break
-                    ready = max(ready, done_f[(s - 1, act.index)] + comm_s)
-                elif act.kind is Kind.BACKWARD and s < P - 1:
-                    if (s + 1, act.index) not in done_b:
+                    ready = max(ready, done_f[(vs - 1, act.index)] + (comm_s if P > 1 else 0.0))
+                elif act.kind is Kind.BACKWARD and vs < V - 1:
+                    if (vs + 1, act.index) not in done_b:
                         break
-                    ready = max(ready, done_b[(s + 1, act.index)] + comm_s)
-                cost = {Kind.FORWARD: tf[s], Kind.BACKWARD: tb[s], Kind.UPDATE: tu[s]}[act.kind]
+                    ready = max(ready, done_b[(vs + 1, act.index)] + (comm_s if P > 1 else 0.0))
+                cost = {Kind.FORWARD: tf[vs], Kind.BACKWARD: tb[vs], Kind.UPDATE: tu[s]}[act.kind]
                 ev = TimelineEvent(s, act.kind, act.index, ready, ready + cost, version[s])
                 events.append(ev)
                 per_stage[s].append(ev)
                 free[s] = ev.end
                 if act.kind is Kind.FORWARD:
-                    done_f[(s, act.index)] = ev.end
+                    done_f[(vs, act.index)] = ev.end
                 elif act.kind is Kind.BACKWARD:
-                    done_b[(s, act.index)] = ev.end
+                    done_b[(vs, act.index)] = ev.end
                 else:
                     version[s] = act.index
                 pos[s] += 1
                 progressed = True
         if not progressed:
-            stuck = {s: str(plans[s][pos[s]]) for s in range(P) if pos[s] < len(plans[s])}
+            stuck = {s: str(plans[s][pos[s]][1]) for s in range(P) if pos[s] < len(plans[s])}
             raise RuntimeError(f"simulation cannot proceed: {stuck}")
     makespan = max(ev.end for ev in events)
     busy = [sum(ev.end - ev.start for ev in per_stage[s]) for s in range(P)]
@@ -168,16 +251,193 @@ def simulate(schedule: str, num_stages: int, num_microbatches: int, iterations: 
     peaks, drift = [], {}
     for s in range(P):
         in_flight = peak = 0
-        for act in plans[s]:
+        for _, act in plans[s]:
             in_flight += {Kind.FORWARD: 1, Kind.BACKWARD: -1, Kind.UPDATE: 0}[act.kind]
             peak = max(peak, in_flight)
-        peaks.append(peak)
-        drift[s] = measure_drift(plans[s])
+        peaks.append(peak if v == 1 else peak / v)
+        drift[s] = measure_drift([act for _, act in plans[s]]) if v == 1 else {}
     return SimResult(
         schedule=schedule, events=events, makespan=makespan, busy=busy, utilisation=util,
         bubble_fraction=1.0 - sum(util) / P, peak_in_flight=peaks,
         drift_max=[max(drift[s].values(), default=0) for s in range(P)], drift=drift,
     )
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds of the pieces a stage is built from, one micro-batch each: a transformer
+    layer, the input embedding (first stage) and the output layer with the loss (last
+    stage), forward and backward. Measured (``benchmarks/device_check.py``) or given."""
+
+    layer_forward_s: float
+    layer_backward_s: float
+    embedding_forward_s: float = 0.0
+    embedding_backward_s: float = 0.0
+    output_forward_s: float = 0.0
+    output_backward_s: float = 0.0
+
+    def seconds(self, split: Sequence[int]) -> Tuple[List[float], List[float]]:
+        """``(forward_s, backward_s)`` per (virtual) stage of ``split`` (transformer layers
+        per stage, in order; for the interleaved schedule per virtual stage ``c * P + s``):
+        the first holds the embedding, the last the output layer and loss."""
+        fwd = [n * self.layer_forward_s for n in split]
+        bwd = [n * self.layer_backward_s for n in split]
+        fwd[0] += self.embedding_forward_s
+        bwd[0] += self.embedding_backward_s
+        fwd[-1] += self.output_forward_s
+        bwd[-1] += self.output_backward_s
+        return fwd, bwd
+
+
+def split_flags(split: Sequence[int]) -> List[str]:
+    """The Megatron-LM flags that build ``split`` (transformer layers per stage; also the
+    flags of ``examples/pretrain_gpt.py``): none for an even split;
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers`` when
+    only the first and last stages differ (megatron-core's
+    ``num_layers_in_first/last_pipeline_stage``: both above 0, the middle stages equal);
+    else ``--pipeline-model-parallel-layout`` (``E`` embedding, ``t`` a layer, ``L`` the
+    loss, ``|`` between stages: megatron-core's ``PipelineParallelLayerLayout``)."""
+    split = list(split)
+    if len(set(split)) == 1:
+        return []
+    middle = split[1:-1]
+    if split[0] > 0 and split[-1] > 0 and len(set(middle)) <= 1 and all(middle):
+        return ["--decoder-first-pipeline-num-layers", str(split[0]),
+                "--decoder-last-pipeline-num-layers", str(split[-1])]
+    stages = [f"t*{n}" if n > 1 else "t" * n for n in split]
+    return ["--pipeline-model-parallel-layout", "E" + "|".join(stages) + "L"]
+
+
+def seconds_per_iteration(schedule: str, num_stages: int, num_microbatches: int,
+                          forward_s, backward_s, comm_s: float = 0.0, update_s=0.0,
+                          accumulation: Optional[int] = None, virtual_stages: int = 2,
+                          iterations: int = 16) -> float:
+    """Steady-state seconds per iteration. The flushing schedules repeat the same
+    iteration: one iteration's makespan. PACI never flushes: the makespan difference
+    between ``4 + iterations`` and 4 iterations over ``iterations`` (its fill and drain
+    cancel; with unequal stages it approaches the slowest stage's ``m (F_s + B_s)``
+    from below as ``iterations`` grows). Arguments as :func:`simulate`."""
+    def run(k):
+        return simulate(schedule, num_stages, num_microbatches, k, forward_s, backward_s,
+                        comm_s, update_s, accumulation, virtual_stages).makespan
+    if schedule != "paci":
+        return run(1)
+    return (run(4 + iterations) - run(4)) / iterations
+
+
+def _splits(num_layers: int, stage_s: Sequence[float], bound: float, num_stages: int,
+            fixed: Sequence[float]) -> Iterator[Tuple[int, ...]]:
+    """Layers per stage (first and last may hold none, the others at least one) whose
+    every stage costs at most ``bound`` seconds: ``stage_s`` is one layer's forward plus
+    backward, ``fixed`` each stage's embedding / output-layer seconds."""
+    def rec(s, left, prefix):
+        if s == num_stages - 1:
+            if fixed[s] + left * stage_s <= bound * (1 + 1e-12):
+                yield tuple(prefix + [left])
+            return
+        low = 0 if s == 0 else 1
+        for n in range(low, left + 1):
+            if fixed[s] + n * stage_s > bound * (1 + 1e-12):
+                break
+            yield from rec(s + 1, left - n, prefix + [n])
+    yield from rec(0, num_layers, [])
+
+
+def balance(num_layers: int, num_stages: int, num_microbatches: int, costs: StageCosts,
+            accumulation: Optional[int] = None, comm_s: float = 0.0, update_s=0.0,
+            virtual_stages: Optional[Sequence[int]] = None, tolerance: float = 0.1,
+            max_candidates: int = 3000) -> Dict[str, object]:
+    """Each schedule's best whole-layer split, and the best-vs-best ratios.
+
+    Candidates: every split whose most expensive stage (forward + backward of one
+    micro-batch) is within ``tolerance`` of the least possible (at most ``max_candidates``,
+    the cheapest first), plus the even split. 1F1B simulates each candidate
+    (:func:`seconds_per_iteration`); PACI, which runs at its slowest stage's pace,
+    simulates the 8 with the cheapest slowest stage (the most even first). Each schedule
+    keeps its own best. The interleaved 1F1B runs the even split over ``P * v`` virtual stages for each
+    ``v`` of ``virtual_stages`` (default: every ``v >= 2`` with ``P v`` dividing ``L``,
+    as ``--num-layers-per-virtual-pipeline-stage`` needs) where ``m >= P``, on the even
+    split over the ``P v`` virtual stages (the embedding on virtual stage 0, the output
+    layer on the last) and on each of the 200 cheapest candidates' stage totals spread
+    over the stage's chunks (``--pipeline-model-parallel-layout``), its own best kept.
+
+    Returns:
+        ``{"schedules": {name: {"even": {...} | None, "best": {...}}}, "ceilings":
+        {"paci_vs_<name>": ratio}}``; each entry holds ``split``, ``flags``
+        (:func:`split_flags`) and ``seconds_per_iteration``; names ``paci``, ``1f1b``,
+        ``interleaved_v<v>``. A ceiling is the other schedule's best seconds over PACI's
+        best: the most time to accuracy PACI can gain if it loses nothing per iteration.
+
+    Raises:
+        ValueError: fewer than 2 stages, fewer layers than the middle stages need, or
+            non-positive layer times.
+    """
+    P, L = num_stages, num_layers
+    if P < 2 or L < P - 2 or L < 1:
+        raise ValueError(f"balance needs P >= 2 and at least P - 2 layers: P = {P}, L = {L}")
+    if costs.layer_forward_s + costs.layer_backward_s <= 0:
+        raise ValueError("a layer's forward plus backward time must be above 0")
+    layer = costs.layer_forward_s + costs.layer_backward_s
+    fixed = [0.0] * P
+    fixed[0] += costs.embedding_forward_s + costs.embedding_backward_s
+    fixed[-1] += costs.output_forward_s + costs.output_backward_s
+    # the least possible most-expensive stage: smallest bound with a split under it
+    bounds = sorted({fixed[s] + n * layer for s in range(P) for n in range(L + 1)})
+    best_bound = next(b for b in bounds if next(_splits(L, layer, b, P, fixed), None))
+    candidates = sorted(_splits(L, layer, best_bound * (1 + tolerance), P, fixed),
+                        key=lambda sp: max(f + n * layer for f, n in zip(fixed, sp)))
+    candidates = candidates[:max_candidates]
+    even = tuple([L // P] * P) if L % P == 0 else None
+    if even and even not in candidates:
+        candidates.append(even)
+
+    def entry(schedule, split, v=2):
+        fwd, bwd = costs.seconds(split)
+        sec = seconds_per_iteration(schedule, P, num_microbatches, fwd, bwd, comm_s, update_s,
+                                    accumulation if schedule == "paci" else None, v)
+        return {"split": list(split), "flags": split_flags(split) if len(split) == P else [],
+                "seconds_per_iteration": sec}
+
+    def spread(split):  # how uneven: spread, then squared deviations from the mean
+        return max(split) - min(split), sum((n - L / len(split)) ** 2 for n in split)
+
+    out: Dict[str, Dict[str, object]] = {}
+    # 1F1B: every candidate simulated (one iteration each)
+    rows = {split: entry("1f1b", split) for split in candidates}
+    best = min(rows, key=lambda sp: (round(rows[sp]["seconds_per_iteration"], 9), spread(sp)))
+    out["1f1b"] = {"even": rows.get(even) if even else None, "best": rows[best]}
+    # PACI runs at its slowest stage's pace: the candidates with the cheapest slowest stage
+    # (the most even first) are simulated over a long run
+    key = {sp: max(f + n * layer for f, n in zip(fixed, sp)) for sp in candidates}
+    short = sorted(candidates, key=lambda sp: (key[sp], spread(sp)))[:8]
+    rows = {split: entry("paci", split) for split in set(short) | ({even} if even else set())}
+    best = min(short, key=lambda sp: (round(rows[sp]["seconds_per_iteration"], 9), spread(sp)))
+    out["paci"] = {"even": rows.get(even) if even else None, "best": rows[best]}
+    if virtual_stages is None:
+        virtual_stages = [v for v in range(2, L // P + 1) if L % (P * v) == 0]
+    for v in virtual_stages:
+        if v < 2 or num_microbatches < P:
+            continue
+        # the even split over P v virtual stages where it exists, and each of the 1F1B
+        # candidates' stage totals spread over the stage's v chunks (extra layers to the
+        # earlier chunks)
+        splits = {}
+        if L % (P * v) == 0:
+            splits[tuple([L // (P * v)] * (P * v))] = None
+        for sp in sorted(candidates, key=lambda sp: (key[sp], spread(sp)))[:200]:
+            chunks = [[n // v + (c < n % v) for c in range(v)] for n in sp]
+            splits.setdefault(tuple(chunks[vs % P][vs // P] for vs in range(P * v)), None)
+        rows = {split: entry("interleaved", split, v) for split in splits}
+        for split, row in rows.items():
+            row["flags"] = (["--num-layers-per-virtual-pipeline-stage", str(split[0])]
+                            if len(set(split)) == 1 else split_flags(split))
+        even_v = tuple([L // (P * v)] * (P * v)) if L % (P * v) == 0 else None
+        best = min(rows, key=lambda sp: (round(rows[sp]["seconds_per_iteration"], 9), spread(sp)))
+        out[f"interleaved_v{v}"] = {"even": rows.get(even_v), "best": rows[best]}
+    paci = out["paci"]["best"]["seconds_per_iteration"]
+    ceilings = {f"paci_vs_{name}": out[name]["best"]["seconds_per_iteration"] / paci
+                for name in out if name != "paci"}
+    return {"schedules": out, "ceilings": ceilings}
 
 
 def flush_utilisation(num_stages: int, num_microbatches: int) -> float:
@@ -228,6 +488,41 @@ def plot_timeline(results: Sequence[SimResult], path: str, width_in: float = 12.
     plt.close(fig)
 
 
+def _balance_main(p: argparse.ArgumentParser, args) -> int:
+    """``--balance``: each schedule's best split from per-layer times; a table and JSON."""
+    if args.layers is None or args.layer_ms is None:
+        p.error("--balance needs --layers and --layer-ms FORWARD BACKWARD (milliseconds)")
+    times = [*args.layer_ms, *args.embedding_ms, *args.output_ms, args.comm_ms, args.update_ms]
+    if not all(0 <= t < float("inf") for t in times) or sum(args.layer_ms) <= 0:
+        p.error("times must be finite and >= 0, a layer's forward plus backward above 0")
+    if args.stages < 2 or args.layers < args.stages - 2:
+        p.error(f"--balance needs --stages >= 2 and --layers >= stages - 2 (got "
+                f"{args.stages} stages, {args.layers} layers)")
+    ms = 1e-3
+    costs = StageCosts(args.layer_ms[0] * ms, args.layer_ms[1] * ms, args.embedding_ms[0] * ms,
+                       args.embedding_ms[1] * ms, args.output_ms[0] * ms, args.output_ms[1] * ms)
+    result = balance(args.layers, args.stages, args.microbatches, costs, args.accumulation,
+                     args.comm_ms * ms, args.update_ms * ms, args.virtual_stages)
+    print(f"L={args.layers} P={args.stages} m={args.microbatches} "
+          f"a={args.accumulation or args.microbatches}: each schedule on its own best split")
+    print("| schedule | even split (ms/iteration) | best split | ms/iteration | flags |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, row in result["schedules"].items():
+        even, best = row["even"], row["best"]
+        even_text = f"{even['seconds_per_iteration'] / ms:.1f}" if even else "not even"
+        print(f"| {name} | {even_text} | {best['split']} | "
+              f"{best['seconds_per_iteration'] / ms:.1f} | {' '.join(best['flags']) or '(even)'} |")
+    for name, ratio in result["ceilings"].items():
+        print(f"ceiling {name.replace('_vs_', ' over ')}: {ratio:.3f}x (best split against best split)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"layers": args.layers, "stages": args.stages,
+                       "microbatches": args.microbatches, "costs_s": costs.__dict__, **result},
+                      f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: simulate PACI, 1F1B and GPipe side by side; print a table."""
     p = argparse.ArgumentParser(prog="python -m paci_megatron.sim", description=__doc__.split("\n")[0])
@@ -238,10 +533,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--forward-ms", type=float, default=1.0)
     p.add_argument("--backward-ms", type=float, default=2.0)
     p.add_argument("--comm-ms", type=float, default=0.0)
-    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--schedules", nargs="+", default=None, choices=SCHEDULES,
+                   help="default: all (the interleaved 1F1B where m >= P)")
     p.add_argument("--png", default=None, help="write the timeline picture here")
     p.add_argument("--trace", default=None, help="write a Chrome trace per schedule (PATH.<schedule>.json)")
     p.add_argument("--json", default=None, help="write the table as JSON")
+    g = p.add_argument_group("--balance: propose each schedule's layer split")
+    g.add_argument("--balance", action="store_true",
+                   help="search whole-layer splits for PACI, 1F1B and the interleaved 1F1B")
+    g.add_argument("--layers", type=int, default=None, help="transformer layers (--num-layers)")
+    g.add_argument("--layer-ms", type=float, nargs=2, metavar=("FORWARD", "BACKWARD"),
+                   default=None, help="one layer, one micro-batch")
+    g.add_argument("--embedding-ms", type=float, nargs=2, default=(0.0, 0.0),
+                   metavar=("FORWARD", "BACKWARD"), help="input embedding (first stage)")
+    g.add_argument("--output-ms", type=float, nargs=2, default=(0.0, 0.0),
+                   metavar=("FORWARD", "BACKWARD"), help="output layer and loss (last stage)")
+    g.add_argument("--update-ms", type=float, default=0.0, help="one optimizer update")
+    g.add_argument("--virtual-stages", type=int, nargs="+", default=None,
+                   help="v of the interleaved 1F1B (default: every v with P v dividing L)")
     args = p.parse_args(argv)
     if min(args.stages, args.microbatches, args.iterations) < 1:
         p.error("--stages, --microbatches and --iterations must be >= 1")
@@ -255,9 +564,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in (args.json, args.png, args.trace):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{path}: its folder does not exist")
+    if args.virtual_stages and min(args.virtual_stages) < 2:
+        p.error("--virtual-stages: each v must be >= 2")
+    if args.balance:
+        return _balance_main(p, args)
+    if args.schedules is None:
+        args.schedules = [s for s in SCHEDULES
+                          if s != "interleaved" or args.microbatches >= args.stages]
+    if "interleaved" in args.schedules and args.microbatches < args.stages:
+        p.error("the interleaved 1F1B needs --microbatches >= --stages (Megatron's group size)")
     results = [simulate(s, args.stages, args.microbatches, args.iterations,
                         args.forward_ms / 1e3, args.backward_ms / 1e3, args.comm_ms / 1e3,
-                        accumulation=args.accumulation if s == "paci" else None)
+                        accumulation=args.accumulation if s == "paci" else None,
+                        virtual_stages=(args.virtual_stages or [2])[0])
                for s in args.schedules]
     rows = []
     print(f"P={args.stages} m={args.microbatches} iterations={args.iterations} "
