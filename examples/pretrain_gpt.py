@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -71,6 +71,49 @@ def _stop(speaker: int = 0) -> None:
     raise SystemExit(2)
 
 
+SPLIT_FLAGS = {  # flag -> megatron-core TransformerConfig field (Megatron-LM's names)
+    "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
+    "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage",
+    "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
+    "account_for_embedding_in_pipeline_split": "account_for_embedding_in_pipeline_split",
+    "account_for_loss_in_pipeline_split": "account_for_loss_in_pipeline_split",
+}
+
+
+def split_fields(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``TransformerConfig`` fields of the layer-split flags given (uneven stages)."""
+    return {field: getattr(args, flag) for flag, field in SPLIT_FLAGS.items()
+            if getattr(args, flag) not in (None, False)}
+
+
+def split_problems(args: argparse.Namespace) -> List[str]:
+    """What is wrong with the layer split, in megatron-core's own words: the split flags
+    (or, without them, ``--num-layers`` over the stages) are checked by building the
+    ``TransformerConfig`` they give, before anything else starts."""
+    pp = args.pipeline_model_parallel_size
+    fields = split_fields(args)
+    if not fields:
+        if args.num_layers % pp:
+            return [f"--num-layers {args.num_layers} is not divisible by "
+                    f"--pipeline-model-parallel-size {pp}: give an uneven split "
+                    "(--decoder-first/last-pipeline-num-layers or "
+                    "--pipeline-model-parallel-layout)"]
+        return []
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    given = " ".join(f"--{flag.replace('_', '-')}" + ("" if v is True else f" {v}")
+                     for flag, v in vars(args).items() if flag in SPLIT_FLAGS
+                     and v not in (None, False))
+    try:
+        TransformerConfig(num_layers=args.num_layers, hidden_size=8, num_attention_heads=1,
+                          pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+                          **fields)
+    except (ValueError, AssertionError, TypeError, KeyError) as e:
+        return [f"{given} with --num-layers {args.num_layers} at "
+                f"--pipeline-model-parallel-size {pp}: {e}"]
+    return []
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = _Parser(prog="examples/pretrain_gpt.py", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model (Megatron-LM names)")
@@ -86,6 +129,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "embedding, as Megatron-LM; under PACI the first and last stage exchange "
                    "the tied weight's gradient and step)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers on the first stage (the middle stages share the rest evenly); "
+                   "python -m paci_megatron.sim --balance proposes a split")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers on the last stage (with the output layer and loss)")
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="layers per stage as megatron-core's layout, e.g. 'Et*3|t*3|t*2L' "
+                   "(E embedding, t a layer, L the loss, | between stages)")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="count the embedding as a layer when splitting")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="count the output layer and loss as a layer when splitting")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g = p.add_argument_group("training")
@@ -238,9 +293,7 @@ def check_args(args: argparse.Namespace, world_size: int):
     if heads % tp:
         problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")
-    if args.num_layers % pp:
-        problems.append(f"--num-layers {args.num_layers} is not divisible by "
-                        f"--pipeline-model-parallel-size {pp}")
+    problems += split_problems(args)
     if args.max_position_embeddings < args.seq_length:
         problems.append("--max-position-embeddings must be >= --seq-length")
     for flag in ("hidden_dropout", "attention_dropout"):
@@ -512,7 +565,7 @@ def build_training(args: argparse.Namespace, vocab_size: int, settings=None):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        on_gpu=on_gpu,
+        on_gpu=on_gpu, **split_fields(args),
     )
     use_te = on_gpu and importlib.util.find_spec("transformer_engine") is not None
     if on_gpu and not use_te:
@@ -690,17 +743,22 @@ def train(args: argparse.Namespace, settings=None) -> List[dict]:
     if is_writer and args.default_warmup:
         print(f"> lr warm-up: {args.lr_warmup_iters} iterations (10% of --train-iters; "
               "--lr-warmup-iters sets it)", flush=True)
+    from megatron.core.utils import get_attr_wrapped_model
+
+    layers: List[Optional[int]] = [None] * torch.distributed.get_world_size(pp_group)
+    torch.distributed.all_gather_object(
+        layers, len(get_attr_wrapped_model(model[0], "decoder").layers), group=pp_group)
     if is_writer:
         print(f"> {args.pipeline_schedule}: P={args.pipeline_model_parallel_size} "
               f"DP={dp_size} m={m} device={args.device} bf16={args.bf16} "
-              f"optimizer={args.optimizer}", flush=True)
+              f"optimizer={args.optimizer} layers per stage {layers}", flush=True)
     sync = settings.sync_warmup_iters if settings is not None else 0
     if sync and is_writer:
         exact = " (exactly 1F1B)" if settings.accumulation == m else ""
         print(f"> paci: synchronous warm-up, iterations 1..{sync} drained after each{exact}; "
               f"PACI takes over at iteration {sync + 1}", flush=True)
     if start_iteration == 0:
-        emit({"iteration": 0, "val_loss": run_eval(), **drift()})
+        emit({"iteration": 0, "val_loss": run_eval(), "layers_per_stage": layers, **drift()})
     window_losses: List[float] = []
     t0 = time.time()
     tokens = 0

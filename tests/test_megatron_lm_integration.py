@@ -216,6 +216,23 @@ def test_accumulation_one_gives_drift_bound_per_stage(tmp_path):
     assert f"trace of {len(events)} actions written to {trace}" in out
 
 
+@pytest.mark.parametrize("split", [  # [2, 1, 1, 1] layers; [1, 1, 2, 0]
+    ["--num-layers", 5, "--decoder-first-pipeline-num-layers", 2,
+     "--decoder-last-pipeline-num-layers", 1],
+    ["--pipeline-model-parallel-layout", "Et|t|t*2|L"],
+], ids=["first-last", "layout"])
+def test_uneven_split_drained_paci_prints_1f1b_losses_and_drift_is_the_bound(split):
+    common = ["--pipeline-model-parallel-size", 4, "--train-iters", 4, "--eval-interval", 4,
+              "--clip-grad", 0, *split]
+    base = losses(ok(4, *common, "--pipeline-schedule", "1f1b"))
+    assert sorted(base) == [1, 2, 3, 4]
+    drained = losses(ok(4, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1))
+    assert drained == base  # every printed digit
+    out = ok(4, *common, "--pipeline-schedule", "paci", "--paci-accumulation", 1,
+             "--paci-sync-warmup-iters", 0)
+    assert {int(i): v for i, v in DRIFT.findall(out)}[4] == "[3, 2, 1, 0]"
+
+
 def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():
     common = ["--pipeline-model-parallel-size", 2, "--train-iters", 6, "--eval-interval", 3]
     plain = ok(2, *common)

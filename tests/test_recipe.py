@@ -23,8 +23,9 @@ def recipe(corpus, tmp_path, name, nproc, *flags):
 def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expected):
     flags = ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
              "--train-iters", "6", "--eval-interval", "6", "--paci-trace", "trace/run.json"]
-    if accumulation:
-        flags += ["--paci-accumulation", str(accumulation)]
+    if accumulation:  # and a layout that leaves the last stage the output layer alone
+        flags += ["--paci-accumulation", str(accumulation),
+                  "--pipeline-model-parallel-layout", "Et|t|t*2|L"]
     records, out = recipe(corpus, tmp_path, "paci", 4, *flags)
     # the real timeline: every forward, backward and update of every stage, with versions
     events = [e for e in json.loads((tmp_path / "trace" / "run.json").read_text())["traceEvents"]
@@ -36,6 +37,7 @@ def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expect
     assert max(e["args"]["version"] for e in events) == 6 * 4 // (accumulation or 4) - 1
     first, last = records[0], records[-1]
     assert first["iteration"] == 0 and "val_loss" in first
+    assert first["layers_per_stage"] == ([1, 1, 2, 0] if accumulation else [1, 1, 1, 1])
     assert last["iteration"] == 6 and last["drift_max"] == expected
     for key in ("lm_loss", "lr", "tokens_per_second", "drift_mean", "drift_histogram"):
         assert key in last
@@ -59,8 +61,10 @@ def test_recipe_checkpoint_resume_matches_run_that_saved_at_the_same_iteration(c
 
 
 def test_paci_drained_every_iteration_trains_exactly_like_1f1b(corpus, tmp_path):
+    # on an uneven split (3 layers and 1 with the output layer), Megatron-LM's flags
     common = ["--pipeline-model-parallel-size", "2", "--train-iters", "4", "--eval-interval",
-              "4", "--clip-grad", "0"]
+              "4", "--clip-grad", "0", "--decoder-first-pipeline-num-layers", "3",
+              "--decoder-last-pipeline-num-layers", "1"]
     sync, _ = recipe(corpus, tmp_path, "1f1b", 2, *common)
     drained, _ = recipe(corpus, tmp_path, "drained", 2, *common, "--pipeline-schedule", "paci",
                         "--paci-drain-interval", "1")
@@ -68,3 +72,4 @@ def test_paci_drained_every_iteration_trains_exactly_like_1f1b(corpus, tmp_path)
     assert len([r for r in sync if "lm_loss" in r]) == 2  # iterations 2 and 4
     assert drained[-1]["val_loss"] == sync[-1]["val_loss"]
     assert drained[-1]["drift_max"] == [0, 0]  # drained before every next iteration
+    assert sync[0]["layers_per_stage"] == drained[0]["layers_per_stage"] == [3, 1]
