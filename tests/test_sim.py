@@ -5,7 +5,8 @@ import json
 import pytest
 
 from paci_megatron.plan import Kind, drift_bound
-from paci_megatron.sim import flush_utilisation, main, plot_timeline, simulate, stage_actions
+from paci_megatron.sim import (StageCosts, balance, flush_utilisation, interleaved_actions, main,
+                                plot_timeline, simulate, split_flags, stage_actions)
 from paci_megatron.telemetry import write_chrome_trace
 
 GRID = [(2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (8, 32)]
@@ -86,3 +87,134 @@ def test_simulator_refuses_bad_input_with_a_short_message(flags, needle, capsys)
     with pytest.raises(SystemExit) as stop:
         main(["--stages", "4", "--microbatches", "8", "--iterations", "2", *flags])
     assert stop.value.code == 2 and needle in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- interleaved 1F1B
+@pytest.mark.parametrize("P,m,v", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (8, 16, 2)])
+def test_interleaved_bubble_is_v_times_smaller(P, m, v):
+    """Megatron's interleaved schedule with P | m: one iteration takes
+    (m + (P - 1) / v) (F + B) (Narayanan et al. 2021, section 2.2), the flush's bubble / v."""
+    tf, tb = 1.0, 2.0
+    r = simulate("interleaved", P, m, 1, tf, tb, virtual_stages=v)
+    assert r.makespan == pytest.approx((m + (P - 1) / v) * (tf + tb))
+    assert r.makespan < simulate("1f1b", P, m, 1, tf, tb).makespan
+    assert r.drift_max == [0] * P  # synchronous: one update per iteration, after the flush
+
+
+@pytest.mark.parametrize("P,m,v", [(4, 8, 2), (4, 4, 3), (8, 8, 2)])
+def test_interleaved_order_is_megatrons(P, m, v):
+    """Warm-up length as megatron-core's get_pp_rank_microbatches; every (chunk, micro-batch)
+    forwarded and backwarded once, the forwards in get_schedule_table's order, the
+    backwards with the chunks reversed."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import (get_pp_rank_microbatches,
+                                                           get_schedule_table)
+
+    table = get_schedule_table(m, v, P)
+    for s in range(P):
+        comm = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: P, rank=lambda s=s: s),
+                               virtual_pipeline_model_parallel_size=v)
+        _, _, warmup, _ = get_pp_rank_microbatches(m, v, P, p2p_communicator=comm)
+        steps = interleaved_actions(P, s, m, v, iterations=1)
+        kinds = [a.kind for _, a in steps]
+        assert kinds[:warmup] == [Kind.FORWARD] * warmup
+        assert kinds[warmup:warmup + 2] == ([Kind.FORWARD, Kind.BACKWARD]
+                                            if warmup < m * v else [Kind.BACKWARD] * 2)
+        forwards = [(a.index, c) for c, a in steps if a.kind is Kind.FORWARD]
+        backwards = [(a.index, v - 1 - c) for c, a in steps if a.kind is Kind.BACKWARD]
+        assert forwards == list(table) and backwards == list(table)
+        assert steps[-1][1].kind is Kind.UPDATE and kinds.count(Kind.UPDATE) == 1
+    with pytest.raises(ValueError, match="at least 2 model chunks"):
+        interleaved_actions(4, 0, 8, 1, 1)
+    with pytest.raises(ValueError, match="m >= P"):
+        interleaved_actions(4, 0, 2, 2, 1)
+
+
+# ---------------------------------------------------------------- the balance advisor
+# GPT-2 Medium on one H200 (bf16, micro-batch 16, sequence 1024; benchmarks/device_check.py):
+# a layer 4.12 / 6.63 ms forward / backward, output layer and loss 12.69 / 8.09 ms
+H200 = StageCosts(4.12e-3, 6.63e-3, output_forward_s=12.69e-3, output_backward_s=8.09e-3)
+
+
+def test_each_schedule_gets_its_own_best_split():
+    result = balance(24, 8, 8, H200)
+    rows = result["schedules"]
+    # PACI runs at its slowest stage's pace: the output layer's stage gets fewer layers
+    assert rows["paci"]["best"]["split"] == [4, 3, 3, 3, 3, 3, 3, 2]
+    # 1F1B's ramp and flush favour an even earlier part: its own best differs
+    assert rows["1f1b"]["best"]["split"] == [4, 4, 3, 3, 3, 3, 3, 1]
+    for name, row in rows.items():
+        assert sum(row["best"]["split"]) == 24
+        assert row["best"]["seconds_per_iteration"] <= row["even"]["seconds_per_iteration"]
+    paci = rows["paci"]["best"]["seconds_per_iteration"]
+    assert rows["paci"]["even"]["seconds_per_iteration"] / paci > 1.2  # balancing pays
+    # the best-vs-best ceilings: each schedule on its own best split
+    for name, ratio in result["ceilings"].items():
+        other = name.removeprefix("paci_vs_")
+        assert ratio == pytest.approx(rows[other]["best"]["seconds_per_iteration"] / paci)
+    assert 1.4 < result["ceilings"]["paci_vs_1f1b"] < 1.875  # below the balanced (m+P-1)/m
+    assert {"interleaved_v3", "paci_vs_interleaved_v3"} <= set(rows) | set(result["ceilings"])
+    # a split no schedule can beat: PACI's best is its slowest stage's pace
+    fwd, bwd = H200.seconds(rows["paci"]["best"]["split"])
+    assert paci == pytest.approx(8 * max(f + b for f, b in zip(fwd, bwd)), rel=0.05)
+
+
+def test_balanced_stages_simulate_as_the_formula():
+    """Equal stages: no split beats the even one, and PACI's ceiling over 1F1B is
+    (m + P - 1) / m up to the fill PACI pays once."""
+    costs = StageCosts(1e-3, 2e-3)
+    result = balance(16, 4, 8, costs)
+    assert result["schedules"]["paci"]["best"]["split"] == [4, 4, 4, 4]
+    assert result["schedules"]["1f1b"]["best"]["split"] == [4, 4, 4, 4]
+    assert result["ceilings"]["paci_vs_1f1b"] == pytest.approx((8 + 3) / 8, rel=1e-6)
+    assert result["ceilings"]["paci_vs_interleaved_v2"] == pytest.approx((8 + 1.5) / 8, rel=1e-6)
+    with pytest.raises(ValueError, match="P >= 2"):
+        balance(4, 1, 8, costs)
+
+
+@pytest.mark.parametrize("split", [[3, 1], [4, 3, 3, 3, 3, 3, 3, 2], [1, 1, 2, 0],
+                                   [4, 4, 3, 3, 3, 3, 3, 1], [0, 3, 3, 2], [2, 2, 2, 2]])
+def test_split_flags_build_that_split_in_megatron_core(split):
+    """The flags the advisor prints give the split it means: megatron-core's
+    get_num_layers_to_build counts each stage's layers from the config they set."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    flags = split_flags(split)
+    P, L = len(split), sum(split)
+    fields = {"num_layers": L, "hidden_size": 8, "num_attention_heads": 2,
+              "pipeline_model_parallel_size": P, "pipeline_dtype": torch.float32}
+    names = {"--decoder-first-pipeline-num-layers": "num_layers_in_first_pipeline_stage",
+             "--decoder-last-pipeline-num-layers": "num_layers_in_last_pipeline_stage",
+             "--pipeline-model-parallel-layout": "pipeline_model_parallel_layout"}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        fields[names[flag]] = int(value) if "num-layers" in flag else value
+    assert bool(flags) == (len(set(split)) > 1)
+    config = TransformerConfig(**fields)
+    layout = config.pipeline_model_parallel_layout  # parsed by megatron-core
+    if layout is not None:  # its get_num_layers_to_build reads the rank from parallel_state
+        built = [layout.layout[s][0].count(LayerType.decoder) for s in range(P)]
+        assert layout.layout[0][0][0] == LayerType.embedding
+        assert layout.layout[-1][0][-1] == LayerType.loss
+    else:
+        built = [get_num_layers_to_build(config, pp_rank=s) for s in range(P)]
+    assert built == split
+
+
+def test_balance_command_line(tmp_path, capsys):
+    assert main(["--balance", "--stages", "8", "--microbatches", "8", "--layers", "24",
+                 "--layer-ms", "4.12", "6.63", "--output-ms", "12.69", "8.09",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| paci |" in out and "[4, 3, 3, 3, 3, 3, 3, 2]" in out
+    assert "--decoder-first-pipeline-num-layers 4 --decoder-last-pipeline-num-layers 2" in out
+    assert "ceiling paci over 1f1b" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["schedules"]["1f1b"]["best"]["split"] == [4, 4, 3, 3, 3, 3, 3, 1]
+    assert data["ceilings"]["paci_vs_1f1b"] > 1.4
+    with pytest.raises(SystemExit) as stop:
+        main(["--balance", "--stages", "8"])
+    assert stop.value.code == 2 and "--balance needs --layers" in capsys.readouterr().err
