@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -127,7 +128,9 @@ def interleaved_actions(num_stages: int, stage: int, num_microbatches: int,
         ValueError: ``v < 2`` or ``m < P`` (Megatron refuses a micro-batch group larger
             than ``m``).
     """
-    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+    with warnings.catch_warnings():  # megatron-core's notes on Apex / Transformer Engine
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.pipeline_parallel.schedules import get_schedule_table
 
     P, m, v = num_stages, num_microbatches, virtual_stages
     if v < 2:
@@ -358,8 +361,11 @@ def balance(num_layers: int, num_stages: int, num_microbatches: int, costs: Stag
     ``v`` of ``virtual_stages`` (default: every ``v >= 2`` with ``P v`` dividing ``L``,
     as ``--num-layers-per-virtual-pipeline-stage`` needs) where ``m >= P``, on the even
     split over the ``P v`` virtual stages (the embedding on virtual stage 0, the output
-    layer on the last) and on each of the 200 cheapest candidates' stage totals spread
-    over the stage's chunks (``--pipeline-model-parallel-layout``), its own best kept.
+    layer on the last), on each of the 200 cheapest candidates' stage totals spread
+    over the stage's chunks, and on the 200 cheapest splits balanced over the virtual
+    stages themselves (a virtual stage may then hold only the output layer and loss:
+    ``--pipeline-model-parallel-layout`` ``...|L``), its own best kept. The simulator
+    charges ``comm_s`` per transfer; the interleaved schedule makes ``v`` times more.
 
     Returns:
         ``{"schedules": {name: {"even": {...} | None, "best": {...}}}, "ceilings":
@@ -427,6 +433,19 @@ def balance(num_layers: int, num_stages: int, num_microbatches: int, costs: Stag
         for sp in sorted(candidates, key=lambda sp: (key[sp], spread(sp)))[:200]:
             chunks = [[n // v + (c < n % v) for c in range(v)] for n in sp]
             splits.setdefault(tuple(chunks[vs % P][vs // P] for vs in range(P * v)), None)
+        # and the splits balanced over the P v virtual stages themselves
+        fixed_v = [0.0] * (P * v)
+        fixed_v[0], fixed_v[-1] = fixed[0], fixed[-1]
+        if L >= P * v - 2:
+            bounds_v = sorted({fixed_v[i] + n * layer for i in (0, P * v - 1, 1)
+                               for n in range(L + 1)})
+            low = next(b for b in bounds_v if next(_splits(L, layer, b, P * v, fixed_v), None))
+            found = itertools.islice(_splits(L, layer, low * (1 + tolerance), P * v, fixed_v),
+                                     max_candidates)
+            for sp in sorted(found, key=lambda sp: (max(f + n * layer
+                                                        for f, n in zip(fixed_v, sp)),
+                                                    spread(sp)))[:200]:
+                splits.setdefault(sp, None)
         rows = {split: entry("interleaved", split, v) for split in splits}
         for split, row in rows.items():
             row["flags"] = (["--num-layers-per-virtual-pipeline-stage", str(split[0])]
