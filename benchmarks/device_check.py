@@ -517,6 +517,7 @@ def check_projection(size: Dict[str, Any], device: str, P: int = 8, m: int = 8,
                          "bubble_paci": runs["paci"].bubble_fraction,
                          "paci_over_1f1b_throughput": runs["1f1b"].makespan / runs["paci"].makespan})
     return {"stages": P, "microbatches": m, "accumulation": m, "iterations": iterations,
+            "layers_per_stage": size["stage_layers"],
             "note": "NCCL point-to-point needs two devices: p2p is costed from the activation "
                     "bytes at assumed link speeds, not measured", "rows": rows}
 

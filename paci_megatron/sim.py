@@ -39,7 +39,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .plan import Action, Kind, StageState, measure_drift, plan_call, plan_drain
 from .telemetry import TimelineEvent, write_chrome_trace
@@ -279,6 +279,27 @@ class StageCosts:
     output_forward_s: float = 0.0
     output_backward_s: float = 0.0
 
+    @classmethod
+    def from_stage_times(cls, forward_s: Sequence[float], backward_s: Sequence[float],
+                         layers: int) -> "StageCosts":
+        """The pieces from measured whole stages: ``forward_s`` / ``backward_s`` are the
+        seconds of the first, a middle and the last stage (``[3]`` each, one micro-batch),
+        each holding ``layers`` transformer layers (``benchmarks/device_check.py``'s check
+        (d)). A layer is the middle stage over ``layers``; the embedding and the output
+        layer with the loss are what the first and last stage take beyond a middle one
+        (at least 0: a difference within the timing noise).
+
+        Raises:
+            ValueError: not three times each, or ``layers < 1``.
+        """
+        if len(forward_s) != 3 or len(backward_s) != 3 or layers < 1:
+            raise ValueError("need the first, a middle and the last stage's forward and "
+                             f"backward seconds and layers >= 1 (got {len(forward_s)}, "
+                             f"{len(backward_s)} times and {layers} layers)")
+        (f0, f1, f2), (b0, b1, b2) = forward_s, backward_s
+        return cls(f1 / layers, b1 / layers, max(f0 - f1, 0.0), max(b0 - b1, 0.0),
+                   max(f2 - f1, 0.0), max(b2 - b1, 0.0))
+
     def seconds(self, split: Sequence[int]) -> Tuple[List[float], List[float]]:
         """``(forward_s, backward_s)`` per (virtual) stage of ``split`` (transformer layers
         per stage, in order; for the interleaved schedule per virtual stage ``c * P + s``):
@@ -507,10 +528,72 @@ def plot_timeline(results: Sequence[SimResult], path: str, width_in: float = 12.
     plt.close(fig)
 
 
+def measured_costs(path: str, micro_batch_size: Optional[int] = None,
+                   link_gbps: Optional[float] = None,
+                   layers: Optional[int] = None) -> Tuple[StageCosts, float, Dict[str, Any]]:
+    """:class:`StageCosts` and the per-transfer seconds from a
+    ``benchmarks/device_check.py`` report (its check (d): first, middle and last stage
+    times per micro-batch size, a transfer time per assumed link speed).
+
+    Args:
+        path: the report (JSON).
+        micro_batch_size: the row's micro-batch (default: the first measured).
+        link_gbps: the row's link speed in GB/s (default: the fastest).
+        layers: layers of each measured stage (default: the report's
+            ``layers_per_stage``).
+
+    Returns:
+        ``(costs, comm_s, row)``.
+
+    Raises:
+        ValueError: the report has no stage times, no such row, or does not say how many
+            layers a measured stage held and ``layers`` is not given.
+    """
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    projection = report.get("projection") or {}
+    rows = projection.get("rows") or []
+    if not rows:
+        raise ValueError(f"{path} holds no stage times (benchmarks/device_check.py's check d)")
+    mbs = micro_batch_size if micro_batch_size is not None else rows[0]["micro_batch"]
+    rows = [r for r in rows if r["micro_batch"] == mbs]
+    if link_gbps is not None:
+        rows = [r for r in rows if r["link_GBps"] == link_gbps]
+    if not rows:
+        raise ValueError(f"{path}: no stage times at micro-batch {mbs}"
+                         + (f" and {link_gbps:g} GB/s" if link_gbps is not None else ""))
+    row = max(rows, key=lambda r: r["link_GBps"])
+    layers = layers or projection.get("layers_per_stage")
+    if not layers:
+        raise ValueError(f"{path} does not say how many layers each measured stage held: "
+                         "give --measured-layers")
+    t = row["stage_seconds"]
+    return StageCosts.from_stage_times(t["forward_s"], t["backward_s"], layers), row["comm_s"], row
+
+
 def _balance_main(p: argparse.ArgumentParser, args) -> int:
     """``--balance``: each schedule's best split from per-layer times; a table and JSON."""
+    if args.device_check:
+        if args.layer_ms is not None:
+            p.error("give either --device-check or --layer-ms, not both")
+        try:
+            costs, comm_s, row = measured_costs(args.device_check, args.micro_batch_size,
+                                                args.link_gbps, args.measured_layers)
+        except (OSError, ValueError, KeyError) as exc:
+            p.error(f"--device-check: {exc}")
+        ms = 1e3
+        args.layer_ms = [costs.layer_forward_s * ms, costs.layer_backward_s * ms]
+        args.embedding_ms = [costs.embedding_forward_s * ms, costs.embedding_backward_s * ms]
+        args.output_ms = [costs.output_forward_s * ms, costs.output_backward_s * ms]
+        args.comm_ms = comm_s * ms
+        print(f"measured: {args.device_check}, micro-batch {row['micro_batch']}, link "
+              f"{row['link_GBps']:g} GB/s: a layer {args.layer_ms[0]:.2f} / "
+              f"{args.layer_ms[1]:.2f} ms, embedding {args.embedding_ms[0]:.2f} / "
+              f"{args.embedding_ms[1]:.2f} ms, output layer and loss {args.output_ms[0]:.2f} / "
+              f"{args.output_ms[1]:.2f} ms, a transfer {args.comm_ms:.3f} ms")
     if args.layers is None or args.layer_ms is None:
-        p.error("--balance needs --layers and --layer-ms FORWARD BACKWARD (milliseconds)")
+        p.error("--balance needs --layers and --layer-ms FORWARD BACKWARD (milliseconds) "
+                "or --device-check REPORT")
     times = [*args.layer_ms, *args.embedding_ms, *args.output_ms, args.comm_ms, args.update_ms]
     if not all(0 <= t < float("inf") for t in times) or sum(args.layer_ms) <= 0:
         p.error("times must be finite and >= 0, a layer's forward plus backward above 0")
@@ -568,6 +651,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--output-ms", type=float, nargs=2, default=(0.0, 0.0),
                    metavar=("FORWARD", "BACKWARD"), help="output layer and loss (last stage)")
     g.add_argument("--update-ms", type=float, default=0.0, help="one optimizer update")
+    g.add_argument("--device-check", metavar="REPORT", default=None,
+                   help="take the layer, embedding, output-layer and transfer times from "
+                        "benchmarks/device_check.py's report (its stage times)")
+    g.add_argument("--measured-layers", type=int, default=None,
+                   help="layers of each measured stage (default: the report's)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="the report's micro-batch to use (default: its first)")
+    g.add_argument("--link-gbps", type=float, default=None,
+                   help="the report's link speed to use, GB/s (default: its fastest)")
     g.add_argument("--virtual-stages", type=int, nargs="+", default=None,
                    help="v of the interleaved 1F1B (default: every v with P v dividing L)")
     args = p.parse_args(argv)

@@ -75,6 +75,23 @@ def test_projection_comes_from_the_stage_times_it_reports(report):
         assert row["bubble_paci"] < row["bubble_1f1b"]
 
 
+def test_the_balance_advisor_reads_the_report(report, tmp_path):
+    """python -m paci_megatron.sim --balance --device-check REPORT: the pieces a stage is
+    built from, recovered from the measured first, middle and last stage."""
+    from paci_megatron.sim import StageCosts, measured_costs
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    costs, comm_s, row = measured_costs(str(path), micro_batch_size=4)
+    assert report["projection"]["layers_per_stage"] == 1  # the dry run's stages
+    assert row["micro_batch"] == 4 and row["link_GBps"] == max(
+        r["link_GBps"] for r in report["projection"]["rows"]) and comm_s == row["comm_s"]
+    t = row["stage_seconds"]
+    assert costs == StageCosts.from_stage_times(t["forward_s"], t["backward_s"], 1)
+    assert costs.layer_forward_s == t["forward_s"][1]
+    assert costs.output_forward_s == max(t["forward_s"][2] - t["forward_s"][1], 0.0)
+
+
 def test_the_recipe_runs_end_to_end_with_both_schedules_and_the_same_losses(report):
     recipe = report["recipe"]
     assert "error" not in recipe, recipe

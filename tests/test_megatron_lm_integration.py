@@ -407,14 +407,20 @@ def test_patched_checkout_activates_without_the_hook(tmp_path):
         assert (copy / target).read_bytes() == f.read()
 
 
-def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation():
-    """The paper recipe's flags, parsed and validated by Megatron-LM itself (16 ranks, as on
-    2 nodes) and then by PACI's checks, without launching anything."""
+@pytest.mark.parametrize("script,expected", [
+    ("gpt2_medium_pp8.sh", "validated paci disabled 2 8 None"),
+    ("gpt2_medium_pp8_1f1b.sh", "validated 1f1b validate_results 2 8 None"),  # Megatron's default rerun mode
+    ("gpt2_medium_pp8_interleaved.sh", "validated 1f1b validate_results 2 8 2"),
+])
+def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation(script, expected):
+    """The paper recipe's flags, each schedule on its own split, parsed and validated by
+    Megatron-LM itself (16 ranks, as on 2 nodes) and then by PACI's checks, without
+    launching anything."""
     recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "examples", "megatron_lm")
     environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM=CHECKOUT, DATA_PREFIX="/data/owt_text_document",
                    NNODES="2")  # the recipe's micro-batch then gives m = a = 8 at DP 2
-    cmd = subprocess.run(["bash", os.path.join(recipes, "gpt2_medium_pp8.sh")], env=environ,
+    cmd = subprocess.run(["bash", os.path.join(recipes, script)], env=environ,
                          capture_output=True, text=True, check=True, timeout=60).stdout
     import shlex
 
@@ -423,13 +429,14 @@ def test_gpt2_medium_recipe_passes_megatron_lm_and_paci_validation():
     code = ("from megatron.training.arguments import parse_args, validate_args\n"
             "args = parse_args(); validate_args(args)\n"
             "print('validated', args.pipeline_schedule, args.rerun_mode, args.data_parallel_size,"
-            " args.global_batch_size // (args.micro_batch_size * args.data_parallel_size))\n")
+            " args.global_batch_size // (args.micro_batch_size * args.data_parallel_size),"
+            " args.virtual_pipeline_model_parallel_size)\n")
     proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=CHECKOUT, capture_output=True,
                           text=True, timeout=300,
                           env=dict(os.environ, PACI_MEGATRON_CPU="1", WORLD_SIZE="16", RANK="0",
                                    LOCAL_RANK="0"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "validated paci disabled 2 8" in proc.stdout  # DP 2, m = 256 / (16 x 2)
+    assert expected in proc.stdout  # DP 2, m = 256 / (16 x 2), model chunks per stage
 
 
 def test_tiny_cpu_recipe_trains_with_paci():

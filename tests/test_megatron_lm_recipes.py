@@ -52,15 +52,41 @@ def test_gpt2_medium_recipe_has_the_papers_settings():
     assert flag(two_nodes, "--micro-batch-size") == "16"  # DP 2: 256 / (16 x 2) = 8
 
 
-def test_the_1f1b_baseline_differs_only_in_the_schedule_and_output_folders():
+def test_the_1f1b_baseline_differs_only_in_the_schedule_split_and_output_folders():
     paci = dry_run("gpt2_medium_pp8.sh")
     base = dry_run("gpt2_medium_pp8_1f1b.sh")
     assert flag(base, "--pipeline-schedule") == "1f1b"
     diff = [(a, b) for a, b in zip(paci, base) if a != b]
     assert len(paci) == len(base) and sorted(diff) == [
+        ("Et*3|t*3|t*3|t*4|t*3|t*3|t*3|t*2L", "Et*4|t*4|t*3|t*3|t*3|t*3|t*3|tL"),
         ("paci", "1f1b"), ("runs/gpt2m_paci", "runs/gpt2m_1f1b"),
         ("runs/gpt2m_paci", "runs/gpt2m_1f1b"),
         ("runs/gpt2m_paci/tensorboard", "runs/gpt2m_1f1b/tensorboard")]
+    even = dry_run("gpt2_medium_pp8.sh", SPLIT="even")
+    assert "--pipeline-model-parallel-layout" not in even and len(even) == len(paci) - 2
+
+
+def test_each_schedule_runs_on_the_split_the_advisor_proposes():
+    """The recipes' layouts are the balance advisor's best splits from the measured H200
+    stage times they cite: PACI's, 1F1B's and the interleaved 1F1B's own."""
+    from paci_megatron.sim import balance, measured_costs
+
+    costs, comm_s, _ = measured_costs(
+        os.path.join(ROOT, "benchmarks", "results", "device_check_h200.json"),
+        micro_batch_size=32, layers=3)
+    best = balance(24, 8, 8, costs, comm_s=comm_s, virtual_stages=[2])["schedules"]
+    runs = {"paci": dry_run("gpt2_medium_pp8.sh"), "1f1b": dry_run("gpt2_medium_pp8_1f1b.sh"),
+            "interleaved_v2": dry_run("gpt2_medium_pp8_interleaved.sh")}
+    for name, argv in runs.items():
+        assert flag(argv, "--pipeline-model-parallel-layout") == best[name]["best"]["flags"][1]
+    interleaved = runs["interleaved_v2"]
+    assert flag(interleaved, "--pipeline-schedule") == "1f1b"
+    assert flag(interleaved, "--save") == "runs/gpt2m_interleaved"
+    environ = dict(os.environ, DRY_RUN="1", MEGATRON_LM="/opt/Megatron-LM",
+                   DATA_PREFIX="/data/owt/owt_text_document", SPLIT="interleaved")
+    proc = subprocess.run(["bash", os.path.join(RECIPES, "gpt2_medium_pp8.sh")],
+                          env=environ, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "(1f1b only) interleaved" in proc.stderr
 
 
 def test_slurm_recipe_runs_pp8_by_dp2_on_two_nodes():

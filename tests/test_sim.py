@@ -227,3 +227,29 @@ def test_balance_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--balance", "--stages", "8"])
     assert stop.value.code == 2 and "--balance needs --layers" in capsys.readouterr().err
+
+
+def test_balance_from_a_device_check_report(tmp_path, capsys):
+    """--device-check: layer, embedding and output-layer times recovered from the measured
+    first / middle / last stages; the report must say (or be told) their layer count."""
+    report = {"projection": {"rows": [{
+        "micro_batch": 16, "link_GBps": 150.0, "comm_s": 2e-4,
+        "stage_seconds": {"forward_s": [0.014, 0.012, 0.027], "backward_s": [0.022, 0.021, 0.029],
+                          "update_s": [0.0, 0.0, 0.0]}}]}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    costs = StageCosts.from_stage_times([0.014, 0.012, 0.027], [0.022, 0.021, 0.029], 3)
+    assert costs.layer_forward_s == pytest.approx(0.004) and costs.layer_backward_s == pytest.approx(0.007)
+    assert costs.embedding_forward_s == pytest.approx(0.002)
+    assert (costs.output_forward_s, costs.output_backward_s) == pytest.approx((0.015, 0.008))
+    assert main(["--balance", "--stages", "8", "--microbatches", "8", "--layers", "24",
+                 "--device-check", str(path), "--measured-layers", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "a layer 4.00 / 7.00 ms" in out and "a transfer 0.200 ms" in out
+    with pytest.raises(SystemExit):
+        main(["--balance", "--stages", "8", "--layers", "24", "--device-check", str(path)])
+    assert "give --measured-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--balance", "--stages", "8", "--layers", "24", "--device-check", str(path),
+              "--measured-layers", "3", "--micro-batch-size", "32"])
+    assert "no stage times at micro-batch 32" in capsys.readouterr().err
