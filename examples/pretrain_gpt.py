@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -174,6 +174,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda if available")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--emulate-pipeline", action="store_true",
+                   help="run every rank of the pipeline in this one process, on one device "
+                   "(paci_megatron.emulator): the same losses as the multi-process run; "
+                   "start it with python, not torchrun")
     g = p.add_argument_group("data and logging")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron indexed dataset prefix(es), optionally weighted")
@@ -450,7 +454,9 @@ def _refuse(problems: List[str], what: str = "bad configuration, nothing was sta
     _stop()
 
 
-def setup_distributed(args: argparse.Namespace) -> None:
+def setup_distributed(args: argparse.Namespace, emulated: Optional[Tuple[Any, int]] = None) -> None:
+    """torch.distributed, megatron-core's model-parallel groups and the seeds, as Megatron-LM
+    sets them up; ``emulated``: ``(store, rank)`` of a rank of :func:`emulate`."""
     import datetime
 
     from megatron.core import parallel_state as ps
@@ -461,6 +467,16 @@ def setup_distributed(args: argparse.Namespace) -> None:
         from paci_megatron.cpu import enable_cpu_mode
 
         enable_cpu_mode(force=True)
+    if emulated is not None:
+        from paci_megatron.emulator import BACKEND
+
+        store, rank = emulated
+        if args.device == "cuda":
+            torch.cuda.set_device(0)  # every rank on the one device
+        torch.distributed.init_process_group(backend=BACKEND, store=store, rank=rank,
+                                             world_size=int(os.environ["WORLD_SIZE"]),
+                                             timeout=timeout)
+    elif args.device == "cpu":
         torch.distributed.init_process_group(backend="gloo", timeout=timeout)
     else:
         from paci_megatron import compat
@@ -852,10 +868,69 @@ def progress_line(record: dict, args: argparse.Namespace) -> str:
     return " | ".join(parts) + " |"
 
 
+def emulate(args: argparse.Namespace, settings) -> None:
+    """``--emulate-pipeline``: every rank of the run (TP x PP, DP 1) in this process, taking
+    turns on one device (:mod:`paci_megatron.emulator`); each runs :func:`train` as its own
+    process would, so the losses are the multi-process run's."""
+    import copy
+
+    from paci_megatron.emulator import EmulationError, run_ranks
+
+    world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    store = torch.distributed.HashStore()
+
+    def rank_main(rank: int) -> List[dict]:
+        mine = copy.deepcopy(args)
+        setup_distributed(mine, emulated=(store, rank))
+        try:
+            records = train(mine, settings)
+            if rank == world - 1:
+                _summary(mine, records)
+            return records
+        finally:
+            torch.distributed.destroy_process_group()
+
+    try:
+        run_ranks(world, rank_main)
+    except EmulationError as err:
+        code = getattr(err, "exit_code", None)
+        if code is not None:  # a rank stopped the run on purpose, having said why
+            raise SystemExit(code) from None
+        raise
+
+
+def _summary(args: argparse.Namespace, records: List[dict]) -> None:
+    """The last rank's closing line: validation losses, last loss, drift, log file."""
+    if not records:
+        return
+    vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+    losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
+    summary = [f"> done: iteration {records[-1]['iteration']}"]
+    if vals:  # a resumed run that stops before its next evaluation has none
+        summary.append(f"validation loss {vals[0][1]:.3f} (iteration {vals[0][0]}) -> "
+                       f"{vals[-1][1]:.3f} (iteration {vals[-1][0]})")
+    if losses:
+        summary.append(f"last lm loss {losses[-1]:.3f}")
+    if args.pipeline_schedule == "paci":
+        summary.append(f"drift max per stage {records[-1]['drift_max']}")
+    summary.append(f"log: {args.log_json}" if args.log_json else "no --log-json")
+    print(" | ".join(summary), flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     # megatron-core announces at import that Apex / Transformer Engine are absent.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     args = parse_args(argv)
+    if args.emulate_pipeline:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _say_once("error: --emulate-pipeline runs every rank in one process: start it "
+                      "with python, not torchrun")
+            _stop()
+        settings = check_args(args, args.tensor_model_parallel_size
+                              * args.pipeline_model_parallel_size)
+        if not _already_done(args):
+            emulate(args, settings)
+        return
     if "RANK" not in os.environ:  # plain `python examples/pretrain_gpt.py`: one process
         import socket
 
@@ -870,19 +945,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     setup_distributed(args)
     try:
         records = train(args, settings)
-        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and records:
-            vals = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
-            losses = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
-            summary = [f"> done: iteration {records[-1]['iteration']}"]
-            if vals:  # a resumed run that stops before its next evaluation has none
-                summary.append(f"validation loss {vals[0][1]:.3f} (iteration {vals[0][0]}) -> "
-                               f"{vals[-1][1]:.3f} (iteration {vals[-1][0]})")
-            if losses:
-                summary.append(f"last lm loss {losses[-1]:.3f}")
-            if args.pipeline_schedule == "paci":
-                summary.append(f"drift max per stage {records[-1]['drift_max']}")
-            summary.append(f"log: {args.log_json}" if args.log_json else "no --log-json")
-            print(" | ".join(summary), flush=True)
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            _summary(args, records)
     finally:
         torch.distributed.destroy_process_group()
 
