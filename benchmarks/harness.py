@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["run_distributed", "DistributedFailure", "free_port", "setup_parallel", "seed_all",
+__all__ = ["run_distributed", "run_emulated", "DistributedFailure", "free_port", "setup_parallel", "seed_all",
            "HostSyncCounter", "HOST_SYNCS"]
 
 
@@ -146,6 +146,49 @@ def run_distributed(
     if failure is not None:
         raise DistributedFailure(failure)
     return [results[r] for r in range(world_size)]
+
+
+def run_emulated(fn: Callable[..., Any], world_size: int, *args: Any,
+                 comm_timeout_s: float = 120.0) -> List[Any]:
+    """:func:`run_distributed`'s counterpart in one process: ``fn(rank, world_size, *args)``
+    for every rank, the ranks taking turns (:mod:`paci_megatron.emulator`), each set up as
+    :func:`_worker` sets up its process (CPU mode, one thread, torch.distributed
+    initialised, here on the in-process transport).
+
+    Returns:
+        The return values of ``fn`` by rank.
+
+    Raises:
+        DistributedFailure: a rank raised (its traceback in the message) or the ranks
+            deadlocked (the message names what each waited for).
+    """
+    import datetime
+
+    import torch
+
+    from paci_megatron.cpu import enable_cpu_mode
+    from paci_megatron.emulator import BACKEND, EmulationError, run_ranks
+
+    store = torch.distributed.HashStore()
+    threads = torch.get_num_threads()
+
+    def rank_main(rank: int) -> Any:
+        enable_cpu_mode(force=True)
+        torch.distributed.init_process_group(
+            backend=BACKEND, store=store, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=comm_timeout_s))
+        try:
+            return fn(rank, world_size, *args)
+        finally:
+            torch.distributed.destroy_process_group()
+
+    torch.set_num_threads(1)  # as each spawned rank runs
+    try:
+        return run_ranks(world_size, rank_main)
+    except EmulationError as exc:
+        raise DistributedFailure(str(exc)) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ per-rank set-up

@@ -926,6 +926,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             _say_once("error: --emulate-pipeline runs every rank in one process: start it "
                       "with python, not torchrun")
             _stop()
+        if args.tensor_model_parallel_size > 1:
+            _say_once("error: --emulate-pipeline emulates the pipeline stages only (TP = DP = "
+                      f"1): drop --tensor-model-parallel-size "
+                      f"{args.tensor_model_parallel_size}")
+            _stop()
         settings = check_args(args, args.tensor_model_parallel_size
                               * args.pipeline_model_parallel_size)
         if not _already_done(args):

@@ -5,7 +5,7 @@ they say in continuous PACI."""
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed, run_emulated
 
 from workers import TOY_LR, lookahead_update_case, mitigation_case
 
@@ -29,13 +29,50 @@ NEEDS_MUON = pytest.mark.skipif(
     "'.[muon]' && pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0")
 
 
+_RUNS: dict = {}
+
+
+def distributed_run(optimizer: str, pp: int) -> list:
+    """The P-process run of :func:`workers.mitigation_case` (once per module)."""
+    if (optimizer, pp) not in _RUNS:
+        _RUNS[optimizer, pp] = run_distributed(mitigation_case, pp, optimizer, ITERS, pp, SYNC,
+                                               timeout_s=500)
+    return _RUNS[optimizer, pp]
+
+
 @pytest.fixture(scope="module", params=[("adam", 2), pytest.param(("muon", 2), marks=NEEDS_MUON),
                                         pytest.param(("muon", 4), marks=NEEDS_MUON)],
                 ids=["adam-pp2", "muon-pp2", "muon-pp4"])
 def case(request):
     optimizer, pp = request.param
-    results = run_distributed(mitigation_case, pp, optimizer, ITERS, pp, SYNC, timeout_s=500)
-    return optimizer, pp, sorted(results, key=lambda r: r["stage"])
+    return optimizer, pp, sorted(distributed_run(optimizer, pp), key=lambda r: r["stage"])
+
+
+def assert_same(a, b, where="result"):
+    """Equal values, tensors bit for bit, through dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@NEEDS_MUON
+def test_emulated_pipeline_equals_the_distributed_run_bit_for_bit():
+    """One process, the four stages taking turns (paci_megatron.emulator): Megatron's 1F1B,
+    drained PACI, the synchronous warm-up and continuous PACI with the look-ahead, all with
+    Muon, give the P-process run's losses, drift and every parameter, bit for bit."""
+    emulated = run_emulated(mitigation_case, 4, "muon", ITERS, 4, SYNC)
+    assert_same(emulated, distributed_run("muon", 4))
+    assert emulated[-1]["continuous_lookahead"][1]["max"] == 0  # the last stage: no drift
+    assert emulated[0]["continuous_lookahead"][1]["max"] == 1
 
 
 def test_drained_paci_equals_megatron_1f1b_with_each_optimizer(case):

@@ -19,14 +19,36 @@ def recipe(corpus, tmp_path, name, nproc, *flags):
     return records(log), out
 
 
+def emulated(corpus, tmp_path, name, *flags):
+    """The recipe with --emulate-pipeline: every rank in one process (plain python)."""
+    import subprocess
+    import sys
+
+    from launch import RECIPE, TINY
+
+    log = tmp_path / f"{name}.jsonl"
+    proc = subprocess.run([sys.executable, RECIPE, *TINY, *UNTIED, "--data-path", str(corpus),
+                           "--log-json", str(log), *map(str, flags), "--emulate-pipeline"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return records(log), proc.stdout
+
+
+def same_training(a, b):
+    """Two runs' records alike but for the measured speed."""
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in a]
+    return strip == [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in b]
+
+
 @pytest.mark.parametrize("accumulation,expected", [(None, [1, 1, 1, 0]), (1, [3, 2, 1, 0])])
 def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expected):
     flags = ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "paci",
-             "--train-iters", "6", "--eval-interval", "6", "--paci-trace", "trace/run.json"]
+             "--train-iters", "6", "--eval-interval", "6"]
     if accumulation:  # and a layout that leaves the last stage the output layer alone
         flags += ["--paci-accumulation", str(accumulation),
                   "--pipeline-model-parallel-layout", "Et|t|t*2|L"]
-    records, out = recipe(corpus, tmp_path, "paci", 4, *flags)
+    records, out = recipe(corpus, tmp_path, "paci", 4, *flags, "--paci-trace", "trace/run.json")
     # the real timeline: every forward, backward and update of every stage, with versions
     events = [e for e in json.loads((tmp_path / "trace" / "run.json").read_text())["traceEvents"]
               if e["ph"] == "X"]
@@ -43,6 +65,9 @@ def test_paci_recipe_logs_drift_per_stage(corpus, tmp_path, accumulation, expect
         assert key in last
     assert len(last["drift_histogram"]) == 4
     assert "> done: iteration 6 | validation loss" in out
+    # the same run with every stage in one process: the same records, bit for bit
+    alone, out = emulated(corpus, tmp_path, "emulated", *flags)
+    assert same_training(alone, records) and "> done: iteration 6" in out
 
 
 def test_recipe_checkpoint_resume_matches_run_that_saved_at_the_same_iteration(corpus, tmp_path):
@@ -73,3 +98,5 @@ def test_paci_drained_every_iteration_trains_exactly_like_1f1b(corpus, tmp_path)
     assert drained[-1]["val_loss"] == sync[-1]["val_loss"]
     assert drained[-1]["drift_max"] == [0, 0]  # drained before every next iteration
     assert sync[0]["layers_per_stage"] == drained[0]["layers_per_stage"] == [3, 1]
+    # Megatron's own 1F1B with both stages in one process: the same records
+    assert same_training(emulated(corpus, tmp_path, "emulated", *common)[0], sync)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed, run_emulated
 from paci_megatron.plan import StageState, drift_bound, format_actions, plan_call, tied_updates_due
 
 from workers import tied_embedding_case
@@ -14,13 +14,32 @@ ITERS = 4
 
 
 # P = 2 in bf16: tests/test_composition.py ("pp2-dp2-overlap-tied-bf16")
+_RUNS: dict = {}
+
+
+def distributed_run(pp: int, bf16: bool) -> list:
+    """The P-process run of :func:`workers.tied_embedding_case` (once per module)."""
+    if (pp, bf16) not in _RUNS:
+        _RUNS[pp, bf16] = run_distributed(tied_embedding_case, pp, bf16, ITERS, pp, timeout_s=400)
+    return _RUNS[pp, bf16]
+
+
 @pytest.fixture(scope="module", params=[(2, False), (4, False), (4, True)],
                 ids=["pp2-fp32", "pp4-fp32", "pp4-bf16"])
 def case(request):
     pp, bf16 = request.param
-    m = pp
-    results = run_distributed(tied_embedding_case, pp, bf16, ITERS, m, timeout_s=400)
-    return pp, bf16, m, sorted(results, key=lambda r: r["stage"])
+    return pp, bf16, pp, sorted(distributed_run(pp, bf16), key=lambda r: r["stage"])
+
+
+def test_emulated_pipeline_with_tied_embeddings_equals_the_distributed_run():
+    """Tied embeddings in bf16 on four stages in one process (paci_megatron.emulator):
+    Megatron's 1F1B, drained PACI and continuous PACI at a = m and a = 1 (the tied
+    weight's exchanges between the first and last stage included) as the P-process run."""
+    from test_mitigations import assert_same
+
+    emulated = run_emulated(tied_embedding_case, 4, True, ITERS, 4)
+    assert_same(emulated, distributed_run(4, True))
+    assert emulated[0]["has_tied"] and emulated[-1]["has_tied"]
 
 
 def test_drained_paci_with_tied_embeddings_equals_megatron_1f1b_bitwise(case):
