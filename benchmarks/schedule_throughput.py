@@ -11,6 +11,12 @@ micro-batches stay in flight while 1F1B runs (nothing is pending between calls),
 timed PACI iterations are in steady state once the warm-up iteration has refilled the
 pipeline.
 
+The same controlled-time stages also run Megatron's interleaved 1F1B (``--interleaved V``:
+``V`` model chunks a stage, each taking ``1 / V`` of the stage's time; megatron-core's
+``forward_backward_pipelining_with_interleaving``), the fastest synchronous baseline; its
+measured seconds per iteration are set against :mod:`paci_megatron.sim`'s and against
+PACI's measured speed on the same stages.
+
 Controlled-time stages. Each stage is one ``[h, h]`` weight applied by an autograd
 function whose forward takes ``--forward-ms`` and whose backward takes ``--backward-ms``
 of wall time (the matmul, then ``time.sleep`` up to the target). Sleeping costs no CPU,
@@ -460,6 +466,83 @@ def pipeline_case(rank: int, world: int, kind: str, m: int, args: Dict[str, Any]
     return out
 
 
+def interleaved_case(rank: int, world: int, m: int, v: int, args: Dict[str, Any]) -> dict:
+    """One rank of Megatron's interleaved 1F1B
+    (``forward_backward_pipelining_with_interleaving``, what ``get_forward_backward_func()``
+    returns with virtual pipeline stages) on controlled-time stages: ``v`` model chunks a
+    stage, virtual stage ``c P + s`` taking ``1 / v`` of a stage's ``forward_s`` /
+    ``backward_s``, Megatron-LM's ``finalize_model_grads`` and one ``optimizer.step()`` per
+    iteration. Returns the wall seconds of each round's timed iterations."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=world,
+                                 virtual_pipeline_model_parallel_size=v)
+    stage = ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for c in range(v):
+        module = _make_sleep_stage(c * world + stage, world * v, args["hidden"],
+                                   args["forward_s"] / v, args["backward_s"] / v, seed=1234)
+        chunks.append(DistributedDataParallel(module.config, DistributedDataParallelConfig(),
+                                              module, disable_bucketing=c > 0))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=1e-4, weight_decay=0.0,
+                                                 sgd_momentum=0.0, clip_grad=0.0), chunks)
+    config = chunks[0].config  # the schedule reads the first chunk's
+    config.microbatch_group_size_per_vp_stage = world  # Megatron's default: P
+    config.virtual_pipeline_model_parallel_size = v  # as Megatron-LM's config carries it
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [chunk.no_sync for chunk in chunks]
+    fb = get_forward_backward_func()
+    if fb.__name__ != "forward_backward_pipelining_with_interleaving":
+        raise RuntimeError(f"megatron-core chose {fb.__name__}, not the interleaved schedule")
+    data = [_sleep_batches(args["seq"], args["mbs"], args["hidden"]) for _ in chunks]
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)  # each chunk its own stream; only the ends use it
+        return model(batch["x"], batch["target"]), _mse_loss
+
+    def iteration() -> None:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        opt.zero_grad()
+        fb(forward_step_func=forward_step, data_iterator=data, model=chunks,
+           num_microbatches=m, seq_length=args["seq"], micro_batch_size=args["mbs"],
+           forward_only=False)
+        opt.step()
+
+    walls = []
+    for _ in range(args["rounds"]):
+        torch.distributed.barrier()
+        for _ in range(args["warmup"]):
+            iteration()
+        t0 = time.perf_counter()
+        for _ in range(args["iterations"]):
+            iteration()
+        walls.append(time.perf_counter() - t0)
+    return {"stage": stage, "walls": walls}
+
+
+def summarise_interleaved(P: int, m: int, v: int, ranks: List[dict], forward_s: float,
+                          backward_s: float, iterations: int) -> dict:
+    """Measured seconds per iteration of the interleaved 1F1B (fastest round, a round as
+    long as its slowest rank) against :func:`paci_megatron.sim.seconds_per_iteration`'s
+    and the formula ``(m + (P - 1) / v) (F + B)`` (Narayanan et al. 2021, section 2.2)."""
+    from paci_megatron.sim import seconds_per_iteration
+
+    walls = [max(r["walls"][i] for r in ranks) for i in range(len(ranks[0]["walls"]))]
+    measured = min(walls) / iterations
+    sim = seconds_per_iteration("interleaved", P, m, forward_s, backward_s, virtual_stages=v)
+    return {"P": P, "m": m, "v": v, "round_walls_s": walls,
+            "measured_s_per_iteration": measured, "sim_s_per_iteration": sim,
+            "formula_s_per_iteration": (m + (P - 1) / v) * (forward_s + backward_s),
+            "sim_vs_measured_rel_diff": abs(sim - measured) / measured}
+
+
 def overhead_case(rank: int, world: int, m: int, iterations: int, hidden: int) -> dict:
     """One stage, zero controlled time: seconds per micro-batch of megatron-core's
     ``forward_backward_no_pipelining`` and of PACI on the same tiny model."""
@@ -648,6 +731,26 @@ def markdown(rows: List[dict], overhead: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def interleaved_markdown(rows: List[dict]) -> str:
+    """The interleaved 1F1B's table: measured against simulated seconds per iteration, and
+    PACI's measured speed over it on the same stages."""
+    if not rows:
+        return ""
+    lines = ["", "", "Megatron's interleaved 1F1B on the same controlled-time stages (v model "
+             "chunks a stage, each 1/v of its time), seconds per iteration:", "",
+             "| P | m | v | measured | simulator | formula (m + (P-1)/v)(F+B) | simulator vs "
+             "measured | PACI measured | PACI / interleaved |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        paci = r.get("paci_s_per_iteration")
+        lines.append(
+            f"| {r['P']} | {r['m']} | {r['v']} | {r['measured_s_per_iteration']:.3f} | "
+            f"{r['sim_s_per_iteration']:.3f} | {r['formula_s_per_iteration']:.3f} | "
+            f"{r['sim_vs_measured_rel_diff']:.1%} | "
+            + (f"{paci:.3f} | {r['paci_over_interleaved']:.3f} |" if paci else "- | - |"))
+    return "\n".join(lines)
+
+
 def check(rows: List[dict], overhead: Optional[dict]) -> List[str]:
     """The acceptance criteria that fail (empty when all hold): ratio >= 0.95 x ideal,
     overhead < 1 ms per micro-batch, peak activation bytes within 5 %, simulator within 5 %
@@ -708,6 +811,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "output weight on the last, and Adam (0: neither, SGD)")
     p.add_argument("--tied", action="store_true",
                    help="with --vocab: the embedding and output weight are one tied weight")
+    p.add_argument("--interleaved", type=_positive, nargs="*", default=[2],
+                   help="model chunks v per stage of Megatron's interleaved 1F1B, run on the "
+                        "same controlled-time stages (none: skip it)")
     p.add_argument("--gpt-stages", type=_positive, nargs="*", default=[2, 4],
                    help="pipeline sizes of the tiny-GPT comparison (none: skip it)")
     p.add_argument("--gpt-microbatch-factor", type=_positive, default=2)
@@ -743,6 +849,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(summarise("sleep", P, m, ranks, fwd, bwd))
             print(f"> sleep P={P} m={m}: ratio {rows[-1]['ratio']:.3f} "
                   f"(ideal {rows[-1]['ideal_ratio']:.3f})", flush=True)
+    interleaved = []
+    for P in args.stages:
+        for f in args.microbatch_factors:
+            m = f * P
+            cfg = dict(common, forward_s=fwd, backward_s=bwd, hidden=args.hidden_size,
+                       seq=args.seq_length, mbs=args.micro_batch_size)
+            for v in args.interleaved:
+                ranks = run_distributed(interleaved_case, P, m, v, cfg, timeout_s=args.timeout_s)
+                row = summarise_interleaved(P, m, v, ranks, fwd, bwd, args.iterations)
+                paci = next((r for r in rows if r["kind"] == "sleep" and (r["P"], r["m"]) == (P, m)),
+                            None)
+                if paci is not None:  # the same stages under PACI, measured above
+                    row["paci_s_per_iteration"] = paci["paci_wall_s"] / args.iterations
+                    row["paci_over_interleaved"] = (row["measured_s_per_iteration"]
+                                                    / row["paci_s_per_iteration"])
+                interleaved.append(row)
+                print(f"> interleaved P={P} m={m} v={v}: measured "
+                      f"{row['measured_s_per_iteration']:.3f} s/iteration, simulated "
+                      f"{row['sim_s_per_iteration']:.3f}", flush=True)
     for P in args.gpt_stages:
         m = args.gpt_microbatch_factor * P
         cfg = dict(common, hidden=args.gpt_hidden_size, seq=args.seq_length,
@@ -757,7 +882,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       args.overhead_iterations, 64, timeout_s=args.timeout_s)
         overhead["m"] = args.overhead_microbatches
     failures = check(rows, overhead)
-    text = markdown(rows, overhead)
+    text = markdown(rows, overhead) + interleaved_markdown(interleaved)
     print(text)
     for line in failures:
         print(f"FAILED: {line}")
@@ -765,6 +890,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump({"machine": machine(), "settings": vars(args), "rows": rows,
+                       "interleaved": interleaved,
                        "one_stage_overhead": overhead, "failed_criteria": failures}, f, indent=1)
     return 1 if (args.check and failures) else 0
 

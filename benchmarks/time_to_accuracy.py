@@ -144,6 +144,11 @@ class Regime:
     # a grid of its own for one optimizer's arms (1F1B's and PACI's alike), instead of the
     # common one, where the common grid is known to miss its range
     optimizer_grid: Tuple[Tuple[str, Tuple[float, ...]], ...] = ()
+    # each schedule on its own best whole-layer split (paci_megatron.sim.balance) from the
+    # measured stages, instead of Megatron's even split
+    balanced: bool = False
+    # every rank of a run in one process (examples/pretrain_gpt.py --emulate-pipeline)
+    emulate: bool = False
 
     def lrs_for(self, arm: str) -> Tuple[float, ...]:
         """The rates ``arm`` is swept over: its optimizer's own grid if it has one, else the
@@ -191,11 +196,24 @@ REGIMES: Dict[str, Regime] = {
                    optimizer_grid=(("muon", (1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3)),),
                    arms=("1f1b-adam", "paci-adam", "paci-adam-sync-lookahead", "1f1b-muon",
                          "paci-muon")),
-    # small enough for the test suite: it checks the machinery, not the result
-    "quick": Regime("test-suite size", stages=2, num_layers=2, hidden=32, heads=4, seq=32,
+    # P = 8, the paper's depth: the tiny recipe's width twice as deep, each schedule on its
+    # own best split, runs emulated in one process (the P-process run's losses, bit for
+    # bit); 150 iterations and two rates per optimizer, the tiny recipe's best ones (AdamW
+    # 1F1B 4e-3, PACI 2e-3; Muon 1.6e-2 for both) and a neighbour, as far as 2 CPU cores
+    # allow; the best AdamW mitigation and Muon
+    "p8": Regime("P = 8: 16 layers, hidden 128, sequence 128, m = 8, balanced stages",
+                 stages=8, num_layers=16, hidden=128, heads=4, seq=128, mbs=4, gbs=32,
+                 train_iters=150, lr_warmup_iters=15, eval_interval=25, eval_iters=4,
+                 lrs=(2e-3, 4e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
+                 optimizer_grid=(("muon", (8e-3, 1.6e-2)),),
+                 arms=("1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon"),
+                 balanced=True, emulate=True),
+    # small enough for the test suite: it checks the machinery (balanced splits, emulated
+    # runs, the interleaved 1F1B's time), not the result
+    "quick": Regime("test-suite size", stages=2, num_layers=4, hidden=32, heads=4, seq=32,
                     mbs=2, gbs=4, train_iters=6, lr_warmup_iters=1, eval_interval=3,
                     eval_iters=1, lrs=(3e-3,), seeds=(1, 2), clip_grad=1.0,
-                    arms=("1f1b-adam", "paci-adam-sync")),
+                    arms=("1f1b-adam", "paci-adam-sync"), balanced=True, emulate=True),
 }
 
 
@@ -288,17 +306,77 @@ def measure_stage_times(regime: Regime, vocab: int, repeats: int) -> Dict[str, A
     return times
 
 
+def split_seconds(times: Dict[str, Any], layers_per_stage: int,
+                  split: Sequence[int]) -> Dict[str, List[float]]:
+    """Per-stage seconds of another split of the same model: each timed quantity
+    (forward, backward, each optimizer's update) of the even split's first, middle and
+    last stage, taken apart into one layer, the embedding and the output layer
+    (:meth:`paci_megatron.sim.StageCosts.from_stage_times`) and put together again."""
+    from paci_megatron.sim import StageCosts
+
+    out = {}
+    for key, per_stage in times.items():
+        if not (key.endswith("_s") and isinstance(per_stage, list)):
+            continue
+        three = [per_stage[0], statistics.median(per_stage[1:-1]) if len(per_stage) > 2
+                 else per_stage[0], per_stage[-1]]
+        costs = StageCosts.from_stage_times(three, three, layers_per_stage)
+        out[key] = costs.seconds(split)[0]
+    return out
+
+
+def with_balanced_splits(regime: Regime, times: Dict[str, Any]) -> Dict[str, Any]:
+    """``times`` plus each schedule's best split (``splits``), its per-stage seconds
+    (``by_schedule``) and the best-vs-best throughput ceilings (``ceilings``), from
+    :func:`paci_megatron.sim.balance` on the even split's measured stages (AdamW's update)."""
+    from paci_megatron.sim import StageCosts, balance
+
+    per = regime.num_layers // regime.stages
+    fwd, bwd = times["forward_s"], times["backward_s"]
+    three = lambda v: [v[0], statistics.median(v[1:-1]) if len(v) > 2 else v[0], v[-1]]  # noqa: E731
+    costs = StageCosts.from_stage_times(three(fwd), three(bwd), per)
+    result = balance(regime.num_layers, regime.stages, regime.m, costs, regime.m,
+                     times["comm_s"], statistics.median(times["update_adam_s"]))
+    out = dict(times)
+    out["splits"] = {name: result["schedules"][name]["best"]["split"] for name in ("paci", "1f1b")}
+    out["by_schedule"] = {name: split_seconds(times, per, split)
+                          for name, split in out["splits"].items()}
+    out["ceilings"] = dict(result["ceilings"])
+    out["seconds_per_iteration"] = {name: row["best"]["seconds_per_iteration"]
+                                    for name, row in result["schedules"].items()}
+    out["interleaved_splits"] = {name: row["best"]["split"]
+                                 for name, row in result["schedules"].items()
+                                 if name.startswith("interleaved")}
+    return out
+
+
+def interleaved_factor(times: Dict[str, Any]) -> Optional[Tuple[str, float]]:
+    """The fastest interleaved 1F1B (each ``v`` on its own best split) and its seconds per
+    iteration over 1F1B's, from the balance advisor; None where the regime is not
+    balanced or no ``v`` fits. The interleaved 1F1B is synchronous: its losses per
+    iteration are 1F1B's (up to the initialisation of a different split), so its time to
+    a loss is 1F1B's times this factor."""
+    per = times.get("seconds_per_iteration") or {}
+    inter = {k: v for k, v in per.items() if k.startswith("interleaved")}
+    if not inter or "1f1b" not in per:
+        return None
+    name = min(inter, key=inter.get)
+    return name, inter[name] / per["1f1b"]
+
+
 # ------------------------------------------------------------------ 2. projected time
 def segment_seconds(schedule: str, regime: Regime, times: Dict[str, Any], optimizer: str,
                     iterations: int) -> float:
     """Projected seconds of ``iterations`` training calls between two drains (one device
-    per stage): :func:`paci_megatron.sim.simulate` of the schedule's plan."""
+    per stage): :func:`paci_megatron.sim.simulate` of the schedule's plan, on the
+    schedule's own split where the regime balances them."""
     from paci_megatron.sim import simulate
 
     if iterations <= 0:
         return 0.0
-    return simulate(schedule, regime.stages, regime.m, iterations, times["forward_s"],
-                    times["backward_s"], times["comm_s"], times[f"update_{optimizer}_s"]).makespan
+    own = times.get("by_schedule", {}).get(schedule, times)
+    return simulate(schedule, regime.stages, regime.m, iterations, own["forward_s"],
+                    own["backward_s"], times["comm_s"], own[f"update_{optimizer}_s"]).makespan
 
 
 def drain_points(arm: Arm, regime: Regime, iterations: int) -> List[int]:
@@ -349,13 +427,20 @@ def run_name(arm: str, lr: float, seed: int) -> str:
 
 
 def recipe_command(regime: Regime, arm: Arm, lr: float, seed: int, iterations: int,
-                   log_path: str, data_dir: str, port: int) -> List[str]:
-    """The ``torchrun`` command of one run of ``examples/pretrain_gpt.py``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(regime.stages),
-           "--master-port", str(port), RECIPE, "--device", "cpu",
+                   log_path: str, data_dir: str, port: int,
+                   split: Sequence[int] = ()) -> List[str]:
+    """The command of one run of ``examples/pretrain_gpt.py``: ``torchrun``, or one process
+    with ``--emulate-pipeline`` where the regime emulates; ``split``: layers per stage."""
+    from paci_megatron.sim import split_flags
+
+    launcher = ([sys.executable] if regime.emulate else
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                 str(regime.stages), "--master-port", str(port)])
+    cmd = [*launcher, RECIPE, "--device", "cpu",
            "--pipeline-model-parallel-size", str(regime.stages), "--pipeline-schedule",
            arm.schedule, *([] if arm.tied else ["--untie-embeddings-and-output-weights"]),
-           *regime.model_flags(),
+           *regime.model_flags(), *(split_flags(split) if split else []),
+           *(["--emulate-pipeline"] if regime.emulate else []),
            "--train-iters", str(iterations), "--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}",
            "--lr-warmup-iters", str(regime.lr_warmup_iters), "--clip-grad", f"{regime.clip_grad:g}",
            "--eval-interval", str(regime.eval_interval), "--eval-iters", str(regime.eval_iters),
@@ -364,6 +449,13 @@ def recipe_command(regime: Regime, arm: Arm, lr: float, seed: int, iterations: i
     if arm.optimizer == "muon":
         cmd += MUON
     return cmd + list(arm.flags)
+
+
+def display_command(cmd: List[str]) -> List[str]:
+    """A run's command as a user types it: ``torchrun ...`` or ``python ...``."""
+    if cmd[1:3] == ["-m", "torch.distributed.run"]:
+        return ["torchrun"] + cmd[3:]
+    return ["python"] + cmd[1:]
 
 
 def read_curve(path: str) -> Optional[Dict[int, float]]:
@@ -381,7 +473,7 @@ def read_curve(path: str) -> Optional[Dict[int, float]]:
 
 
 def ensure_run(regime: Regime, name: str, arm: Arm, lr: float, seed: int, iterations: int,
-               runs_dir: str, data_dir: str) -> Dict[int, float]:
+               runs_dir: str, data_dir: str, split: Sequence[int] = ()) -> Dict[int, float]:
     """Train one run unless its finished log exists; returns its validation curve.
 
     Raises:
@@ -394,7 +486,7 @@ def ensure_run(regime: Regime, name: str, arm: Arm, lr: float, seed: int, iterat
     if curve and max(curve) == iterations:
         return curve
     cmd = recipe_command(regime, arm, lr, seed, iterations, os.path.abspath(log),
-                         os.path.abspath(data_dir), free_port())
+                         os.path.abspath(data_dir), free_port(), split)
     print(f"> {name} lr {lr:g} seed {seed}: {iterations} iterations", flush=True)
     t0 = time.time()
     out_path = log[:-len(".jsonl")] + ".out"
@@ -402,7 +494,9 @@ def ensure_run(regime: Regime, name: str, arm: Arm, lr: float, seed: int, iterat
         os.remove(log)
     with open(out_path, "w") as out:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONWARNINGS="ignore")).returncode
+                            env=dict(os.environ, PYTHONWARNINGS="ignore",
+                                     **({"OMP_NUM_THREADS": "1"} if regime.emulate else {})
+                                     )).returncode
     curve = read_curve(log)
     if rc != 0 or not curve or max(curve) != iterations:
         raise RuntimeError(f"run {run_name(name, lr, seed)} failed (exit {rc}): see {out_path}")
@@ -501,6 +595,18 @@ def analyse(regime: Regime, times: Dict[str, Any], iterations: Dict[str, int],
             arm["same_optimizer_reference"] = own
             arm["final_gap_vs_same_optimizer"] = gap(arm, arms[own])
             arm["tta_same_optimizer"] = tta(arm, arms[own])
+            fastest = interleaved_factor(times)
+            if fastest is not None and ARMS[name].schedule == "paci":
+                # against 1F1B's losses at the interleaved schedule's speed: every pair's
+                # ratio times the factor (the order of the pairs is kept)
+                interleaved, factor = fastest
+                arm["interleaved_reference"] = {"schedule": interleaved, "factor": factor}
+                arm["tta_vs_interleaved"] = [
+                    {**t, **{k: (t[k] * factor if t[k] is not None else None)
+                             for k in ("median", "min", "max")},
+                     "ratio_per_pair": {s: (r * factor if r is not None else None)
+                                        for s, r in t["ratio_per_pair"].items()}}
+                    for t in arm["tta_same_optimizer"]]
     return {"reference": reference, "targets": targets, "arms": arms}
 
 
@@ -630,6 +736,19 @@ def markdown(result: Dict[str, Any]) -> str:
             ref = result["arms"][arm["same_optimizer_reference"]]["label"]
             lines.append(f"| {arm['label']} | {ref} | {arm['final_gap_vs_same_optimizer']:+.2%} | "
                          + " | ".join(tta_cell(t) for t in arm["tta_same_optimizer"]) + " |")
+    inter = [(n, a) for n, a in result["arms"].items() if a.get("tta_vs_interleaved")]
+    if inter:
+        schedule = inter[0][1]["interleaved_reference"]["schedule"]
+        factor = inter[0][1]["interleaved_reference"]["factor"]
+        lines += ["", f"Against the interleaved 1F1B ({schedule.replace('_', ', ')}, on its own "
+                  f"best split: {factor:.3f}x 1F1B's time per iteration; synchronous, so 1F1B's "
+                  "losses per iteration), same optimizer, per seed pair:", "",
+                  "| arm | reference | TTA to its 1/3 loss | TTA to its 2/3 loss | "
+                  "TTA to its final loss |", "| --- | --- | --- | --- | --- |"]
+        for name, arm in inter:
+            ref = result["arms"][arm["same_optimizer_reference"]]["label"]
+            lines.append(f"| {arm['label']} | {ref}, interleaved | "
+                         + " | ".join(tta_cell(t) for t in arm["tta_vs_interleaved"]) + " |")
     lines += ["", "Mean curves only (the crossing of the arm's mean curve with the reference's "
               "mean-curve losses; not evidence where the pairs disagree):", "",
               "| arm | " + " | ".join(t["name"] for t in result["targets"]) + " |",
@@ -778,6 +897,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump(times, open(times_path, "w", encoding="utf-8"), indent=1)
     print("> stage seconds: " + ", ".join(f"{k} {[round(x * 1e3, 2) for x in v]} ms"
                                           for k, v in times.items() if isinstance(v, list)))
+    if regime.balanced:
+        times = with_balanced_splits(regime, times)
+        print(f"> each schedule on its own best split: {times['splits']}; ceilings "
+              + ", ".join(f"{k} {v:.3f}x" for k, v in times["ceilings"].items()), flush=True)
     if args.measure_only:
         return 0
     reference = ARMS["1f1b-adam"]
@@ -799,7 +922,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return
         else:
             curve = ensure_run(regime, name, ARMS[name], lr, seed, iterations[name], runs_dir,
-                               args.data_dir)
+                               args.data_dir, times.get("splits", {}).get(ARMS[name].schedule, ()))
         runs[name].setdefault(lr, {})[seed] = curve
 
     first, rest = regime.seeds[0], regime.seeds[1:]
@@ -849,9 +972,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "regime": dataclasses.asdict(regime),
                "stage_times": times, "budget_seconds": budget, "iterations": iterations,
                "simulator_check": simulator_check(), "table": table,
-               "commands": {n: shlex.join(["torchrun"] + recipe_command(
+               "commands": {n: shlex.join(display_command(recipe_command(
                    regime, ARMS[n], result["arms"][n]["best_lr"], first, iterations[n],
-                   "LOG.jsonl", "data", 29500)[3:]) for n in regime.arms},
+                   "LOG.jsonl", "data", 29500,
+                   times.get("splits", {}).get(ARMS[n].schedule, ())))) for n in regime.arms},
                **result}
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

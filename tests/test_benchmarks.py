@@ -61,6 +61,26 @@ def test_peak_activation_bytes_are_counted_and_equal(two_stage_run):
     assert row["peak_bytes_max_rel_diff"] == 0.0
 
 
+def test_megatrons_interleaved_schedule_runs_on_the_controlled_time_stages():
+    """Two chunks a stage, each half the stage's 10 / 20 ms: megatron-core's interleaved
+    schedule (the case refuses any other), every chunk's time spent, timed per round."""
+    cfg = dict(forward_s=0.010, backward_s=0.020, hidden=HIDDEN, seq=SEQ, mbs=MBS,
+               warmup=1, iterations=2, rounds=1)
+    ranks = run_distributed(st.interleaved_case, 2, 4, 2, cfg, timeout_s=180)
+    row = st.summarise_interleaved(2, 4, 2, ranks, 0.010, 0.020, 2)
+    assert sorted(r["stage"] for r in ranks) == [0, 1] and len(row["round_walls_s"]) == 1
+    # (m + (P - 1) / v)(F + B) = 4.5 x 30 ms per iteration: sleeps never undershoot (the
+    # upper side is the benchmark's claim; timing on a shared machine would make it flaky)
+    assert row["formula_s_per_iteration"] == pytest.approx(4.5 * 0.030)
+    assert row["sim_s_per_iteration"] == pytest.approx(row["formula_s_per_iteration"])
+    assert row["measured_s_per_iteration"] >= 4 * 0.030  # every micro-batch's F + B ran
+    assert row["sim_vs_measured_rel_diff"] == pytest.approx(
+        abs(row["sim_s_per_iteration"] - row["measured_s_per_iteration"])
+        / row["measured_s_per_iteration"])
+    text = st.interleaved_markdown([row])
+    assert "| 2 | 4 | 2 |" in text and "interleaved 1F1B" in text
+
+
 def test_simulator_steady_state_matches_the_formulas():
     for P, m in ((2, 2), (4, 8), (8, 8)):
         assert st.sim_utilisation("1f1b", P, m, 0.01, 0.02) == pytest.approx(m / (m + P - 1))
@@ -210,6 +230,32 @@ def test_time_to_accuracy_quick_run_reports_consistent_numbers(tmp_path):
         sync["final_val"]["mean"] / arms["1f1b-adam"]["final_val"]["mean"] - 1)
     assert "| PACI, AdamW, synchronous warm-up |" in data["table"]
     assert "Against 1F1B with the same optimizer" in data["table"]
+    # each schedule on its own best split (the advisor's, from the measured stages), the
+    # runs emulated in one process with that split's flags, the time axis from that split
+    from paci_megatron.sim import balance, split_flags
+
+    times = data["stage_times"]
+    assert set(times["splits"]) == {"paci", "1f1b"}
+    for name, arm in arms.items():
+        schedule = tta.ARMS[name].schedule
+        command = data["commands"][name]
+        assert command.startswith("python examples/pretrain_gpt.py") and "--emulate-pipeline" in command
+        flags = split_flags(times["splits"][schedule])
+        assert all(f.strip("'") in command for f in flags)
+        clock = tta.projected_seconds(tta.ARMS[name], tta.REGIMES["quick"], times, arm["iterations"])
+        assert {int(k): v for k, v in arm["seconds_at"].items()} == {
+            it: clock[it] for it in map(int, arm["seconds_at"])}
+    assert times["by_schedule"]["1f1b"]["forward_s"] == pytest.approx(
+        tta.split_seconds(times, 2, times["splits"]["1f1b"])["forward_s"])
+    # the interleaved 1F1B: 1F1B's losses at its own speed, every pair's ratio scaled
+    name, factor = tta.interleaved_factor(times)
+    assert name == "interleaved_v2" and factor == pytest.approx(
+        times["seconds_per_iteration"]["interleaved_v2"] / times["seconds_per_iteration"]["1f1b"])
+    for t, same in zip(sync["tta_vs_interleaved"], sync["tta_same_optimizer"]):
+        for seed, ratio in t["ratio_per_pair"].items():
+            own = same["ratio_per_pair"][seed]
+            assert ratio == (None if own is None else pytest.approx(own * factor))
+    assert "Against the interleaved 1F1B (interleaved, v2" in data["table"]
     # rerunning reuses the finished runs and reads the same numbers
     assert tta.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--analyse-only",
                      "--output", str(tmp_path / "again.json")]) == 0
