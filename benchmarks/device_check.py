@@ -36,6 +36,16 @@ the layers are megatron-core's local spec with the fused kernels that are instal
     ``--pipeline-schedule paci`` and ``1f1b`` (a GPT-2 Small-width model, bf16, real
     text), the same losses at every iteration and evaluation expected.
 
+(f) Time to accuracy at P = 8 on one device (``--checks f``, its own call: about 7 minutes
+    on an H200): a GPT-2 Small shape (12 layers, hidden 768, sequence 1024) on real text,
+    P = 8, m = a = 8, every rank of each run in this one process
+    (``examples/pretrain_gpt.py --emulate-pipeline``, the P-process run's losses bit for
+    bit), 1F1B and PACI with AdamW (PACI with the synchronous warm-up and the look-ahead)
+    and with Muon, one seed each, each schedule on its own best split
+    (:func:`paci_megatron.sim.balance`) from stage times measured here (the update is
+    AdamW's for every arm). The projected time axis and the per-seed-pair TTA are
+    ``benchmarks/time_to_accuracy.py``'s.
+
 ``--device cpu`` runs the same code at toy sizes in under a minute (so it cannot rot);
 its timings mean nothing.
 """
@@ -45,6 +55,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -68,15 +79,24 @@ SIZES = {
                  recipe=["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads",
                          "12", "--seq-length", "512", "--micro-batch-size", "8",
                          "--global-batch-size", "32", "--bf16", "--eval-iters", "2"],
-                 recipe_iters=30, recipe_timeout_s=240),
+                 recipe_iters=30, recipe_timeout_s=240,
+                 # (f): GPT-2 Small's shape; AdamW at GPT-3's rate for it, Muon at 4x (the
+                 # CPU studies' best Muon rate was 4x their best AdamW rate, tiny and wide)
+                 tta=dict(layers=12, hidden=768, heads=12, seq=1024, mbs=4, gbs=32,
+                          iters=120, eval_interval=20, eval_iters=2, warmup=12,
+                          lr={"adam": 6e-4, "muon": 2.4e-3}, timeout_s=150)),
     "cpu": dict(layers=2, hidden=64, heads=4, seq=32, vocab=128, mbs=2, m=4,
                 warmup=1, rounds=2, iters_per_round=2, sync_iters=1, width=16,
                 stage_layers=1, stage_mbs=(2, 4), repeats=2,
                 recipe=["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
                         "--seq-length", "32", "--micro-batch-size", "2",
                         "--global-batch-size", "4", "--eval-iters", "1"],
-                recipe_iters=3, recipe_timeout_s=240),
+                recipe_iters=3, recipe_timeout_s=240,
+                tta=dict(layers=8, hidden=32, heads=4, seq=32, mbs=2, gbs=16, iters=4,
+                         eval_interval=2, eval_iters=1, warmup=1,
+                         lr={"adam": 3e-3, "muon": 1e-2}, timeout_s=240)),
 }
+TTA_ARMS = ("1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon")
 LINK_GBPS = (25.0, 150.0)  # inter-node InfiniBand (200 Gb/s) and NVLink, GB/s per direction
 LINK_LATENCY_S = 10e-6
 SCHEDULE_OWN = ("paci_megatron/schedule.py", "paci_megatron/p2p.py", "paci_megatron/plan.py")
@@ -101,6 +121,23 @@ def ensure_megatron_core(wheels: str) -> str:
         raise RuntimeError(f"installing megatron-core from {wheels} failed: {' '.join(cmd)}")
     importlib.invalidate_caches()
     return importlib.import_module("megatron.core").__version__
+
+
+def ensure_muon(wheels: str) -> None:
+    """Make megatron-core's Muon importable (``emerging-optimizers`` and ``absl-py``, pure
+    Python), installing them from ``wheels`` if needed.
+
+    Raises:
+        RuntimeError: not installed and they do not install from ``wheels``.
+    """
+    if importlib.util.find_spec("emerging_optimizers") is not None:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+           "--no-deps", "--ignore-requires-python", "emerging-optimizers", "absl-py"]
+    if not os.path.isdir(wheels) or subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"Muon needs emerging-optimizers and absl-py: {' '.join(cmd)} "
+                           "failed (bash benchmarks/fetch_device_wheels.sh fetches them)")
+    importlib.invalidate_caches()
 
 
 def setup(device: str) -> None:
@@ -562,6 +599,75 @@ def check_recipe(size: Dict[str, Any], device: str, data_cache_dir: str,
     return out
 
 
+# ------------------------------------------------------------------ (f)
+def check_tta(size: Dict[str, Any], device: str, data_cache_dir: str,
+              data_path: Optional[str] = None, P: int = 8) -> Dict[str, Any]:
+    """(f): stage times of ``size["tta"]``'s model on ``device``, each schedule's best split,
+    then one emulated run per arm of :data:`TTA_ARMS` (``--emulate-pipeline``) and
+    ``time_to_accuracy``'s analysis of their curves on the projected time axis."""
+    import dataclasses
+
+    import time_to_accuracy as tta
+    from gpt_recipe import data
+
+    t = size["tta"]
+    prefix = data_path or os.path.join(data_cache_dir, "stdlib")
+    if data_path is None:
+        data.prepare_corpus(prefix)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(data.tokenizer_path_for_prefix(prefix)).get_vocab_size()
+    vocab = -(-vocab // 128) * 128  # the recipe pads to a multiple of 128
+    shape = dict(size, hidden=t["hidden"], heads=t["heads"], seq=t["seq"], vocab=vocab,
+                 stage_layers=t["layers"] // P)
+    measured = stage_seconds(shape, device, t["mbs"])  # first, middle, last stage
+    per_stage = {k: [v[0]] + [v[1]] * (P - 2) + [v[2]] for k, v in measured.items()}
+    activation_bytes = t["seq"] * t["mbs"] * t["hidden"] * (2 if device == "cuda" else 4)
+    times = {"forward_s": per_stage["forward_s"], "backward_s": per_stage["backward_s"],
+             "update_adam_s": per_stage["update_s"], "update_muon_s": per_stage["update_s"],
+             "comm_s": LINK_LATENCY_S + activation_bytes / (max(LINK_GBPS) * 1e9)}
+    regime = tta.Regime(f"device {device}: {t['layers']} layers, hidden {t['hidden']}, "
+                        f"sequence {t['seq']}, P = {P}, m = {t['gbs'] // t['mbs']}",
+                        stages=P, num_layers=t["layers"], hidden=t["hidden"], heads=t["heads"],
+                        seq=t["seq"], mbs=t["mbs"], gbs=t["gbs"], train_iters=t["iters"],
+                        lr_warmup_iters=t["warmup"], eval_interval=t["eval_interval"],
+                        eval_iters=t["eval_iters"], lrs=(t["lr"]["adam"],), seeds=(1234,),
+                        clip_grad=1.0, arms=TTA_ARMS, balanced=True, emulate=True)
+    times = tta.with_balanced_splits(regime, times)
+    runs: Dict[str, Any] = {}
+    out: Dict[str, Any] = {"regime": dataclasses.asdict(regime), "stage_times": times,
+                           "runs": runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TTA_ARMS:
+            arm = tta.ARMS[name]
+            lr = t["lr"][arm.optimizer]
+            log = os.path.join(tmp, f"{name}.jsonl")
+            cmd = tta.recipe_command(regime, arm, lr, 1234, t["iters"], log, data_cache_dir, 0,
+                                     times["splits"][arm.schedule])
+            cmd[cmd.index("--device") + 1] = device
+            cmd += ["--data-path", prefix] + (["--bf16"] if device == "cuda" else [])
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                  timeout=t["timeout_s"],
+                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            curve = tta.read_curve(log) if proc.returncode == 0 else None
+            runs[name] = {"lr": lr, "returncode": proc.returncode,
+                          "seconds": round(time.time() - t0, 1), "curve": curve,
+                          "command": " ".join(tta.display_command(cmd))}
+            if not curve:
+                runs[name]["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
+    if any("error" in r for r in runs.values()):
+        out["error"] = "a run failed: see its 'error'"
+        return out
+    iterations = {n: t["iters"] for n in TTA_ARMS}
+    result = tta.analyse(regime, times, iterations,
+                         {n: {r["lr"]: {1234: r["curve"]}} for n, r in runs.items()})
+    out["table"] = tta.markdown(result)
+    out["arms"] = result["arms"]
+    out["reference"] = result["reference"]
+    return out
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -573,7 +679,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--data-path", default=None,
                         help="(e): an already prepared Megatron data prefix to train on instead")
     parser.add_argument("--checks", default="abcde",
-                        help="which checks to run, by letter (default: all)")
+                        help="which checks to run, by letter (default abcde; f, the time to "
+                             "accuracy, is its own call)")
     args = parser.parse_args(argv)
     start = time.time()
     report: Dict[str, Any] = {"device": args.device,
@@ -589,9 +696,11 @@ def main(argv: Sequence[str] = None) -> int:
               "b": ("replay", lambda: check_replay(args.device, size["width"])),
               "d": ("projection", lambda: check_projection(size, args.device)),
               "e": ("recipe", lambda: check_recipe(size, args.device, args.data_cache_dir,
-                                                   args.data_path))}
-    wanted = [checks[c] for c in "abde" if c in args.checks]
-    if any(key != "recipe" for key, _ in wanted):
+                                                   args.data_path)),
+              "f": ("time_to_accuracy", lambda: (ensure_muon(args.wheels), check_tta(
+                  size, args.device, args.data_cache_dir, args.data_path))[1])}
+    wanted = [checks[c] for c in "abdef" if c in args.checks]
+    if any(key != "recipe" for key, _ in wanted):  # (f) times its stages here
         setup(args.device)
     for key, check in wanted:
         t0 = time.time()

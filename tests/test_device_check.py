@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def report(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("device") / "report.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
-                           "--device", "cpu", "--output", str(out), "--data-path", str(corpus)],
+                           "--device", "cpu", "--output", str(out), "--data-path", str(corpus),
+                           "--checks", "abcdef"],
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -101,3 +102,28 @@ def test_the_recipe_runs_end_to_end_with_both_schedules_and_the_same_losses(repo
         assert len(run["lm_loss"]) == 3 and len(run["val_loss"]) == 2  # iterations 0 and 3
     assert recipe["losses_identical"] is True
     assert recipe["paci"]["lm_loss"] == recipe["1f1b"]["lm_loss"]
+
+
+def test_time_to_accuracy_at_p8_runs_every_arm_emulated_on_its_own_split(report):
+    """(f)'s dry run: four emulated P = 8 runs on the schedules' own splits, analysed by
+    time_to_accuracy (per seed pair, on the projected time axis)."""
+    from paci_megatron.sim import split_flags
+
+    f = report["time_to_accuracy"]
+    assert "error" not in f, f
+    times = f["stage_times"]
+    assert len(times["forward_s"]) == 8 and set(times["splits"]) == {"paci", "1f1b"}
+    for name, run in f["runs"].items():
+        schedule = "paci" if name.startswith("paci") else "1f1b"
+        assert run["returncode"] == 0 and "--emulate-pipeline" in run["command"]
+        assert " ".join(split_flags(times["splits"][schedule])) in run["command"]
+        assert max(map(int, run["curve"])) == 4  # iterations 0, 2, 4 evaluated
+        assert f["arms"][name]["iterations"] == 4
+    assert set(f["runs"]) == {"1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon"}
+    assert f["arms"]["paci-muon"]["same_optimizer_reference"] == "1f1b-muon"
+    for t in f["arms"]["paci-muon"]["tta_same_optimizer"]:
+        assert t["pairs"] == 1 and (t["median"] is None) == (t["reached"] == 0)
+    assert "| PACI, Muon | 1F1B, Muon |" in f["table"]
+    # PACI's run takes less projected time for the same iterations (no flush per iteration)
+    paci, base = f["arms"]["paci-muon"], f["arms"]["1f1b-muon"]
+    assert paci["seconds_total"] < base["seconds_total"]
