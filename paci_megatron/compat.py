@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 __all__ = ["MEGATRON_CORE_VERSION", "init_device_kwargs", "backward_step", "forward_step",
            "get_tensor_shapes", "get_model_config", "get_model_type", "set_version_counters",
-           "process_groups", "get_megatron_muon_optimizer", "muon_module", "finalize_stage_local"]
+           "process_groups", "get_megatron_muon_optimizer", "muon_module", "finalize_stage_local",
+           "ramp_iterations"]
 
 try:
     from megatron.core import package_info as _pkg
@@ -223,3 +224,29 @@ def finalize_stage_local(model: Sequence[torch.nn.Module], config) -> None:
                                    dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
     if hasattr(fmg, "reset_model_temporary_tensors"):
         fmg.reset_model_temporary_tensors(config, model)
+
+
+def ramp_iterations(rampup_batch_size: Sequence[int], global_batch_size: int,
+                    micro_batch_size: int, data_parallel_size: int,
+                    decrease_batch_size_if_needed: bool = False) -> List[Tuple[int, int, int]]:
+    """The iterations of Megatron's batch-size ramp (``--rampup-batch-size START INCREMENT
+    SAMPLES``), as megatron-core's own calculator steps through them: ``(samples consumed
+    before the iteration, global batch size, micro-batches per iteration)`` for every
+    iteration until the batch reaches ``global_batch_size`` (that iteration included).
+
+    Raises:
+        ValueError: megatron-core's calculator refuses the ramp (its message).
+    """
+    from megatron.core import num_microbatches_calculator as nmc
+
+    calculator = nmc._build_num_microbatches_calculator(  # megatron-core's, not re-derived
+        1, list(rampup_batch_size), global_batch_size, micro_batch_size, data_parallel_size,
+        decrease_batch_size_if_needed)  # rank 1: it logs on rank 0 only
+    out, consumed = [], 0
+    while True:
+        calculator.update(consumed, False)
+        batch = calculator.get_current_global_batch_size()
+        out.append((consumed, batch, calculator.get()))
+        if batch >= global_batch_size or len(out) > 10_000_000:
+            return out
+        consumed += batch

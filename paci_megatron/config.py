@@ -322,7 +322,6 @@ Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 _WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
 #: Megatron-LM flags whose work PACI would skip or get wrong: (argument, flag, what it does)
 _LM_REFUSED = (
-    ("rampup_batch_size", "--rampup-batch-size", _WINDOW),
     ("step_batch_size_schedule", "--step-batch-size-schedule", _WINDOW),
     ("optimizer_cuda_graph", "--optimizer-cuda-graph",
      "replaces optimizer.step(), which PACI runs inside the schedule"),

@@ -72,14 +72,41 @@ def resolve(args, argv: Optional[Sequence[str]] = None):
     """
     from .config import resolve_arguments
 
+    from .config import PACIConfigError
+
     argv = list(sys.argv if argv is None else argv)
     paci = getattr(args, "pipeline_schedule", "1f1b") == "paci"
     if paci and not _given(argv, "--rerun-mode"):
         args.rerun_mode = "disabled"
-    return resolve_arguments(
+    settings = resolve_arguments(
         args, num_microbatches=_num_microbatches(args) if paci else 0,
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
         lr_warmup_iters=_lr_warmup_iters(args), argv=argv)
+    ramp = _ramp(args) if settings is not None else []
+    problems: List[str] = []
+    for m in sorted({m for _, _, m in ramp}):  # every m of the ramp passes PACI's rules
+        try:
+            settings.for_microbatches(m)
+        except PACIConfigError as err:
+            problems += [f"--rampup-batch-size: at {m} micro-batches per iteration: {p}"
+                         for p in err.problems if p not in problems]
+    if problems:
+        raise PACIConfigError(problems)
+    return settings
+
+
+def _ramp(args) -> List[Any]:
+    """Megatron-LM's batch-size ramp as iterations: ``(samples consumed before, global
+    batch, m)`` (:func:`paci_megatron.compat.ramp_iterations`); [] without one."""
+    rampup = getattr(args, "rampup_batch_size", None)
+    if not rampup:
+        return []
+    from .compat import ramp_iterations
+
+    return ramp_iterations([int(x) for x in rampup], int(args.global_batch_size),
+                           int(args.micro_batch_size),
+                           int(getattr(args, "data_parallel_size", None) or 1),
+                           bool(getattr(args, "decrease_batch_size_if_needed", False)))
 
 
 def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
@@ -108,13 +135,26 @@ def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
 
 
 def _lr_warmup_iters(args) -> int:
-    """Megatron-LM's learning-rate warm-up in iterations (from whichever flag set it)."""
-    if getattr(args, "lr_warmup_fraction", None):
-        return int(args.lr_warmup_fraction * (getattr(args, "train_iters", 0) or 0))
+    """Megatron-LM's learning-rate warm-up in iterations (from whichever flag set it; in
+    samples for sample-based training, counted through a batch-size ramp's iterations)."""
+    train_iters = getattr(args, "train_iters", 0) or 0
+    if getattr(args, "lr_warmup_fraction", None) and train_iters:
+        return int(args.lr_warmup_fraction * train_iters)
     if getattr(args, "lr_warmup_iters", 0):
         return int(args.lr_warmup_iters)
     samples = getattr(args, "lr_warmup_samples", 0) or 0
-    return int(samples // max(getattr(args, "global_batch_size", 1) or 1, 1))
+    if getattr(args, "lr_warmup_fraction", None):  # sample-based: Megatron-LM's samples
+        decay = getattr(args, "lr_decay_samples", None) or getattr(args, "train_samples", 0) or 0
+        samples = int(args.lr_warmup_fraction * decay)
+    ramp = _ramp(args)
+    iterations = 0
+    for consumed, _, _ in ramp:  # the ramp's iterations that start within the warm-up
+        if consumed >= samples:
+            return iterations
+        iterations += 1
+    after_ramp = ramp[-1][0] + ramp[-1][1] if ramp else 0
+    gbs = max(getattr(args, "global_batch_size", 1) or 1, 1)
+    return iterations + max((samples - after_ramp) // gbs, 0)
 
 
 def _rank() -> int:
@@ -164,6 +204,7 @@ class Glue:
         self.start_version = 0
         self.train_steps = 0
         self.drains: Dict[str, int] = {}
+        self.replans_reported = 0  # the schedule's changes of m printed so far
 
     @property
     def iteration(self) -> int:
@@ -199,9 +240,11 @@ class Glue:
                               f"micro-batches of {per_microbatch} samples: resume with the "
                               "checkpoint's --micro-batch-size"])
         microbatches = consumed // per_microbatch
-        try:
+        ramp = bool(getattr(args, "rampup_batch_size", None))
+        try:  # (a ramp's windows had other sizes: its drained checkpoints need not be whole
+            # windows of today's a)
             refuse(Setup(settings.config, m, settings.num_stages,
-                         consumed_microbatches=microbatches))
+                         consumed_microbatches=None if ramp else microbatches))
         except PACIConfigError as err:
             _report_and_exit(err.problems)
         self.start_version = microbatches // a
@@ -211,7 +254,8 @@ class Glue:
         self.optimizer = self.schedule.optimizer
         # Checkpoints are only written drained (save_checkpoint_and_time drains first).
         self.schedule.load_state_dict(
-            PACISchedule.drained_state(microbatches, a, self.start_iteration))
+            PACISchedule.drained_state(microbatches, a, self.start_iteration,
+                                       whole_windows=not ramp))
         P = ps.get_pipeline_model_parallel_world_size()
         s = ps.get_pipeline_model_parallel_rank()
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
@@ -404,9 +448,28 @@ def _train_step(module, original):
         result = original(*a, **k)
         if glue.active:
             glue.train_steps += 1
+            _report_replans()
         return result
 
     return train_step
+
+
+def _report_replans() -> None:
+    """A batch-size ramp's changes of ``m``, once each, on the last rank."""
+    from .plan import drift_bound
+
+    schedule = glue.schedule
+    if schedule is None or len(schedule.replans) <= glue.replans_reported:
+        return
+    P = schedule.settings.num_stages
+    for change in schedule.replans[glue.replans_reported:]:
+        a = change["accumulation"]
+        _print_last(f"paci-megatron: iteration {change['iteration'] + 1}: "
+                    f"{change['from_m']} -> {change['to_m']} micro-batches per iteration "
+                    f"(batch-size ramp-up): accumulation a = {a}, drift bound per stage "
+                    f"{[drift_bound(P, s, a) for s in range(P)]}"
+                    + (", drained first" if change["drained"] else ""))
+    glue.replans_reported = len(schedule.replans)
 
 
 def _training_log(module, original):

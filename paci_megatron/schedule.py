@@ -110,6 +110,8 @@ class PACISchedule:
             evaluation, saving and exit).
         settings: the resolved :class:`~paci_megatron.config.Settings` (None before the
             first training call when built from a :class:`PACIConfig`).
+        replans: each change of the micro-batches per iteration (a batch-size ramp), with
+            the drain it took where the accumulation factor changed.
     """
 
     def __init__(
@@ -141,6 +143,9 @@ class PACISchedule:
         self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
         #: the accumulation factor and settings a loaded checkpoint was trained with
         self.restored_from: Dict[str, Any] = {}
+        #: every change of ``m`` between training calls (a batch-size ramp): the iterations
+        #: completed before it, the old and new ``m``, the new ``a``, whether it drained
+        self.replans: List[Dict[str, Any]] = []
         self._tp_group = self._cp_group = None  # with the pipeline group, from the first call
 
     # ------------------------------------------------------------------ public API
@@ -317,16 +322,20 @@ class PACISchedule:
                     "tied_lag": dict(telemetry.tied_lag)}}
 
     @staticmethod
-    def drained_state(microbatches: int, accumulation: int, iteration: int) -> Dict[str, Any]:
+    def drained_state(microbatches: int, accumulation: int, iteration: int,
+                      whole_windows: bool = True) -> Dict[str, Any]:
         """The :meth:`state_dict` of a drained stage that trained ``microbatches``
         micro-batches in ``iteration`` training calls, in windows of ``accumulation`` (what a
         checkpoint that does not store PACI's state, such as Megatron-LM's, implies); drift
-        telemetry starts afresh.
+        telemetry starts afresh. ``whole_windows=False``: the windows had other sizes before
+        (a batch-size ramp); the version then counts windows of today's size, rounded down
+        (every stage computes the same; a version only ever counts relative to another).
 
         Raises:
-            ValueError: ``accumulation`` does not divide ``microbatches``.
+            ValueError: ``accumulation`` does not divide ``microbatches`` (with
+                ``whole_windows``).
         """
-        if accumulation < 1 or microbatches < 0 or microbatches % accumulation:
+        if accumulation < 1 or microbatches < 0 or (whole_windows and microbatches % accumulation):
             raise ValueError(
                 f"a drained pipeline that trained {microbatches} micro-batches cannot have "
                 f"updated every {accumulation} of them")
@@ -417,20 +426,25 @@ class PACISchedule:
 
     def _resolve(self, num_microbatches: int, num_stages: int, config) -> None:
         """The settings for this call's ``m``: those given (the front ends resolved them
-        once), or resolved here at the first call (and again, drained, when ``m`` changes)
-        with the model's config, every refusal checked."""
+        once), or resolved here at the first call, with the model's config, every refusal
+        checked. When ``m`` changes (a batch-size ramp: Megatron's ``--rampup-batch-size``)
+        they are resolved again; where the accumulation factor changes with it, the
+        pipeline drains first, so that every window keeps one size (every stage sees the
+        new ``m`` at the same call and drains there). Each change is kept in
+        :attr:`replans`."""
         settings = self.settings
         if settings is not None and settings.num_microbatches == num_microbatches:
             return
-        if settings is not None and not self._drained():
-            a_new = self.paci_config.resolve_accumulation(num_microbatches)
-            if a_new != settings.accumulation:
-                raise PACIConfigError(
-                    [f"the accumulation factor changed from {settings.accumulation} to {a_new} "
-                     "with micro-batches in flight: call drain() before changing "
-                     "the number of micro-batches"])
         if settings is not None:
+            a_new = self.paci_config.resolve_accumulation(num_microbatches)  # may refuse
+            drained = False
+            if a_new != settings.accumulation and not self._drained():
+                self.drain()
+                drained = True
             self.settings = settings.for_microbatches(num_microbatches, model_config=config)
+            self.replans.append({"iteration": self.iteration, "from_m": settings.num_microbatches,
+                                 "to_m": num_microbatches,
+                                 "accumulation": self.settings.accumulation, "drained": drained})
         else:
             self.settings = self.paci_config.resolve(
                 num_microbatches=num_microbatches, pipeline_model_parallel_size=num_stages,

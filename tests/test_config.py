@@ -160,18 +160,15 @@ def test_recipe_lists_every_shape_and_schedule_problem_at_once():
         assert needle in out, needle
 
 
-@pytest.mark.parametrize("what,needle", [
-    ("m", "accumulation factor changed from 4 to 2 with micro-batches in flight"),
-    ("seq", "activation shape changed"),
-])
-def test_changing_shape_of_the_work_in_flight_is_refused_on_every_stage(what, needle):
+def test_changing_the_activation_shape_in_flight_is_refused_on_every_stage():
+    """(A change of m drains by itself: tests/test_ramp.py.)"""
     from harness import run_distributed
 
     from workers import midflight_change_case
 
-    results = run_distributed(midflight_change_case, 2, what, timeout_s=240)
+    results = run_distributed(midflight_change_case, 2, "seq", timeout_s=240)
     for r in results:
-        assert needle in r["message"] and "drain()" in r["message"], r
+        assert "activation shape changed" in r["message"] and "drain()" in r["message"], r
 
 
 # one non-default value per PACI setting that has a flag: a new setting must be added here

@@ -154,6 +154,27 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     assert megatron_lm.glue.disabled and not megatron_lm.glue.active
 
 
+def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations():
+    """--rampup-batch-size: every m of the ramp passes PACI's rules (a = m follows it);
+    the synchronous warm-up (the LR warm-up, in samples) counts the ramp's iterations as
+    megatron-core's calculator steps through them."""
+    from paci_megatron.compat import ramp_iterations
+
+    ramp = megatron_args(rampup_batch_size=["8", "8", "96"], train_iters=None,
+                         train_samples=10_000, lr_warmup_samples=160)
+    assert check_args(ramp, argv=["pretrain_gpt.py"]) == []
+    # global batch 8, 16, 24, 32 (m = 2, 4, 6, 8 at micro-batch 2 x DP 2)
+    iterations = ramp_iterations([8, 8, 96], 32, 2, 2)
+    assert sorted({m for _, _, m in iterations}) == [2, 4, 6, 8]
+    assert iterations[0] == (0, 8, 2) and iterations[-1][1:] == (32, 8)
+    ramp_samples = sum(b for _, b, _ in iterations)
+    within = sum(1 for consumed, _, _ in iterations if consumed < 160)
+    assert megatron_lm._lr_warmup_iters(ramp) == within + max((160 - ramp_samples) // 32, 0)
+    assert megatron_lm._lr_warmup_iters(megatron_args(lr_warmup_iters=7)) == 7
+    fixed = megatron_args(rampup_batch_size=["8", "8", "96"], paci_accumulation=2)
+    assert check_args(fixed, argv=["pretrain_gpt.py"]) == []  # 2 divides 2, 4, 6 and 8
+
+
 @pytest.mark.parametrize("overrides,argv,expected", [
     ({"untie_embeddings_and_output_weights": False, "use_distributed_optimizer": True,
       "use_precision_aware_optimizer": True}, [],
@@ -170,7 +191,9 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     ({"fp8": "hybrid"}, [], "remove --fp8-format"),
     ({}, ["--rerun-mode", "validate_results"], "use --rerun-mode disabled"),
     ({"rerun_mode": "report_stats"}, ["--rerun-mode=report_stats"], "--rerun-mode report_stats re-runs"),
-    ({"rampup_batch_size": ["16", "16", "1000"]}, [], "--rampup-batch-size changes"),
+    ({"rampup_batch_size": ["16", "16", "1000"], "paci_accumulation": 8}, [],
+     "--rampup-batch-size: at 4 micro-batches per iteration: --paci-accumulation 8 does not "
+     "divide the 4 micro-batches"),
     ({"overlap_param_gather": True}, [], "--overlap-param-gather gathers updated parameters"),
     ({"use_torch_fsdp2": True}, [], "--use-torch-fsdp2 is not supported"),
     ({"cuda_graph_impl": "local"}, [], "remove --cuda-graph-impl"),
@@ -255,6 +278,7 @@ def fake_training_module(events):
 class FakeSchedule:
     def __init__(self, events):
         self.events = events
+        self.replans = []  # no batch-size ramp
 
     def drain(self):
         self.events.append(("drain", (), {}))

@@ -635,30 +635,66 @@ def resume_after_crash_case(rank: int, world: int, n: int, k: int, m: int, ckpt_
 
 
 def midflight_change_case(rank: int, world: int, what: str):
-    """Change m (with a = m) or the sequence length while micro-batches are in flight."""
+    """Change the sequence length (``what = "seq"``) while micro-batches are in flight."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
 
     from gpt_recipe import model as gpt
 
+    assert what == "seq", what
     setup_parallel(world)
     _, model, opt = build_tiny_gpt(world, bf16=False)
     fb = pm.PACISchedule(pm.PACIOptimizer(opt, model))
     it = iter(synthetic_batches(8))
     fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model, num_microbatches=4,
        seq_length=SEQ, micro_batch_size=MBS)
-    kwargs = dict(num_microbatches=2, seq_length=SEQ) if what == "m" else \
-        dict(num_microbatches=4, seq_length=SEQ // 2)
     try:
         fb(forward_step_func=gpt.forward_step, data_iterator=it, model=model,
-           micro_batch_size=MBS, **kwargs)
+           micro_batch_size=MBS, num_microbatches=4, seq_length=SEQ // 2)
         return "accepted"
     except pm.PACIConfigError as err:
         message = str(err)
-    fb.drain()  # the advice works: after a drain the change is accepted
-    fb(forward_step_func=gpt.forward_step, data_iterator=iter(synthetic_batches(8)), model=model,
-       micro_batch_size=MBS, **kwargs) if what == "m" else None
     return {"stage": ps.get_pipeline_model_parallel_rank(), "message": message}
+
+
+def ramp_case(rank: int, world: int, ms: List[int]) -> dict:
+    """A batch-size ramp (Megatron-LM's --rampup-batch-size): iteration i runs ``ms[i]``
+    micro-batches, with an LR schedule in samples. Megatron's 1F1B; PACI drained after each
+    call; continuous PACI (a = m, so the windows grow); continuous PACI drained by hand
+    before each change of m."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(world)
+    out = {"stage": ps.get_pipeline_model_parallel_rank()}
+    batches = synthetic_batches(sum(ms))
+
+    def run(paci: bool, drain_each=False, drain_at_change=False):
+        _, model, opt = build_tiny_gpt(world, False)
+        sched = gpt.build_scheduler(opt, lr=1e-2, min_lr=1e-3, train_samples=sum(ms) * MBS,
+                                    warmup_samples=ms[0] * MBS)
+        if paci:
+            opt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
+            fb = pm.PACISchedule(opt, pm.PACIConfig())
+        else:
+            fb = megatron_schedule(model)
+        it, losses = iter(batches), []
+        for i, m in enumerate(ms):
+            if drain_at_change and i and m != ms[i - 1]:
+                fb.drain()
+            losses += losses_of(train_steps(model, opt, fb, it, 1, m, sched, drain_each=drain_each))
+        if paci:
+            fb.drain()
+        return losses, gpt.model_parameters(model), fb
+
+    out["megatron"] = run(False)[:2]
+    out["drained"] = run(True, drain_each=True)[:2]
+    losses, params, fb = run(True)
+    out["continuous"] = (losses, params, fb.telemetry.summary(), fb.replans)
+    out["by_hand"] = run(True, drain_at_change=True)[:2]
+    return out
 
 
 # ------------------------------------------------------------------ staleness mitigations
