@@ -307,20 +307,30 @@ def measure_stage_times(regime: Regime, vocab: int, repeats: int) -> Dict[str, A
     return times
 
 
+def first_middle_last(per_stage: Sequence[float]) -> List[float]:
+    """The first stage's value, the median of the middle stages' and the last stage's (the
+    three kinds of stage: with the embedding, layers only, with the output layer)."""
+    middle = statistics.median(per_stage[1:-1]) if len(per_stage) > 2 else per_stage[0]
+    return [per_stage[0], middle, per_stage[-1]]
+
+
 def split_seconds(times: Dict[str, Any], layers_per_stage: int,
                   split: Sequence[int]) -> Dict[str, List[float]]:
     """Per-stage seconds of another split of the same model: each timed quantity
-    (forward, backward, each optimizer's update) of the even split's first, middle and
-    last stage, taken apart into one layer, the embedding and the output layer
-    (:meth:`paci_megatron.sim.StageCosts.from_stage_times`) and put together again."""
+    (forward, backward, each optimizer's update; seconds per micro-batch or per update) of
+    the even split's first, middle and last stage (``layers_per_stage`` layers each), taken
+    apart into one layer, the embedding and the output layer
+    (:meth:`paci_megatron.sim.StageCosts.from_stage_times`) and put together again.
+
+    Returns:
+        ``{quantity: [seconds of stage 0, ..., stage P-1]}`` for ``split``."""
     from paci_megatron.sim import StageCosts
 
     out = {}
     for key, per_stage in times.items():
         if not (key.endswith("_s") and isinstance(per_stage, list)):
             continue
-        three = [per_stage[0], statistics.median(per_stage[1:-1]) if len(per_stage) > 2
-                 else per_stage[0], per_stage[-1]]
+        three = first_middle_last(per_stage)
         costs = StageCosts.from_stage_times(three, three, layers_per_stage)
         out[key] = costs.seconds(split)[0]
     return out
@@ -333,9 +343,8 @@ def with_balanced_splits(regime: Regime, times: Dict[str, Any]) -> Dict[str, Any
     from paci_megatron.sim import StageCosts, balance
 
     per = regime.num_layers // regime.stages
-    fwd, bwd = times["forward_s"], times["backward_s"]
-    three = lambda v: [v[0], statistics.median(v[1:-1]) if len(v) > 2 else v[0], v[-1]]  # noqa: E731
-    costs = StageCosts.from_stage_times(three(fwd), three(bwd), per)
+    costs = StageCosts.from_stage_times(first_middle_last(times["forward_s"]),
+                                        first_middle_last(times["backward_s"]), per)
     result = balance(regime.num_layers, regime.stages, regime.m, costs, regime.m,
                      times["comm_s"], statistics.median(times["update_adam_s"]))
     out = dict(times)

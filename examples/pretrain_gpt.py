@@ -298,6 +298,12 @@ def check_args(args: argparse.Namespace, world_size: int):
         problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")
     problems += split_problems(args)
+    if args.emulate_pipeline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("--emulate-pipeline runs every rank in one process: start it with "
+                        "python, not torchrun")
+    if args.emulate_pipeline and args.tensor_model_parallel_size > 1:
+        problems.append("--emulate-pipeline emulates the pipeline stages only (TP = DP = 1): "
+                        f"drop --tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.max_position_embeddings < args.seq_length:
         problems.append("--max-position-embeddings must be >= --seq-length")
     for flag in ("hidden_dropout", "attention_dropout"):
@@ -922,15 +928,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     args = parse_args(argv)
     if args.emulate_pipeline:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            _say_once("error: --emulate-pipeline runs every rank in one process: start it "
-                      "with python, not torchrun")
-            _stop()
-        if args.tensor_model_parallel_size > 1:
-            _say_once("error: --emulate-pipeline emulates the pipeline stages only (TP = DP = "
-                      f"1): drop --tensor-model-parallel-size "
-                      f"{args.tensor_model_parallel_size}")
-            _stop()
         settings = check_args(args, args.tensor_model_parallel_size
                               * args.pipeline_model_parallel_size)
         if not _already_done(args):

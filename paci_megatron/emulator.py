@@ -17,7 +17,9 @@ rank ``P-1`` first, down to rank 0; ``tests/test_emulator.py`` pins it).
 Point-to-point messages are handed over in memory (a send is buffered, a receive waits
 for it); collectives meet in memory. A wait that can never be satisfied (every rank
 waiting) stops every rank with :class:`EmulationDeadlock`, naming what each rank waited
-for; an error in one rank stops the others and is raised with that rank's traceback.
+for; a wait longer than the groups' timeout (``init_process_group``'s) fails as a timeout
+naming what it waited for; an error in one rank stops the others and is raised with that
+rank's traceback.
 
 Limits: DP = TP = CP = 1 in the models this is meant for (the pipeline's own collectives
 are supported; a multi-element sum over more than two ranks may differ from gloo's in
@@ -148,6 +150,7 @@ class _Hub:
         self.mailboxes: Dict[Tuple[str, int, int, int], Deque[torch.Tensor]] = {}
         self.meetings: Dict[Tuple[str, int], Tuple[Dict[int, Any], List[int]]] = {}
         self.local = threading.local()
+        self.timeout_s: Optional[float] = None  # the shortest timeout a group was given
 
     def rank(self) -> int:
         rank = getattr(self.local, "rank", None)
@@ -176,27 +179,48 @@ class _Hub:
                 f"no rank of the emulated run can go on: {waiting}")
         self.cond.notify_all()
 
-    def _await_turn(self, rank: int) -> None:
-        self.cond.wait_for(lambda: self.running == rank or self.failure is not None)
-        if self.failure is not None and self.running != rank:
-            raise _Stop()
-
-    def block(self, predicate: Callable[[], bool], label: str) -> None:
-        """The running rank waits until ``predicate()`` holds; the others run meanwhile.
+    def _await_turn(self, rank: int, timeout_s: Optional[float] = None) -> bool:
+        """Wait (``self.cond`` held) until it is ``rank``'s turn; False after ``timeout_s``.
 
         Raises:
+            _Stop: another rank failed meanwhile.
+        """
+        if not self.cond.wait_for(lambda: self.running == rank or self.failure is not None,
+                                  timeout=timeout_s):
+            return False
+        if self.failure is not None and self.running != rank:
+            raise _Stop()
+        return True
+
+    def block(self, predicate: Callable[[], bool], label: str,
+              timeout_s: Optional[float] = None) -> None:
+        """The running rank waits until ``predicate()`` holds; the others run meanwhile.
+
+        Args:
+            timeout_s: the longest wait, seconds (default: the groups' timeout, as
+                ``init_process_group`` gave it; None: no limit).
+
+        Raises:
+            EmulationError: the wait passed ``timeout_s`` (its message says "timed out" and
+                what the rank waited for: a transport's timeout, which
+                :func:`paci_megatron.p2p.wait_all` names with the stage and micro-batch).
             EmulationDeadlock (in the rank that detects it) or _Stop (in the others).
         """
         if predicate():
             return
         rank = self.rank()
+        limit = timeout_s if timeout_s else self.timeout_s
         mine = _RankState.capture()
         with self.cond:
             self.waits[rank] = (predicate, label)
             self._pass_on(rank)
             if self.failure is not None and self.running is None:
                 raise self.failure
-            self._await_turn(rank)
+            if not self._await_turn(rank, limit):
+                self.waits.pop(rank, None)  # the run is aborted (run_ranks restores this
+                # process's state when every rank has stopped)
+                raise EmulationError(f"rank {rank} timed out after {limit:g} s waiting for "
+                                     f"{label}")
         mine.restore()
 
     def run(self, rank: int, fn: Callable[[int], Any], initial: _RankState,
@@ -219,10 +243,11 @@ class _Hub:
             pass
         except BaseException as exc:  # SystemExit included: the rank stopped the run
             with self.cond:
-                if self.failure is None or isinstance(self.failure, EmulationDeadlock) and False:
+                if self.failure is None:
                     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                     self.failure = EmulationError(f"rank {rank} failed:\n{text}")
                     self.failure.exit_code = exc.code if isinstance(exc, SystemExit) else None
+                self.cond.notify_all()  # the waiting ranks stop
         finally:
             # this thread's torch function modes (the CPU mode's) live in C++ thread-local
             # storage: dropped here, with the GIL, not by the thread's exit at interpreter
@@ -315,14 +340,18 @@ class _Work(dist.Work):
     """A request of the in-process transport: complete at once (sends, collectives) or
     when its message arrives (receives)."""
 
-    def __init__(self, finish: Optional[Callable[[], None]] = None):
+    def __init__(self, finish: Optional[Callable[[Optional[float]], None]] = None):
         super().__init__()
         self._finish = finish
 
     def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
+        """Wait for the request, at most ``timeout`` (zero: the group's timeout).
+
+        Raises:
+            EmulationError: it timed out (see :meth:`_Hub.block`)."""
         if self._finish is not None:
             finish, self._finish = self._finish, None
-            finish()
+            finish(timeout.total_seconds() or None)
         return True
 
     def is_completed(self) -> bool:
@@ -424,8 +453,6 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         output.copy_(torch.cat([p.reshape(-1) for p in parts]).view_as(output))
         return _Work()
 
-    allgather_into_tensor_coalesced = None  # not offered: torch falls back per tensor
-
     @torch.no_grad()
     def broadcast(self, tensors, opts=None):
         root = opts.rootRank if opts is not None else 0
@@ -469,10 +496,10 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         hub = self._hub
         box = hub.mailboxes.setdefault(key, deque())
 
-        def finish() -> None:
+        def finish(timeout_s: Optional[float]) -> None:
             for t in tensors:
                 hub.block(lambda: len(box) > 0,
-                          f"a message from rank {src} of group {key[0]} (tag {tag})")
+                          f"a message from rank {src} of group {key[0]} (tag {tag})", timeout_s)
                 with torch.no_grad():  # a receive buffer may require grad (Megatron's)
                     t.copy_(box.popleft())
 
@@ -496,6 +523,9 @@ def _create_group(store, rank: int, size: int, timeout) -> EmulatedProcessGroup:
     if _HUB is None:
         raise EmulationError(f"backend {BACKEND!r} is only available inside "
                              "paci_megatron.emulator.run_ranks")
+    seconds = timeout.total_seconds() if timeout is not None else None
+    if seconds and (_HUB.timeout_s is None or seconds < _HUB.timeout_s):
+        _HUB.timeout_s = seconds  # every wait of the transport is bounded by it
     return EmulatedProcessGroup(rank, size, _HUB)
 
 

@@ -243,3 +243,21 @@ def test_no_runtime_module_imports_the_simulator():
                     target in (".", "paci_megatron") and "sim" in names), (name, target)
             elif isinstance(node, ast.Import):
                 assert all(a.name != "paci_megatron.sim" for a in node.names), name
+
+
+def test_emulating_the_pipeline_refuses_torchrun_and_tensor_parallelism(monkeypatch, capsys):
+    """--emulate-pipeline: refused under torchrun (WORLD_SIZE > 1) and with TP > 1, among
+    the recipe's other problems, before anything is built."""
+    import pretrain_gpt  # examples/pretrain_gpt.py
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = pretrain_gpt.parse_args(["--device", "cpu", "--emulate-pipeline",
+                                    "--pipeline-model-parallel-size", "2",
+                                    "--tensor-model-parallel-size", "2"])
+    with pytest.raises(SystemExit) as stop:
+        pretrain_gpt.check_args(args, 4)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "--emulate-pipeline runs every rank in one process: start it with python" in err
+    assert "drop --tensor-model-parallel-size 2" in err

@@ -3,6 +3,8 @@ computes does not depend on being emulated. Emulated == distributed, bit for bit
 runs: tests/test_mitigations.py (Muon, look-ahead, P = 4), tests/test_tied_embeddings.py
 (tied, bf16, P = 4), tests/test_recipe.py (the recipe, PACI and 1F1B, uneven splits)."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -91,6 +93,24 @@ def test_a_deadlock_stops_every_rank_and_says_what_each_waited_for():
     assert "no rank of the emulated run can go on" in text
     assert "rank 0 waits for a message from rank 1" in text
     assert "rank 1 waits for barrier" in text
+
+
+def _slow_peer(rank: int, world: int) -> None:
+    if rank == 1:
+        time.sleep(2.0)  # computing while holding the turn, far past the timeout
+        dist.send(torch.ones(1), dst=0)
+    else:
+        dist.recv(torch.empty(1), src=1)
+
+
+def test_a_wait_past_the_groups_timeout_fails_naming_what_it_waited_for():
+    start = time.monotonic()
+    with pytest.raises(DistributedFailure) as failure:
+        run_emulated(_slow_peer, 2, comm_timeout_s=0.5)
+    text = str(failure.value)
+    assert "rank 0 failed" in text
+    assert "rank 0 timed out after 0.5 s waiting for a message from rank 1" in text
+    assert time.monotonic() - start < 30
 
 
 def _fails_on_rank_1(rank: int, world: int) -> None:
