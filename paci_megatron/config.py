@@ -449,10 +449,6 @@ _PACI: Sequence[Refusal] = (
                f"{s.arg('num_distributed_optimizer_instances')}: PACI reduces a stage's grad "
                "norm over all its data-parallel ranks, which would count each optimizer shard "
                "once per instance: remove it (use 1 instance)"),
-    (lambda s: bool(s.arg("overlap_param_gather")),
-     lambda s: "--overlap-param-gather gathers updated parameters in forward hooks that the "
-               "training loop arms once per iteration, but PACI updates inside the iteration: "
-               "remove it (the distributed optimizer still works without it)"),
 ) + tuple(
     (lambda s, name=name: bool(s.arg(name)), lambda s, flag=flag, does=does: f"{flag} {does}: "
      "remove it with PACI") for name, flag, does in _LM_REFUSED

@@ -17,7 +17,8 @@ import torch.distributed as dist
 __all__ = ["inner_optimizers", "main_parameters", "main_parameter", "holds_main_parameter",
            "main_shard", "step_hyperparameters", "step_one_parameter", "distributed_optimizer_of",
            "shard_spans", "gather_parameter", "ParamGroupsWithout", "publish_main_parameters",
-           "stage_grad_stats_group"]
+           "stage_grad_stats_group", "overlaps_param_gather", "start_param_gather",
+           "finish_param_gather", "param_gather_pending"]
 
 
 def inner_optimizers(optimizer) -> List[Any]:
@@ -197,14 +198,94 @@ class ParamGroupsWithout:
 def publish_main_parameters(optimizer) -> None:
     """Copy changed main parameters into the model's (mixed precision; a no-op for fp32);
     the distributed optimizer's shards then reach every DP replica through the same
-    stage-local all-gather its own step makes (``start_param_sync``)."""
+    stage-local all-gather its own step makes (``start_param_sync``), or, with
+    ``overlap_param_gather``, through :func:`start_param_gather`."""
     for inner in inner_optimizers(optimizer):
         copy = getattr(inner, "_copy_main_params_to_model_params", None)
         if copy is not None:
             copy()
         if type(inner).__name__ == "DistributedOptimizer":
-            for chunk in inner.model_chunks:
-                chunk.start_param_sync()
+            if overlaps_param_gather(inner.model_chunks):
+                start_param_gather(inner.model_chunks)
+            else:
+                for chunk in inner.model_chunks:
+                    chunk.start_param_sync()
+
+
+# -- the distributed optimizer's parameter all-gather with --overlap-param-gather ----------
+# megatron-core's DistributedDataParallel (``overlap_param_gather``) leaves the all-gather
+# of updated parameter shards to forward pre-hooks: the first hook of a bucket group
+# dispatches its gather (``param_gather_dispatched``) and waits for it
+# (``param_gather_handle``), then dispatches the next group (``next_param_gather_bucket_group``).
+# ``finish_grad_sync`` marks every group as not gathered. Under PACI a local update happens
+# inside the schedule, where the next action may also be a backward (which reads the
+# weights without a forward hook) or the tied embedding's catch-up; these helpers keep
+# megatron-core's own hooks doing the waiting in forwards and wait everywhere else.
+
+def _overlapping(chunk) -> bool:
+    ddp = getattr(chunk, "ddp_config", None)
+    return bool(getattr(ddp, "overlap_param_gather", False)
+                and getattr(ddp, "use_distributed_optimizer", False)
+                and not getattr(ddp, "use_megatron_fsdp", False))
+
+
+def _bucket_groups(chunk) -> List[Any]:
+    return (list(getattr(chunk, "bucket_groups", []))
+            + list(getattr(chunk, "expert_parallel_bucket_groups", [])))
+
+
+def overlaps_param_gather(chunks: Sequence[Any]) -> bool:
+    """Whether any of ``chunks`` (megatron-core ``DistributedDataParallel``) gathers its
+    distributed-optimizer parameters in forward pre-hooks (``--overlap-param-gather``)."""
+    return any(_overlapping(c) for c in chunks)
+
+
+def _hooks_enabled(chunk) -> bool:
+    """megatron-core's forward pre-hooks are registered (Megatron-LM's training loop removes
+    them for its first iteration, ``disable_forward_pre_hook(param_sync=False)``)."""
+    return bool(getattr(chunk, "remove_forward_pre_hook_handles", None))
+
+
+def start_param_gather(chunks: Sequence[Any]) -> None:
+    """After a local update with ``overlap_param_gather``: start the all-gather of the
+    updated shards over the stage's DP group. With the forward pre-hooks registered, the
+    first bucket group of each gather chain (the one the next forward reaches first) is
+    dispatched now, asynchronously, and the hooks wait for it and dispatch the rest,
+    bucket by bucket, as megatron-core does after its own step
+    (``DistributedDataParallel._make_forward_pre_hook``). With the hooks removed, nothing
+    would wait: the gather is made synchronously (``start_param_sync(force_sync=True)``).
+    Chunks without ``overlap_param_gather`` are left alone (their optimizer's step
+    gathered synchronously)."""
+    for chunk in chunks:
+        if not _overlapping(chunk):
+            continue
+        if not _hooks_enabled(chunk):
+            chunk.start_param_sync(force_sync=True)
+            continue
+        for groups in (list(getattr(chunk, "bucket_groups", [])),
+                       list(getattr(chunk, "expert_parallel_bucket_groups", []))):
+            followers = {id(g.next_param_gather_bucket_group) for g in groups
+                         if getattr(g, "next_param_gather_bucket_group", None) is not None}
+            for group in groups:
+                if id(group) not in followers and not group.param_gather_dispatched:
+                    group.start_param_sync()
+
+
+def param_gather_pending(chunks: Sequence[Any]) -> List[Any]:
+    """The bucket groups of ``chunks`` whose parameters are not gathered yet: their gather
+    was not dispatched since the last ``finish_grad_sync``, or was and was not waited for."""
+    return [g for c in chunks if _overlapping(c) for g in _bucket_groups(c)
+            if not g.param_gather_dispatched or g.param_gather_handle is not None]
+
+
+def finish_param_gather(chunks: Sequence[Any]) -> None:
+    """Wait until every parameter of ``chunks`` holds its gathered value: before a backward
+    (which reads the weights without a forward pre-hook), the tied embedding's catch-up
+    and a drain's end. Dispatches a group's gather where none was; a no-op without
+    ``overlap_param_gather`` or with nothing pending. No host sync: on NCCL a wait orders
+    the current stream after the gather."""
+    for group in param_gather_pending(chunks):
+        group.finish_param_sync(skip_next_bucket_dispatch=True)
 
 
 def stage_grad_stats_group(distributed_optimizer: bool):

@@ -208,6 +208,9 @@ class PACIOptimizer:
         # windows are counted from there, so a resumed run continues the LR schedule
         self._lr_origin: Optional[Tuple[int, int]] = None
         self.tied = _tied_embedding(self.model, self.optimizer)
+        #: the distributed optimizer's all-gather runs in forward pre-hooks
+        #: (``--overlap-param-gather``): started after each update, waited where no hook waits
+        self.overlap_param_gather = internals.overlaps_param_gather(self.model)
 
     @property
     def version(self) -> int:
@@ -237,6 +240,8 @@ class PACIOptimizer:
                 on a DP/TP peer of it); names the stage, update, micro-batches, iteration.
             PACICommunicationError: (tied embeddings) the other end's gradient did not come.
         """
+        if self.overlap_param_gather:  # no gather may still read the shards the step writes
+            internals.finish_param_gather(self.model)
         finalize_stage_grads(self.model)
         tied = self.tied
         if tied is not None and tied.first:
@@ -277,6 +282,8 @@ class PACIOptimizer:
                 tied.hold_step(self.optimizer, window.update, applied=bool(ok))
             if ahead:
                 self._look_ahead(ahead)
+            if self.overlap_param_gather:
+                internals.start_param_gather(self.model)
         finally:
             compat.set_version_counters(params, versions)
         self._zero()
@@ -285,6 +292,14 @@ class PACIOptimizer:
         self.last_num_zeros = None if num_zeros is None else float(num_zeros)
         self.update_log.append((window.update, self.last_lr, self.last_grad_norm))
         return bool(ok)
+
+    def finish_param_gather(self) -> None:
+        """With ``--overlap-param-gather``: wait until the stage's weights hold their
+        gathered values (:func:`paci_megatron.internals.finish_param_gather`). The schedule
+        calls it before each backward, the tied embedding's catch-up and at a drain's end;
+        forwards are waited for by megatron-core's forward pre-hooks. A no-op otherwise."""
+        if self.overlap_param_gather:
+            internals.finish_param_gather(self.model)
 
     @torch.no_grad()
     def _look_back(self) -> None:

@@ -263,6 +263,7 @@ class PACISchedule:
             tied.finish()
         self._origin = self.state
         self.optimizer.settle()
+        self.optimizer.finish_param_gather()  # the drained weights, gathered on every replica
 
     def finish(self) -> Optional[int]:
         """The end of training (or an exit): drain, then write the run's trace where the
@@ -497,11 +498,13 @@ class PACISchedule:
                 self._record(step, run, start, version)
         if final:
             self._set_grad_sync(run, enabled=True)
+            self.optimizer.finish_param_gather()
 
     def _tied_catch_up(self, microbatch: int, windows: TiedWindows) -> None:
         """Last stage, before a training forward: the tied updates due (plan's
         :meth:`~paci_megatron.plan.TiedWindows.due`), then the tied lag is recorded."""
         tied, version = self.optimizer.tied, self.state.version
+        self.optimizer.finish_param_gather()  # a bucket's gather landing later would undo it
         tied.catch_up(self.optimizer, min(windows.due(microbatch), version))
         if self.telemetry is not None:
             self.telemetry.record_tied_lag(microbatch, version - tied.version, self.accumulation)
@@ -610,6 +613,9 @@ class PACISchedule:
                 f"stage {run.stage}: plan wants backward of micro-batch {action.index} but "
                 f"the oldest in flight is {item.index}")
         grad = self._inbox.pop(("grad", action.index), None)
+        # the backward reads the current weights, and no forward pre-hook waited for their
+        # gather where this backward follows a local update (cool-down)
+        self.optimizer.finish_param_gather()
         self._set_grad_sync(run, enabled=closes_window)
         output = item.output_tensor
         if item.replay is not None:

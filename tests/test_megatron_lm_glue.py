@@ -194,7 +194,6 @@ def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations
     ({"rampup_batch_size": ["16", "16", "1000"], "paci_accumulation": 8}, [],
      "--rampup-batch-size: at 4 micro-batches per iteration: --paci-accumulation 8 does not "
      "divide the 4 micro-batches"),
-    ({"overlap_param_gather": True}, [], "--overlap-param-gather gathers updated parameters"),
     ({"use_torch_fsdp2": True}, [], "--use-torch-fsdp2 is not supported"),
     ({"cuda_graph_impl": "local"}, [], "remove --cuda-graph-impl"),
     ({"paci_accumulation": 3}, [], "--paci-accumulation 3 does not divide the 8 micro-batches"),
@@ -226,6 +225,15 @@ def test_tied_embeddings_are_accepted_also_with_the_distributed_optimizer():
     # distributed optimizer (pp2-dp2-distopt-tied-bf16)
     assert check_args(megatron_args(untie_embeddings_and_output_weights=False,
                                     use_distributed_optimizer=True),
+                      argv=["pretrain_gpt.py"]) == []
+
+
+def test_overlap_param_gather_is_accepted_with_the_distributed_optimizer_and_tied_embeddings():
+    # tests/test_overlap_param_gather.py: no read of a weight before its gather finished,
+    # drained PACI == 1F1B with the overlap
+    assert check_args(megatron_args(untie_embeddings_and_output_weights=False,
+                                    use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                    overlap_param_gather=True),
                       argv=["pretrain_gpt.py"]) == []
 
 

@@ -345,6 +345,23 @@ def test_tied_embeddings_with_the_distributed_optimizer_drained_paci_prints_1f1b
     assert losses(out)[4] != base[4]
 
 
+def test_overlap_param_gather_drained_paci_prints_1f1b_losses_and_continuous_paci_trains():
+    # PP 2 x DP 2, tied, bf16, small buckets: megatron-core's forward pre-hooks gather the
+    # shards bucket by bucket (after Megatron-LM's first iteration, which runs without them)
+    common = ["--pipeline-model-parallel-size", 2, "--train-iters", 4, "--eval-interval", 4,
+              "--clip-grad", 0, "--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+              "--overlap-param-gather", "--ddp-bucket-size", 20000]
+    base = losses(ok(4, *common, "--pipeline-schedule", "1f1b", base=TIED))
+    assert sorted(base) == list(range(1, 5))
+    drained = ok(4, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1,
+                 base=TIED)
+    assert losses(drained) == base  # every printed digit
+    out = ok(4, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
+             "--paci-accumulation", 1, base=TIED)
+    assert "drift_max per stage [1, 0]" in out and TIED_LAG.findall(out)[-1] == ("4", "1")
+    assert losses(out)[4] != base[4] and [v[0] for v in validation(out)][0] == 4
+
+
 def test_tied_embeddings_checkpoint_resumes_exactly(tmp_path):
     common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
               "--train-iters", 8, "--eval-interval", 4, "--paci-sync-warmup-iters", 0]

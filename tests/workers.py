@@ -32,7 +32,8 @@ def synthetic_batches(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
 def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip_grad: float = 0.0,
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
                    overlap: bool = False, recompute=None, optimizer: str = "adam",
-                   moe=None, tied: bool = False):
+                   moe=None, tied: bool = False, overlap_param_gather: bool = False,
+                   bucket_size=None):
     from gpt_recipe import model as gpt
 
     seed_all(seed)
@@ -42,7 +43,9 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
         recompute_granularity=recompute, **(moe or {}),
     )
     model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
-                            overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt,
+                            overlap_grad_reduce=overlap or overlap_param_gather,
+                            use_distributed_optimizer=dist_opt,
+                            overlap_param_gather=overlap_param_gather, bucket_size=bucket_size,
                             untie_embeddings_and_output_weights=not tied)
     opt = gpt.build_optimizer(model, lr=lr, clip_grad=clip_grad, bf16=bf16, weight_decay=0.0,
                               use_distributed_optimizer=dist_opt, optimizer=optimizer,
@@ -818,15 +821,21 @@ def timers_case(rank: int, world: int, calls: int):
 
 
 # ------------------------------------------------------------------ host syncs
-def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int) -> dict:
+def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int,
+                   overlap_param_gather: bool = False) -> dict:
     """Continuous PACI (a = m) on a tiny GPT: host syncs counted over ``calls`` steady-state
-    calls (after ``warmup_calls``), by source; the updates those calls made."""
+    calls (after ``warmup_calls``), by source; the updates those calls made.
+    ``overlap_param_gather``: with the distributed optimizer and its gather in forward
+    pre-hooks (small buckets: a chain of them)."""
     import paci_megatron as pm
 
     from gpt_recipe import model as gpt
 
     setup_parallel(world)
-    _, model, opt = build_tiny_gpt(world, bf16=False, clip_grad=1.0)
+    _, model, opt = build_tiny_gpt(world, bf16=False, clip_grad=1.0,
+                                   dist_opt=overlap_param_gather,
+                                   overlap_param_gather=overlap_param_gather,
+                                   bucket_size=2000 if overlap_param_gather else None)
     popt = pm.PACIOptimizer(opt, model)
     fb = pm.PACISchedule(popt)
     it = iter(synthetic_batches(m * (warmup_calls + calls)))
@@ -1000,3 +1009,108 @@ def tied_embedding_case(rank: int, world: int, bf16: bool, iters: int, m: int,
             "tied": tied_weight(model),
         }
     return result
+
+
+# ------------------------------------------------------------------ --overlap-param-gather
+class GatherChecker:
+    """Records every read of a parameter whose distributed-optimizer all-gather had not
+    finished: a forward pre-hook on every module, registered after megatron-core's own
+    (which wait), and a gradient hook on every parameter (its backward read the weight).
+    A bucket group's parameters are gathered when its gather was dispatched since the
+    last ``finish_grad_sync`` and its handle was waited for."""
+
+    def __init__(self, chunk):
+        self.groups = chunk.param_to_bucket_group
+        self.names = {p: n for n, p in chunk.named_parameters()}
+        self.violations: List[str] = []
+        self.forward_checks = self.backward_checks = 0
+        for module in chunk.module.modules():
+            module.register_forward_pre_hook(self._forward)
+        for p in self.names:
+            if p in self.groups:
+                p.register_hook(functools.partial(self._backward, p))
+
+    def _stale(self, p) -> bool:
+        g = self.groups[p]
+        return not g.param_gather_dispatched or g.param_gather_handle is not None
+
+    def _forward(self, module, *unused):
+        for p in module.parameters(recurse=False):
+            if p in self.groups:
+                self.forward_checks += 1
+                if self._stale(p):
+                    self.violations.append("forward read " + self.names[p])
+
+    def _backward(self, p, grad):
+        self.backward_checks += 1
+        if self._stale(p):
+            self.violations.append("backward read " + self.names[p])
+
+
+def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: bool,
+                              iters: int, m: int) -> dict:
+    """PP x DP 2, distributed optimizer, small buckets (several gather chains): the same runs
+    with and without ``overlap_param_gather``, each checked by :class:`GatherChecker`:
+
+    - Megatron's 1F1B vs drained PACI (a = m);
+    - drained PACI at a = 1 (cool-down backwards right after local updates);
+    - continuous PACI with the look-ahead (a = m), drained at the end;
+    - the same with megatron-core's forward pre-hooks removed (Megatron-LM's first
+      iteration), where PACI's own synchronous gather is all that keeps forwards right;
+    - a = 1 drained again with the schedule's wait removed: what the checker then sees."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(pp)
+    dp_rank = ps.get_data_parallel_rank()
+    batches = synthetic_batches(m, seed=5 + dp_rank) * iters
+    out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank}
+    kw = dict(dist_opt=True, bucket_size=2000, tied=tied)
+
+    def build(overlap, hooks=True):
+        _, model, opt = build_tiny_gpt(pp, bf16, overlap_param_gather=overlap, overlap=True, **kw)
+        checker = None
+        if overlap:
+            if not hooks:
+                model[0].disable_forward_pre_hook(param_sync=False)
+            model[0].start_param_sync(force_sync=True)  # the initial weights count as gathered
+            checker = GatherChecker(model[0])
+        out.setdefault("bucket_groups", len(model[0].bucket_groups))
+        return model, opt, checker
+
+    def paci_run(name, overlap, a, drain_each, lookahead=0.0, hooks=True, no_wait=False):
+        model, opt, checker = build(overlap, hooks)
+        popt = pm.PACIOptimizer(opt, model, lookahead=lookahead)
+        sched = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
+        if no_wait:
+            popt.finish_param_gather = lambda: None
+        history = train_steps(model, popt, sched, iter(batches), iters, m, drain_each=drain_each)
+        sched.drain()
+        if no_wait:  # what a drain's end would have waited for, so the weights can be read
+            from paci_megatron import internals
+            internals.finish_param_gather(model)
+        out[name + "_losses"] = losses_of(history)
+        out[name + "_params"] = gpt.model_parameters(model)
+        out[name + "_version"] = popt.version
+        if checker is not None:
+            out[name + "_violations"] = checker.violations[:5]
+            out[name + "_checks"] = (checker.forward_checks, checker.backward_checks)
+
+    for overlap in (False, True):
+        tag = "overlap" if overlap else "sync"
+        model, opt, checker = build(overlap)
+        history = train_steps(model, opt, megatron_schedule(model), iter(batches), iters, m)
+        if overlap:
+            out["megatron_overlap_violations"] = checker.violations[:5]
+            model[0].start_param_sync(force_sync=True)  # its last step's gather
+        out[f"megatron_{tag}_losses"] = losses_of(history)
+        out[f"megatron_{tag}_params"] = gpt.model_parameters(model)
+        paci_run(f"drained_{tag}", overlap, a=m, drain_each=True)
+        paci_run(f"a1_{tag}", overlap, a=1, drain_each=True)
+        paci_run(f"continuous_{tag}", overlap, a=m, drain_each=False, lookahead=1.0)
+    paci_run("nohooks_sync", False, a=1, drain_each=False, lookahead=1.0)
+    paci_run("nohooks_overlap", True, a=1, drain_each=False, lookahead=1.0, hooks=False)
+    paci_run("nowait_overlap", True, a=1, drain_each=True, no_wait=True)
+    return out

@@ -133,6 +133,8 @@ def build_model(
     use_transformer_engine: bool = False,
     overlap_grad_reduce: bool = False,
     use_distributed_optimizer: bool = False,
+    overlap_param_gather: bool = False,
+    bucket_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> List[torch.nn.Module]:
     """This rank's GPT stage, wrapped like Megatron-LM's ``get_model``.
@@ -141,8 +143,9 @@ def build_model(
     :func:`stage_device`) before it is wrapped, as ``get_model`` calls ``.cuda()``: layers
     megatron-core builds with torch defaults (layer norms, position embeddings) start on
     the CPU whatever ``use_cpu_initialization`` says. Then ``Float16Module`` for bf16 and
-    megatron-core ``DistributedDataParallel`` with fp32 grad buffers. Returns the list of
-    model chunks (one: no virtual pipeline).
+    megatron-core ``DistributedDataParallel`` with fp32 grad buffers (``overlap_*`` and
+    ``bucket_size``, in parameters: its ``DistributedDataParallelConfig`` fields of those
+    names). Returns the list of model chunks (one: no virtual pipeline).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -173,6 +176,8 @@ def build_model(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
+        bucket_size=bucket_size,
     )
     model = DistributedDataParallel(config, ddp_config, model)
     return [model]
