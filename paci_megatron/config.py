@@ -312,11 +312,6 @@ TIED_PRECISION_AWARE = (
     "tied embeddings under PACI step the tied weight's main parameter through the optimizer's "
     "param groups, which --use-precision-aware-optimizer (and --optimizer-cpu-offload) keep "
     "elsewhere: remove it or add --untie-embeddings-and-output-weights")
-#: A loss normalised by the token count of the whole batch (``num_tokens`` reaching the
-#: grad finish): that count is only known on the last stage.
-PER_TOKEN_LOSS = ("--calculate-per-token-loss reduces token counts across pipeline stages: "
-                  "remove it (PACI averages the loss per micro-batch)")
-
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
 _WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
@@ -404,7 +399,6 @@ _PACI: Sequence[Refusal] = (
      lambda s: "the model config has no pipeline_dtype, the dtype of activations sent between "
                "stages: set TransformerConfig(pipeline_dtype=torch.float32 or torch.bfloat16) "
                "(Megatron-LM sets it from --bf16)"),
-    (lambda s: bool(s.value("calculate_per_token_loss")), lambda s: PER_TOKEN_LOSS),
     (lambda s: bool(s.value("fp16")),
      lambda s: "--fp16 uses dynamic loss scaling that needs every stage to agree on overflow: "
                "use --bf16 (or fp32)"),

@@ -27,7 +27,8 @@ import torch
 
 from . import compat, internals
 
-__all__ = ["PACIOptimizer", "Window", "NonFiniteGradientError", "finalize_stage_grads"]
+__all__ = ["PACIOptimizer", "Window", "NonFiniteGradientError", "finalize_stage_grads",
+           "scale_by_token_count"]
 
 
 def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **unused) -> None:
@@ -35,30 +36,50 @@ def finalize_stage_grads(model: Sequence[torch.nn.Module], num_tokens=None, **un
 
     Megatron's ``megatron.core.distributed.finalize_model_grads`` also all-reduces the
     tied word-embedding grads between the first and last stage, conditional-embedder
-    grads over the pipeline group and the per-token-loss token count over the pipeline
-    group; none of that may run under PACI (docs/design.md, "What stays stage-local"); the
-    tied embedding's gradients are exchanged by :mod:`paci_megatron.tied` instead.
-    This keeps ``finish_grad_sync()`` of every chunk (DP all-reduce, or reduce-scatter
-    with the distributed optimizer) and :func:`compat.finalize_stage_local` (TP all-reduce
-    of replicated grads, MoE router updates). Same call signature as Megatron's, so it can
-    stand in for ``config.finalize_model_grads_func``.
+    grads over the pipeline group and broadcasts the per-token-loss token count from the
+    last stage; none of that may run under PACI (docs/design.md, "What stays
+    stage-local"); the tied embedding's gradients are exchanged by
+    :mod:`paci_megatron.tied` instead, and the token count reaches every stage with the
+    gradients (:class:`~paci_megatron.schedule.PACISchedule`). This keeps
+    ``finish_grad_sync()`` of every chunk (DP all-reduce, or reduce-scatter with the
+    distributed optimizer), :func:`compat.finalize_stage_local` (TP all-reduce of
+    replicated grads, MoE router updates) and, given ``num_tokens``,
+    :func:`scale_by_token_count`. Same call signature as Megatron's, so it can stand in
+    for ``config.finalize_model_grads_func``.
 
     Args:
         model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
-        num_tokens: must be None: a per-token loss normalisation crosses stages.
-
-    Raises:
-        PACIConfigError: ``num_tokens`` was given (``--calculate-per-token-loss``, a row of
-            :data:`~paci_megatron.config.REFUSALS`).
+        num_tokens: ``--calculate-per-token-loss``: this rank's token count of the
+            accumulated micro-batches, a 0-dim int tensor on the grads' device (summed
+            over the DP x CP group in place), or None.
     """
-    if num_tokens is not None:
-        from .config import PER_TOKEN_LOSS, PACIConfigError
-
-        raise PACIConfigError([PER_TOKEN_LOSS])
     model = list(model)
     for chunk in model:
         chunk.finish_grad_sync()
     compat.finalize_stage_local(model, compat.get_model_config(model[0]))
+    if num_tokens is not None:
+        scale_by_token_count(model, num_tokens)
+
+
+def scale_by_token_count(model: Sequence[torch.nn.Module], num_tokens: torch.Tensor) -> None:
+    """``--calculate-per-token-loss``: sum ``num_tokens`` over the stage's DP x CP group (in
+    place) and scale every gradient by ``1 / num_tokens`` (by 1 where it is 0): the last
+    step of Megatron's ``finalize_model_grads``, with the count of a window instead of an
+    iteration. No host sync (Megatron tests ``num_tokens > 0`` on the host; a clamp to 1
+    gives the same bits: 0 tokens means no scaling).
+
+    Args:
+        model: the stage's model chunks (megatron-core ``DistributedDataParallel``).
+        num_tokens: 0-dim int tensor, on the grads' device.
+    """
+    if torch.distributed.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        torch.distributed.all_reduce(num_tokens,
+                                     group=ps.get_data_parallel_group(with_context_parallel=True))
+    scaling = 1.0 / torch.clamp(num_tokens, min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def _tied_embedding(model: Sequence[torch.nn.Module], optimizer):
@@ -105,6 +126,8 @@ class Window:
         num_microbatches: ``m``; ``stage``: the pipeline stage (both for messages).
         mean_drift: the stage's ``(P-1-s)/a`` (:func:`paci_megatron.plan.mean_drift`) with
             micro-batches in flight, 0 when the update ends a drain (scales the look-ahead).
+        num_tokens: (``--calculate-per-token-loss``) the token count of the window's
+            micro-batches on this rank, a 0-dim int tensor; None otherwise.
     """
 
     update: int
@@ -114,6 +137,7 @@ class Window:
     num_microbatches: int
     stage: int = 0
     mean_drift: float = 0.0
+    num_tokens: Optional[torch.Tensor] = None
 
     def describe(self) -> str:
         """``"update 3 (micro-batches 16..23, iteration 3)"``."""
@@ -189,6 +213,9 @@ class PACIOptimizer:
         self.last_num_zeros: Optional[float] = None
         self.last_update_successful = True
         self.last_lr: Optional[float] = None
+        #: (``--calculate-per-token-loss``) the last update's token count, summed over the
+        #: stage's DP x CP group: a 0-dim int tensor (read it, not the schedule, to sync)
+        self.last_num_tokens: Optional[torch.Tensor] = None
         self.update_log: List[Tuple[int, Optional[float], Optional[float]]] = []
         if distributed_optimizer is None:
             distributed_optimizer = any(type(o).__name__ == "DistributedOptimizer"
@@ -248,6 +275,9 @@ class PACIOptimizer:
             tied.add_last_stage_grad(self.optimizer, window.update)  # main_grad = g0 + gL, as synchronously
         elif tied is not None:
             tied.hold_window_grad(self.optimizer, window.update)  # sent where the plan says
+        if window.num_tokens is not None:  # after the tied sum, as Megatron scales g0 + gL
+            scale_by_token_count(self.model, window.num_tokens)
+            self.last_num_tokens = window.num_tokens
         if self._nonfinite_grads():
             message = f"stage {window.stage}: NaN/Inf in the gradients of {window.describe()}"
             if not self.skip_nonfinite_updates:

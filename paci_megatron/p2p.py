@@ -168,6 +168,8 @@ class PipelineP2P:
         recv_prev_shape: Optional[Sequence[int]] = None,
         recv_next_shape: Optional[Sequence[int]] = None,
         label: str = "a pipeline exchange",
+        send_prev_count: Optional[torch.Tensor] = None,
+        recv_next_count: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Post the given sends and receives together and wait for all of them.
 
@@ -178,6 +180,11 @@ class PipelineP2P:
                 stage, or None.
             label: what the exchange is, for the watchdog's message (stage, peer,
                 micro-batch, action).
+            send_prev_count: a ``[1]`` int32 tensor sent to the previous stage right after
+                ``send_prev`` (with ``--calculate-per-token-loss``: the token count of the
+                gradient's micro-batch), or None.
+            recv_next_count: a ``[1]`` int32 buffer that receives, in place, what the next
+                stage sent after its gradient, or None.
 
         Returns:
             ``(from_prev, from_next)``: the received tensors (None where nothing was asked).
@@ -189,6 +196,8 @@ class PipelineP2P:
         from_prev = from_next = None
         if send_prev is not None:
             ops.append(dist.P2POp(dist.isend, send_prev, self.prev_rank, self.pp_group))
+        if send_prev_count is not None:
+            ops.append(dist.P2POp(dist.isend, send_prev_count, self.prev_rank, self.pp_group))
         if recv_prev_shape is not None:
             from_prev = self._buffer(recv_prev_shape)
             ops.append(dist.P2POp(dist.irecv, from_prev, self.prev_rank, self.pp_group))
@@ -197,6 +206,8 @@ class PipelineP2P:
         if recv_next_shape is not None:
             from_next = self._buffer(recv_next_shape)
             ops.append(dist.P2POp(dist.irecv, from_next, self.next_rank, self.pp_group))
+        if recv_next_count is not None:
+            ops.append(dist.P2POp(dist.irecv, recv_next_count, self.next_rank, self.pp_group))
         if ops:
             wait_all(dist.batch_isend_irecv(ops), label, self.timeout, self.watchdog)
         return from_prev, from_next

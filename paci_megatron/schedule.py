@@ -70,16 +70,20 @@ class _InFlight:
     ``output_tensor`` holds the autograd graph (memory mode "activations"); in memory
     mode "recompute" it is None and ``replay`` holds the data the forward read and the
     RNG state it started from. ``version``: the stage's version at the forward.
+    ``num_tokens``: (last stage, ``calculate_per_token_loss``) the loss function's token
+    count of the micro-batch, a 0-dim int tensor.
     """
 
-    __slots__ = ("index", "input_tensor", "output_tensor", "version", "replay")
+    __slots__ = ("index", "input_tensor", "output_tensor", "version", "replay", "num_tokens")
 
-    def __init__(self, index, input_tensor, output_tensor, version, replay=None):
+    def __init__(self, index, input_tensor, output_tensor, version, replay=None,
+                 num_tokens=None):
         self.index = index
         self.input_tensor = input_tensor
         self.output_tensor = output_tensor
         self.version = version
         self.replay = replay
+        self.num_tokens = num_tokens
 
 
 class PACISchedule:
@@ -139,6 +143,11 @@ class PACISchedule:
         self._carry: Optional[int] = None  # micro-batch whose input grad is still to be sent
         self._inbox: Dict[Tuple[str, int], Any] = {}  # received ("act"|"grad", j) tensors
         self._outbox: Dict[Tuple[str, int], Any] = {}  # produced tensors not yet sent
+        # --calculate-per-token-loss: micro-batch j's token count travels backward with its
+        # gradient; the counts of the window being accumulated add up on every stage
+        self._token_inbox: Dict[int, torch.Tensor] = {}
+        self._token_outbox: Dict[int, torch.Tensor] = {}
+        self._window_tokens: Optional[torch.Tensor] = None
         self._no_sync_ctx = None
         self._run: Optional[_Run] = None  # the last call's (data iterator dropped)
         #: the accumulation factor and settings a loaded checkpoint was trained with
@@ -511,8 +520,10 @@ class PACISchedule:
 
     def _update(self, action: Action, run: _Run) -> None:
         window_start = self.state.backwarded - self.state.pending
+        num_tokens, self._window_tokens = self._window_tokens, None
         self.optimizer.local_update(Window(
             update=action.index, first_microbatch=window_start, size=self.state.pending,
+            num_tokens=num_tokens,
             samples_per_microbatch=run.samples_per_microbatch,
             num_microbatches=run.num_microbatches, stage=run.stage,
             # the next window is stale only if micro-batches are in flight across this update
@@ -537,6 +548,11 @@ class PACISchedule:
             [f"receiving the {_name(comm.recv)}"] if comm.recv is not None else [])
         label = (f"stage {run.stage} of {run.num_stages}: {' and '.join(what)} ({comm.op}) "
                  f"with stage {comm.peer()}")
+        per_token = _per_token_loss(run.config)
+        count_out = (self._token_outbox.pop(comm.send[1]) if per_token and comm.send is not None
+                     and comm.send[0] == "grad" else None)
+        count_in = (torch.zeros(1, dtype=torch.int, device=run.p2p.device) if per_token
+                    and kind == "grad" else None)
         if comm.send is not None:  # the receiver's buffer: the shape it receives
             run.p2p.check_send(out0, run.send_shapes[0] if comm.send[0] == "act"
                                else run.recv_shapes[0], label)
@@ -544,12 +560,15 @@ class PACISchedule:
             from_prev, from_next = run.p2p.exchange(
                 send_next=out0 if comm.send is not None and comm.send[0] == "act" else None,
                 send_prev=out0 if comm.send is not None and comm.send[0] == "grad" else None,
-                recv_prev_shape=recv_prev, recv_next_shape=recv_next, label=label)
+                recv_prev_shape=recv_prev, recv_next_shape=recv_next, label=label,
+                send_prev_count=count_out, recv_next_count=count_in)
         except Exception as exc:  # PipelineTimeout, or gloo/NCCL errors from a dead peer
             raise PACICommunicationError(f"{label} failed: {exc}") from None
         got = from_prev if from_prev is not None else from_next
         if comm.recv is not None:
             self._inbox[comm.recv] = got
+        if count_in is not None:
+            self._token_inbox[comm.recv[1]] = count_in
         if comm.send is not None and comm.send[0] == "act":
             # Megatron frees the sent activation's storage; backward needs only its grad_fn.
             from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
@@ -568,27 +587,28 @@ class PACISchedule:
             data_iterator = _Recording(run.data_iterator)
             rng = _rng_state()
         with torch.no_grad() if recompute else contextlib.nullcontext():
-            output_tensor = self._forward_step(run, j, input_tensor, data_iterator, store,
-                                               loss_divisor, collect_non_loss_data,
-                                               bool(first_val_step) if not train and j == 0 else False)
+            output_tensor, num_tokens = self._forward_step(
+                run, j, input_tensor, data_iterator, store, loss_divisor, collect_non_loss_data,
+                bool(first_val_step) if not train and j == 0 else False)
         if not run.last:
             self._outbox[("act", j)] = output_tensor
         if not train:
             return
         self._in_flight.append(_InFlight(
             j, input_tensor, None if recompute else output_tensor, self.state.version,
-            replay=(data_iterator.items, rng) if recompute else None))
+            replay=(data_iterator.items, rng) if recompute else None,
+            num_tokens=num_tokens if run.last and _per_token_loss(run.config) else None))
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 
     def _forward_step(self, run: _Run, j, input_tensor, data_iterator, store, loss_divisor,
                       collect_non_loss_data=False, is_first_microbatch=False):
-        output_tensor, _num_tokens = compat.forward_step(
+        """megatron-core's ``forward_step``: ``(output_tensor, num_tokens)``."""
+        return compat.forward_step(
             forward_step_func=run.forward_step_func, data_iterator=data_iterator, model=run.model,
             num_microbatches=loss_divisor, input_tensor=input_tensor, forward_data_store=store,
             config=run.config, cp_group_size=self._cp_group.size(),
             collect_non_loss_data=collect_non_loss_data, checkpoint_activations_microbatch=None,
             is_first_microbatch=is_first_microbatch, current_microbatch=j, is_last_stage=run.last)
-        return output_tensor
 
     def _recompute_forward(self, run: _Run, item: "_InFlight"):
         """Memory mode: the forward again, with grad and the CURRENT weights."""
@@ -596,8 +616,8 @@ class PACISchedule:
         saved = _rng_state()
         _set_rng_state(rng)
         try:
-            output = self._forward_step(run, item.index, item.input_tensor, iter(items), [],
-                                        self.accumulation)
+            output, _ = self._forward_step(run, item.index, item.input_tensor, iter(items), [],
+                                           self.accumulation)
         finally:
             _set_rng_state(saved)
         if not run.last:
@@ -627,6 +647,24 @@ class PACISchedule:
             self.telemetry.record(action.index, drift, self.accumulation)
         if not run.first:
             self._outbox[("grad", action.index)] = input_grad
+        if _per_token_loss(run.config):
+            self._count_tokens(action.index, item, run)
+
+    def _count_tokens(self, j: int, item: "_InFlight", run: _Run) -> None:
+        """``--calculate-per-token-loss``: add micro-batch ``j``'s token count to the window's
+        and pass it on to the previous stage with ``j``'s gradient. The last stage has it
+        from its loss function; the others received it with the gradient. Megatron sums the
+        same counts over its iteration and broadcasts the sum from the last stage
+        (``finalize_model_grads``); here each stage adds them up as they arrive."""
+        if run.last:
+            count = torch.as_tensor(item.num_tokens, dtype=torch.int).to(run.p2p.device).reshape(1)
+        else:
+            count = self._token_inbox.pop(j)
+        if self._window_tokens is None:
+            self._window_tokens = torch.zeros([], dtype=torch.int, device=run.p2p.device)
+        self._window_tokens += count[0]
+        if not run.first:
+            self._token_outbox[j] = count
 
     def _set_grad_sync(self, run: _Run, enabled: bool) -> None:
         """Megatron's ``no_sync``: DP grad reduction only for the window's last backward."""
@@ -681,6 +719,11 @@ def _set_rng_state(state) -> None:
 def _copy_states(states: Dict[str, Any]) -> Dict[str, Any]:
     return {name: state.clone_state() if isinstance(state, torch.Generator) else state.clone()
             for name, state in states.items()}
+
+
+def _per_token_loss(config) -> bool:
+    """Megatron's ``calculate_per_token_loss``: gradients scaled by the token count."""
+    return bool(getattr(config, "calculate_per_token_loss", False))
 
 
 def _name(tensor) -> str:

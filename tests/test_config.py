@@ -96,7 +96,6 @@ def test_timeout_must_be_positive():
 
 
 @pytest.mark.parametrize("attr,value,needle", [
-    ("calculate_per_token_loss", True, "--calculate-per-token-loss"),
     ("fp16", True, "use --bf16"),
     ("virtual_pipeline_model_parallel_size", 2, "virtual pipeline"),
     ("variable_seq_lengths", True, "fixed --seq-length"),
@@ -113,7 +112,7 @@ def test_model_config_refusals(attr, value, needle):
 def test_all_problems_reported_at_once():
     found = problems(paci=PACIConfig(accumulation=3), num_microbatches=4,
                      pipeline_model_parallel_size=4, share_embeddings_and_output_weights=True,
-                     model_config=FakeModelConfig(fp16=True, calculate_per_token_loss=True))
+                     model_config=FakeModelConfig(fp16=True, mtp_num_layers=1))
     assert len(found) == 3
     assert "3 problem(s)" in str(PACIConfigError(found))
 

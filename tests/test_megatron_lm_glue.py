@@ -9,6 +9,7 @@ import sysconfig
 import types
 
 import pytest
+import torch
 
 from paci_megatron import cli, hook, megatron_lm
 from paci_megatron.config import PACIConfigError
@@ -181,7 +182,6 @@ def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations
      "--use-precision-aware-optimizer (and --optimizer-cpu-offload) keep elsewhere"),
     ({"use_distributed_optimizer": True, "num_distributed_optimizer_instances": 2}, [],
      "--num-distributed-optimizer-instances 2: PACI reduces a stage's grad norm"),
-    ({"calculate_per_token_loss": True}, [], "--calculate-per-token-loss reduces token counts"),
     ({"fp16": True, "bf16": False}, [], "--fp16 uses dynamic loss scaling"),
     ({"virtual_pipeline_model_parallel_size": 2, "overlap_p2p_comm": True}, [],
      "remove --num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank"),
@@ -247,13 +247,13 @@ def test_refusals_are_reported_together_once_before_training(capsys, monkeypatch
     monkeypatch.setenv("RANK", "0")
     calls = []
     validate = megatron_lm._validated(lambda args, defaults=None: calls.append(args))
-    args = megatron_args(fp16=True, calculate_per_token_loss=True)
+    args = megatron_args(fp16=True, mtp_num_layers=1)
     with pytest.raises(SystemExit) as stop:
         validate(args, {})
     assert stop.value.code == 2 and calls == [args]  # Megatron's own validation ran first
     err = capsys.readouterr().err
     assert "paci-megatron: this run cannot start (2 problem(s))" in err
-    assert "--calculate-per-token-loss" in err and "--fp16" in err
+    assert "--mtp-num-layers" in err and "--fp16" in err
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(SystemExit):
         validate(megatron_args(fp16=True), {})
@@ -340,8 +340,17 @@ def test_patched_training_module_runs_paci_and_drains_where_it_must(monkeypatch)
     m.train()
     assert names() == ["train", "drain"]  # drained at the end of training
     assert glue.drains == {"evaluation": 1, "checkpoint": 1, "end of training": 1}
-    with pytest.raises(PACIConfigError, match="--calculate-per-token-loss reduces token counts"):
-        m.finalize_model_grads(["chunk"], num_tokens=5)
+    # Megatron's finalize_model_grads is the stage-local one: it starts with the chunk's
+    # own grad sync (the token count is accepted: --calculate-per-token-loss)
+    class Reached(Exception):
+        pass
+
+    class Chunk:
+        def finish_grad_sync(self):
+            raise Reached
+
+    with pytest.raises(Reached):
+        m.finalize_model_grads([Chunk()], num_tokens=torch.tensor(5))
 
 
 def test_exit_decision_drains_before_megatron_exits(monkeypatch):

@@ -362,6 +362,24 @@ def test_overlap_param_gather_drained_paci_prints_1f1b_losses_and_continuous_pac
     assert losses(out)[4] != base[4] and [v[0] for v in validation(out)][0] == 4
 
 
+def test_per_token_loss_drained_paci_prints_1f1b_losses_and_continuous_paci_trains():
+    # PP 2 x DP 2, tied, bf16, distributed optimizer: the token count of each window
+    # travels backward with the gradients (tests/test_per_token_loss.py: very different
+    # counts per micro-batch, each window's checked)
+    common = ["--pipeline-model-parallel-size", 2, "--train-iters", 4, "--eval-interval", 4,
+              "--clip-grad", 0, "--bf16", "--use-distributed-optimizer",
+              "--calculate-per-token-loss"]
+    base = losses(ok(4, *common, "--pipeline-schedule", "1f1b", base=TIED))
+    assert sorted(base) == list(range(1, 5))
+    drained = ok(4, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1,
+                 base=TIED)
+    assert losses(drained) == base  # every printed digit
+    out = ok(4, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
+             "--paci-accumulation", 2, base=TIED)
+    assert "drift_max per stage [1, 0]" in out
+    assert losses(out)[4] != base[4] and [v[0] for v in validation(out)][0] == 4
+
+
 def test_tied_embeddings_checkpoint_resumes_exactly(tmp_path):
     common = ["--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
               "--train-iters", 8, "--eval-interval", 4, "--paci-sync-warmup-iters", 0]
@@ -433,11 +451,11 @@ def test_refusals_stop_megatron_lm_before_training():
     tied = [f for f in TINY if f != "--untie-embeddings-and-output-weights"]
     rc, out = launch(2, "--pipeline-model-parallel-size", 2, "--pipeline-schedule", "paci",
                      "--train-iters", 4, "--rerun-mode", "validate_results",
-                     "--calculate-per-token-loss", "--paci-accumulation", 3, base=tied)
+                     "--fp16", "--paci-accumulation", 3, base=tied)
     assert rc != 0
     assert "paci-megatron: this run cannot start (3 problem(s))" in out
     assert "add --untie" not in out  # tied embeddings are supported (tests below)
-    for text in ("--calculate-per-token-loss reduces token counts across pipeline stages: remove it",
+    for text in ("--fp16 uses dynamic loss scaling",
                  "use --rerun-mode disabled",
                  "--paci-accumulation 3 does not divide the 4 micro-batches"):
         assert text in out

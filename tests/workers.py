@@ -33,7 +33,7 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
                    num_layers: int = 4, tp: int = 1, dist_opt: bool = False,
                    overlap: bool = False, recompute=None, optimizer: str = "adam",
                    moe=None, tied: bool = False, overlap_param_gather: bool = False,
-                   bucket_size=None):
+                   bucket_size=None, per_token_loss: bool = False):
     from gpt_recipe import model as gpt
 
     seed_all(seed)
@@ -41,6 +41,7 @@ def build_tiny_gpt(pp: int, bf16: bool, seed: int = 1234, lr: float = 1e-2, clip
         num_layers=num_layers, hidden_size=32, num_attention_heads=4,
         pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp, bf16=bf16,
         recompute_granularity=recompute, **(moe or {}),
+        **({"calculate_per_token_loss": True} if per_token_loss else {}),
     )
     model = gpt.build_model(cfg, vocab_size=VOCAB, max_position_embeddings=SEQ,
                             overlap_grad_reduce=overlap or overlap_param_gather,
@@ -1113,4 +1114,85 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
     paci_run("nohooks_sync", False, a=1, drain_each=False, lookahead=1.0)
     paci_run("nohooks_overlap", True, a=1, drain_each=False, lookahead=1.0, hooks=False)
     paci_run("nowait_overlap", True, a=1, drain_each=True, no_wait=True)
+    return out
+
+
+# ------------------------------------------------------------------ --calculate-per-token-loss
+def masked_batches(n: int, seed: int) -> List[Dict[str, torch.Tensor]]:
+    """``n`` micro-batches whose loss masks keep very different token counts: micro-batch
+    ``i`` keeps a fraction between 3% and 100% of its ``MBS x SEQ`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = synthetic_batches(n, seed)
+    for batch in out:
+        keep = float(torch.empty(()).uniform_(0.03, 1.0, generator=g))
+        batch["loss_mask"] = (torch.rand(MBS, SEQ, generator=g) < keep).float()
+    return out
+
+
+def per_token_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM's 3-output loss: ``(sum of masked token losses, token count, report)``."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1),
+                                                    num_tokens.float().view(1)])}
+
+
+def per_token_forward_step(data_iterator, model):
+    from gpt_recipe import model as gpt
+
+    output, loss = gpt.forward_step(data_iterator, model)
+    return output, functools.partial(per_token_loss_func, *loss.args)
+
+
+def per_token_loss_case(rank: int, world: int, pp: int, bf16: bool, tied: bool, dist_opt: bool,
+                        iters: int, m: int) -> dict:
+    """``calculate_per_token_loss`` on micro-batches of very different token counts:
+    Megatron's 1F1B vs drained PACI (a = m); continuous PACI at a = m / 2 with every
+    update's window and token count recorded on every stage."""
+    import paci_megatron as pm
+    from megatron.core import parallel_state as ps
+
+    from gpt_recipe import model as gpt
+
+    setup_parallel(pp)
+    dp_rank = ps.get_data_parallel_rank()
+    batches = masked_batches(m * iters, seed=7 + dp_rank)
+    out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank,
+                 "dp": ps.get_data_parallel_world_size(),
+                 "tokens": [int(b["loss_mask"].sum()) for b in batches]}
+    kw = dict(tied=tied, dist_opt=dist_opt, per_token_loss=True)
+
+    def train(schedule_of, a=None, drain_each=False):
+        _, model, opt = build_tiny_gpt(pp, bf16, **kw)
+        popt, fb = opt, None
+        if a is not None:
+            popt = pm.PACIOptimizer(opt, model)
+            fb = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
+        windows = []
+        if popt is not opt:
+            update = popt.local_update
+
+            def recording(window):
+                ok = update(window)
+                windows.append((window.first_microbatch, window.size,
+                                int(popt.last_num_tokens)))
+                return ok
+
+            popt.local_update = recording
+        history = train_steps(model, popt, fb or megatron_schedule(model), iter(batches),
+                              iters, m, drain_each=drain_each,
+                              forward_step_func=per_token_forward_step)
+        if fb is not None:
+            fb.drain()
+        losses = [[float(x) for x in d["lm loss"]] for o, _ in history for d in o]
+        return losses, gpt.model_parameters(model), windows, fb
+
+    out["megatron_losses"], out["megatron_params"], _, _ = train(None)
+    out["drained_losses"], out["drained_params"], out["drained_windows"], _ = train(
+        None, a=m, drain_each=True)
+    losses, _, out["continuous_windows"], fb = train(None, a=m // 2)
+    out["continuous_drift"] = fb.telemetry.summary()["max"]
+    out["continuous_losses"] = losses
     return out
