@@ -209,6 +209,16 @@ REGIMES: Dict[str, Regime] = {
                  optimizer_grid=(("muon", (4e-3, 8e-3, 1.6e-2, 3.2e-2)),),
                  arms=("1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon"),
                  balanced=True, emulate=True),
+    # P = 4 on the same model as "p8" (16 layers, hidden 128): the effect of the pipeline
+    # depth alone, each schedule on its own best split, emulated runs; AdamW's grid goes
+    # one step below p8's, where PACI-AdamW's best sat at its lowest rate
+    "p4": Regime("P = 4: 16 layers, hidden 128, sequence 128, m = 8, balanced stages",
+                 stages=4, num_layers=16, hidden=128, heads=4, seq=128, mbs=4, gbs=32,
+                 train_iters=150, lr_warmup_iters=15, eval_interval=25, eval_iters=4,
+                 lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=(1234, 4321, 2025), clip_grad=1.0,
+                 optimizer_grid=(("muon", (4e-3, 8e-3, 1.6e-2, 3.2e-2)),),
+                 arms=("1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon"),
+                 balanced=True, emulate=True),
     # small enough for the test suite: it checks the machinery (balanced splits, emulated
     # runs, the interleaved 1F1B's time), not the result
     "quick": Regime("test-suite size", stages=2, num_layers=4, hidden=32, heads=4, seq=32,

@@ -142,7 +142,8 @@ def build_model(
     The stage is moved to ``device`` (default: the CPU in CPU mode or without CUDA, else
     :func:`stage_device`) before it is wrapped, as ``get_model`` calls ``.cuda()``: layers
     megatron-core builds with torch defaults (layer norms, position embeddings) start on
-    the CPU whatever ``use_cpu_initialization`` says. Then ``Float16Module`` for bf16 and
+    the CPU whatever ``use_cpu_initialization`` says. Then ``Float16Module`` for bf16 (and
+    fp16) and
     megatron-core ``DistributedDataParallel`` with fp32 grad buffers (``overlap_*`` and
     ``bucket_size``, in parameters: its ``DistributedDataParallelConfig`` fields of those
     names). Returns the list of model chunks (one: no virtual pipeline).
@@ -168,7 +169,7 @@ def build_model(
     if device is None:
         device = stage_device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    if config.bf16:
+    if config.bf16 or config.fp16:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(config, model)
