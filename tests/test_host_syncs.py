@@ -16,8 +16,9 @@ from workers import host_sync_case
 CALLS = 3
 
 
-def _counts(m, overlap_param_gather=False):
-    return run_distributed(host_sync_case, 2, m, 2, CALLS, overlap_param_gather, timeout_s=240)
+def _counts(m, overlap_param_gather=False, per_token_loss=False):
+    return run_distributed(host_sync_case, 2, m, 2, CALLS, overlap_param_gather, per_token_loss,
+                           timeout_s=240)
 
 
 # Not syncs on a GPU: CPU mode's emulation of the CUDA RNG (absent there), and Megatron's
@@ -31,10 +32,12 @@ def _device_syncs(result):
     return {k: v for k, v in result["counts"].items() if not k.startswith(NOT_DEVICE_SYNCS)}
 
 
-@pytest.mark.parametrize("overlap_param_gather", [False, True],
-                         ids=["", "overlap-param-gather"])
-def test_no_host_sync_per_microbatch_and_a_few_per_update(overlap_param_gather):
-    small, large = _counts(4, overlap_param_gather), _counts(8, overlap_param_gather)
+@pytest.mark.parametrize("overlap_param_gather,per_token_loss",
+                         [(False, False), (True, False), (False, True)],
+                         ids=["", "overlap-param-gather", "per-token-loss"])
+def test_no_host_sync_per_microbatch_and_a_few_per_update(overlap_param_gather, per_token_loss):
+    small = _counts(4, overlap_param_gather, per_token_loss)
+    large = _counts(8, overlap_param_gather, per_token_loss)
     for stage, (a, b) in enumerate(zip(small, large)):
         a["counts"], b["counts"] = _device_syncs(a), _device_syncs(b)
         assert a["updates"] == b["updates"] == CALLS, (a["updates"], b["updates"])

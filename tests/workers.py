@@ -823,11 +823,12 @@ def timers_case(rank: int, world: int, calls: int):
 
 # ------------------------------------------------------------------ host syncs
 def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int,
-                   overlap_param_gather: bool = False) -> dict:
+                   overlap_param_gather: bool = False, per_token_loss: bool = False) -> dict:
     """Continuous PACI (a = m) on a tiny GPT: host syncs counted over ``calls`` steady-state
     calls (after ``warmup_calls``), by source; the updates those calls made.
     ``overlap_param_gather``: with the distributed optimizer and its gather in forward
-    pre-hooks (small buckets: a chain of them)."""
+    pre-hooks (small buckets: a chain of them). ``per_token_loss``: Megatron-LM's 3-output
+    loss with ``calculate_per_token_loss`` (token counts travel with the gradients)."""
     import paci_megatron as pm
 
     from gpt_recipe import model as gpt
@@ -836,14 +837,17 @@ def host_sync_case(rank: int, world: int, m: int, warmup_calls: int, calls: int,
     _, model, opt = build_tiny_gpt(world, bf16=False, clip_grad=1.0,
                                    dist_opt=overlap_param_gather,
                                    overlap_param_gather=overlap_param_gather,
-                                   bucket_size=2000 if overlap_param_gather else None)
+                                   bucket_size=2000 if overlap_param_gather else None,
+                                   per_token_loss=per_token_loss)
     popt = pm.PACIOptimizer(opt, model)
     fb = pm.PACISchedule(popt)
-    it = iter(synthetic_batches(m * (warmup_calls + calls)))
-    train_steps(model, popt, fb, it, warmup_calls, m)
+    it = iter(masked_batches(m * (warmup_calls + calls), seed=3) if per_token_loss
+              else synthetic_batches(m * (warmup_calls + calls)))
+    step = per_token_forward_step if per_token_loss else None
+    train_steps(model, popt, fb, it, warmup_calls, m, forward_step_func=step)
     updates_before = popt.version
     with HostSyncCounter() as counter:
-        train_steps(model, popt, fb, it, calls, m)
+        train_steps(model, popt, fb, it, calls, m, forward_step_func=step)
     return {"counts": counter.counts, "updates": popt.version - updates_before,
             "microbatches": m * calls}
 
