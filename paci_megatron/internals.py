@@ -9,6 +9,7 @@ live in :mod:`paci_megatron.compat`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,7 +19,7 @@ __all__ = ["inner_optimizers", "main_parameters", "main_parameter", "holds_main_
            "main_shard", "step_hyperparameters", "step_one_parameter", "distributed_optimizer_of",
            "shard_spans", "gather_parameter", "ParamGroupsWithout", "publish_main_parameters",
            "stage_grad_stats_group", "overlaps_param_gather", "start_param_gather",
-           "finish_param_gather", "param_gather_pending"]
+           "finish_param_gather", "param_gather_pending", "regather"]
 
 
 def inner_optimizers(optimizer) -> List[Any]:
@@ -199,17 +200,27 @@ def publish_main_parameters(optimizer) -> None:
     """Copy changed main parameters into the model's (mixed precision; a no-op for fp32);
     the distributed optimizer's shards then reach every DP replica through the same
     stage-local all-gather its own step makes (``start_param_sync``), or, with
-    ``overlap_param_gather``, through :func:`start_param_gather`."""
+    ``overlap_param_gather``, through :func:`start_param_gather`. Every inner optimizer
+    copies first (MoE: the dense and the expert optimizer share the model chunks), then
+    each set of chunks is gathered once."""
+    distributed = []
     for inner in inner_optimizers(optimizer):
         copy = getattr(inner, "_copy_main_params_to_model_params", None)
         if copy is not None:
             copy()
         if type(inner).__name__ == "DistributedOptimizer":
-            if overlaps_param_gather(inner.model_chunks):
-                start_param_gather(inner.model_chunks)
-            else:
-                for chunk in inner.model_chunks:
-                    chunk.start_param_sync()
+            distributed.append(inner)
+    seen = set()
+    for inner in distributed:
+        chunks = list(inner.model_chunks)
+        if any(id(c) in seen for c in chunks):
+            continue
+        seen.update(id(c) for c in chunks)
+        if overlaps_param_gather(chunks):
+            regather(chunks)
+        else:
+            for chunk in chunks:
+                chunk.start_param_sync()
 
 
 # -- the distributed optimizer's parameter all-gather with --overlap-param-gather ----------
@@ -221,6 +232,11 @@ def publish_main_parameters(optimizer) -> None:
 # inside the schedule, where the next action may also be a backward (which reads the
 # weights without a forward hook) or the tied embedding's catch-up; these helpers keep
 # megatron-core's own hooks doing the waiting in forwards and wait everywhere else.
+# Groups whose shards changed since their last gather (an applied update) are kept in
+# ``_GATHER_DUE``: a group not dispatched for another reason (the start of a run, a skipped
+# update) holds the same values on every replica and is not gathered again here.
+_GATHER_DUE: "weakref.WeakSet" = weakref.WeakSet()
+
 
 def _overlapping(chunk) -> bool:
     ddp = getattr(chunk, "ddp_config", None)
@@ -254,13 +270,20 @@ def start_param_gather(chunks: Sequence[Any]) -> None:
     bucket by bucket, as megatron-core does after its own step
     (``DistributedDataParallel._make_forward_pre_hook``). With the hooks removed, nothing
     would wait: the gather is made synchronously (``start_param_sync(force_sync=True)``).
-    Chunks without ``overlap_param_gather`` are left alone (their optimizer's step
-    gathered synchronously)."""
+    A group already dispatched is left as it is (see :func:`regather`). Chunks without
+    ``overlap_param_gather`` are left alone (their optimizer's step gathered
+    synchronously)."""
     for chunk in chunks:
         if not _overlapping(chunk):
             continue
+        groups_of_chunk = _bucket_groups(chunk)
+        for group in groups_of_chunk:
+            if not group.param_gather_dispatched:
+                _GATHER_DUE.add(group)
         if not _hooks_enabled(chunk):
             chunk.start_param_sync(force_sync=True)
+            for group in groups_of_chunk:
+                _GATHER_DUE.discard(group)
             continue
         for groups in (list(getattr(chunk, "bucket_groups", [])),
                        list(getattr(chunk, "expert_parallel_bucket_groups", []))):
@@ -271,21 +294,52 @@ def start_param_gather(chunks: Sequence[Any]) -> None:
                     group.start_param_sync()
 
 
-def param_gather_pending(chunks: Sequence[Any]) -> List[Any]:
-    """The bucket groups of ``chunks`` whose parameters are not gathered yet: their gather
-    was not dispatched since the last ``finish_grad_sync``, or was and was not waited for."""
-    return [g for c in chunks if _overlapping(c) for g in _bucket_groups(c)
-            if not g.param_gather_dispatched or g.param_gather_handle is not None]
+def regather(chunks: Sequence[Any]) -> None:
+    """The model's shards changed again after a gather may have started (the look-ahead's
+    weights, a drain's settling): wait for gathers in flight, then gather every group
+    anew (:func:`start_param_gather`)."""
+    for chunk in chunks:
+        if not _overlapping(chunk):
+            continue
+        for group in _bucket_groups(chunk):
+            if group.param_gather_handle is not None:
+                group.finish_param_sync(skip_next_bucket_dispatch=True)
+            group.param_gather_dispatched = False
+    start_param_gather(chunks)
 
 
-def finish_param_gather(chunks: Sequence[Any]) -> None:
+def param_gather_pending(chunks: Sequence[Any], params: Optional[Sequence[Any]] = None
+                         ) -> List[Any]:
+    """The bucket groups of ``chunks`` (only those holding ``params``, if given) whose
+    parameters are not gathered yet: their shards changed and their gather was not
+    dispatched since, or was and was not waited for."""
+    pending = []
+    for chunk in chunks:
+        if not _overlapping(chunk):
+            continue
+        groups = _bucket_groups(chunk)
+        if params is not None:
+            owner = getattr(chunk, "param_to_bucket_group", {})
+            wanted = {id(owner[p]) for p in params if p in owner}
+            groups = [g for g in groups if id(g) in wanted]
+        for g in groups:
+            if g.param_gather_handle is not None or (not g.param_gather_dispatched
+                                                     and g in _GATHER_DUE):
+                pending.append(g)
+            elif g.param_gather_dispatched:
+                _GATHER_DUE.discard(g)  # gathered by a forward pre-hook
+    return pending
+
+
+def finish_param_gather(chunks: Sequence[Any], params: Optional[Sequence[Any]] = None) -> None:
     """Wait until every parameter of ``chunks`` holds its gathered value: before a backward
     (which reads the weights without a forward pre-hook), the tied embedding's catch-up
     and a drain's end. Dispatches a group's gather where none was; a no-op without
     ``overlap_param_gather`` or with nothing pending. No host sync: on NCCL a wait orders
     the current stream after the gather."""
-    for group in param_gather_pending(chunks):
+    for group in param_gather_pending(chunks, params):
         group.finish_param_sync(skip_next_bucket_dispatch=True)
+        _GATHER_DUE.discard(group)
 
 
 def stage_grad_stats_group(distributed_optimizer: bool):

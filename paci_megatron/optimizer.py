@@ -323,13 +323,15 @@ class PACIOptimizer:
         self.update_log.append((window.update, self.last_lr, self.last_grad_norm))
         return bool(ok)
 
-    def finish_param_gather(self) -> None:
-        """With ``--overlap-param-gather``: wait until the stage's weights hold their
-        gathered values (:func:`paci_megatron.internals.finish_param_gather`). The schedule
-        calls it before each backward, the tied embedding's catch-up and at a drain's end;
-        forwards are waited for by megatron-core's forward pre-hooks. A no-op otherwise."""
+    def finish_param_gather(self, params: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """With ``--overlap-param-gather``: wait until the stage's weights (those of the
+        bucket groups holding ``params``, if given) hold their gathered values
+        (:func:`paci_megatron.internals.finish_param_gather`). The schedule calls it before
+        each backward, the tied embedding's catch-up (the tied weight's groups) and at a
+        drain's end; forwards are waited for by megatron-core's forward pre-hooks. A no-op
+        otherwise."""
         if self.overlap_param_gather:
-            internals.finish_param_gather(self.model)
+            internals.finish_param_gather(self.model, params)
 
     @torch.no_grad()
     def _look_back(self) -> None:

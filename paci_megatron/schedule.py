@@ -513,8 +513,10 @@ class PACISchedule:
         """Last stage, before a training forward: the tied updates due (plan's
         :meth:`~paci_megatron.plan.TiedWindows.due`), then the tied lag is recorded."""
         tied, version = self.optimizer.tied, self.state.version
-        self.optimizer.finish_param_gather()  # a bucket's gather landing later would undo it
-        tied.catch_up(self.optimizer, min(windows.due(microbatch), version))
+        upto = min(windows.due(microbatch), version)
+        if upto > tied.version:  # a gather of its bucket landing later would undo the step
+            self.optimizer.finish_param_gather([tied.weight])
+        tied.catch_up(self.optimizer, upto)
         if self.telemetry is not None:
             self.telemetry.record_tied_lag(microbatch, version - tied.version, self.accumulation)
 
@@ -551,7 +553,7 @@ class PACISchedule:
         per_token = _per_token_loss(run.config)
         count_out = (self._token_outbox.pop(comm.send[1]) if per_token and comm.send is not None
                      and comm.send[0] == "grad" else None)
-        count_in = (torch.zeros(1, dtype=torch.int, device=run.p2p.device) if per_token
+        count_in = (torch.empty(1, dtype=torch.int, device=run.p2p.device) if per_token
                     and kind == "grad" else None)
         if comm.send is not None:  # the receiver's buffer: the shape it receives
             run.p2p.check_send(out0, run.send_shapes[0] if comm.send[0] == "act"
@@ -657,7 +659,10 @@ class PACISchedule:
         same counts over its iteration and broadcasts the sum from the last stage
         (``finalize_model_grads``); here each stage adds them up as they arrive."""
         if run.last:
-            count = torch.as_tensor(item.num_tokens, dtype=torch.int).to(run.p2p.device).reshape(1)
+            # a loss function's count on the host (an int, or Megatron's CPU default)
+            # is copied without a host wait
+            count = torch.as_tensor(item.num_tokens, dtype=torch.int).reshape(1).to(
+                run.p2p.device, non_blocking=True)
         else:
             count = self._token_inbox.pop(j)
         if self._window_tokens is None:

@@ -23,9 +23,11 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("bf16,tied", [(False, False), (True, True)], ids=["fp32", "bf16-tied"])
-def test_overlap_param_gather(bf16, tied):
-    results = run_distributed(overlap_param_gather_case, 4, 2, bf16, tied, ITERS, M,
+@pytest.mark.parametrize("bf16,tied,moe", [(False, False, False), (True, True, False),
+                                           (False, False, True)],
+                         ids=["fp32", "bf16-tied", "moe"])
+def test_overlap_param_gather(bf16, tied, moe):
+    results = run_distributed(overlap_param_gather_case, 4, 2, bf16, tied, ITERS, M, moe,
                               timeout_s=600)
     for r in results:
         where = f"stage {r['stage']}, DP rank {r['dp_rank']}"

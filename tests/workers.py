@@ -1053,7 +1053,7 @@ class GatherChecker:
 
 
 def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: bool,
-                              iters: int, m: int) -> dict:
+                              iters: int, m: int, moe: bool = False) -> dict:
     """PP x DP 2, distributed optimizer, small buckets (several gather chains): the same runs
     with and without ``overlap_param_gather``, each checked by :class:`GatherChecker`:
 
@@ -1062,7 +1062,10 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
     - continuous PACI with the look-ahead (a = m), drained at the end;
     - the same with megatron-core's forward pre-hooks removed (Megatron-LM's first
       iteration), where PACI's own synchronous gather is all that keeps forwards right;
-    - a = 1 drained again with the schedule's wait removed: what the checker then sees."""
+    - a = 1 drained again with the schedule's wait removed: what the checker then sees.
+
+    ``moe``: a tiny MoE (a dense and an expert distributed optimizer over the same chunks,
+    each with its own bucket groups)."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
 
@@ -1073,6 +1076,12 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
     batches = synthetic_batches(m, seed=5 + dp_rank) * iters
     out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank}
     kw = dict(dist_opt=True, bucket_size=2000, tied=tied)
+    if moe:
+        from megatron.core.transformer.moe import moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 without TE
+            moe_utils.te_general_gemm = None
+        kw["moe"] = dict(MOE, moe_token_dispatcher_type="alltoall")
 
     def build(overlap, hooks=True):
         _, model, opt = build_tiny_gpt(pp, bf16, overlap_param_gather=overlap, overlap=True, **kw)
@@ -1090,7 +1099,7 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
         popt = pm.PACIOptimizer(opt, model, lookahead=lookahead)
         sched = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
         if no_wait:
-            popt.finish_param_gather = lambda: None
+            popt.finish_param_gather = lambda params=None: None
         history = train_steps(model, popt, sched, iter(batches), iters, m, drain_each=drain_each)
         sched.drain()
         if no_wait:  # what a drain's end would have waited for, so the weights can be read
