@@ -21,18 +21,21 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("pp,bf16,tied,dist_opt", [(2, False, False, True), (4, True, True, False)],
-                         ids=["pp2-dp2-distopt-fp32", "pp4-bf16-tied"])
-def test_each_window_is_scaled_by_its_own_token_count(pp, bf16, tied, dist_opt):
-    results = run_distributed(per_token_loss_case, 4, pp, bf16, tied, dist_opt, ITERS, M,
+@pytest.mark.parametrize("pp,tp,bf16,tied,dist_opt", [
+    (2, 1, False, False, True), (4, 1, True, True, False), (2, 2, True, True, True)],
+    ids=["pp2-dp2-distopt-fp32", "pp4-bf16-tied", "pp2-tp2-bf16-tied-distopt"])
+def test_each_window_is_scaled_by_its_own_token_count(pp, tp, bf16, tied, dist_opt):
+    results = run_distributed(per_token_loss_case, 4, pp, bf16, tied, dist_opt, ITERS, M, tp,
                               timeout_s=600)
     dp = results[0]["dp"]
     # every DP replica's count of micro-batch j, summed: what each window must be scaled by
-    tokens = [sum(r["tokens"][j] for r in results if r["stage"] == 0) for j in range(ITERS * M)]
+    replicas = [r for r in results if r["stage"] == 0 and r["tp_rank"] == 0]
+    assert len(replicas) == dp
+    tokens = [sum(r["tokens"][j] for r in replicas) for j in range(ITERS * M)]
     assert max(tokens) > 4 * min(tokens), tokens  # the counts really differ
     a = M // 2
     for r in results:
-        where = f"stage {r['stage']}, DP rank {r['dp_rank']}"
+        where = f"stage {r['stage']}, DP rank {r['dp_rank']}, TP rank {r['tp_rank']}"
         assert len(r["tokens"]) == ITERS * M and r["dp"] == dp
         # drained PACI == Megatron's 1F1B with per-token loss, every bit
         assert r["drained_losses"] == r["megatron_losses"], where

@@ -1160,7 +1160,7 @@ def per_token_forward_step(data_iterator, model):
 
 
 def per_token_loss_case(rank: int, world: int, pp: int, bf16: bool, tied: bool, dist_opt: bool,
-                        iters: int, m: int) -> dict:
+                        iters: int, m: int, tp: int = 1) -> dict:
     """``calculate_per_token_loss`` on micro-batches of very different token counts:
     Megatron's 1F1B vs drained PACI (a = m); continuous PACI at a = m / 2 with every
     update's window and token count recorded on every stage."""
@@ -1169,13 +1169,14 @@ def per_token_loss_case(rank: int, world: int, pp: int, bf16: bool, tied: bool, 
 
     from gpt_recipe import model as gpt
 
-    setup_parallel(pp)
+    setup_parallel(pp, tp)
     dp_rank = ps.get_data_parallel_rank()
     batches = masked_batches(m * iters, seed=7 + dp_rank)
     out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank,
+                 "tp_rank": ps.get_tensor_model_parallel_rank(),
                  "dp": ps.get_data_parallel_world_size(),
                  "tokens": [int(b["loss_mask"].sum()) for b in batches]}
-    kw = dict(tied=tied, dist_opt=dist_opt, per_token_loss=True)
+    kw = dict(tied=tied, dist_opt=dist_opt, per_token_loss=True, tp=tp)
 
     def train(schedule_of, a=None, drain_each=False):
         _, model, opt = build_tiny_gpt(pp, bf16, **kw)
