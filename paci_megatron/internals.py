@@ -268,7 +268,8 @@ def start_param_gather(chunks: Sequence[Any]) -> None:
     first bucket group of each gather chain (the one the next forward reaches first) is
     dispatched now, asynchronously, and the hooks wait for it and dispatch the rest,
     bucket by bucket, as megatron-core does after its own step
-    (``DistributedDataParallel._make_forward_pre_hook``). With the hooks removed, nothing
+    (``DistributedDataParallel._make_forward_pre_hook``); with ``align_param_gather``
+    (where the hooks dispatch nothing) every group is dispatched now. With the hooks removed, nothing
     would wait: the gather is made synchronously (``start_param_sync(force_sync=True)``).
     A group already dispatched is left as it is (see :func:`regather`). Chunks without
     ``overlap_param_gather`` are left alone (their optimizer's step gathered
@@ -285,12 +286,16 @@ def start_param_gather(chunks: Sequence[Any]) -> None:
             for group in groups_of_chunk:
                 _GATHER_DUE.discard(group)
             continue
+        # align_param_gather: the hooks dispatch nothing (Megatron's schedule would start
+        # every gather through config.param_sync_func): start them all
+        everything = bool(getattr(chunk.ddp_config, "align_param_gather", False))
         for groups in (list(getattr(chunk, "bucket_groups", [])),
                        list(getattr(chunk, "expert_parallel_bucket_groups", []))):
             followers = {id(g.next_param_gather_bucket_group) for g in groups
                          if getattr(g, "next_param_gather_bucket_group", None) is not None}
             for group in groups:
-                if id(group) not in followers and not group.param_gather_dispatched:
+                if ((everything or id(group) not in followers)
+                        and not group.param_gather_dispatched):
                     group.start_param_sync()
 
 

@@ -37,7 +37,9 @@ def test_overlap_param_gather(bf16, tied, moe):
         for run in ("megatron", "drained", "a1", "continuous"):
             assert r[f"{run}_overlap_losses"] == r[f"{run}_sync_losses"], (where, run)
             assert _same(r[f"{run}_overlap_params"], r[f"{run}_sync_params"]), (where, run)
-        for run in ("drained", "a1", "continuous", "nohooks"):
+        assert r["align_overlap_losses"] == r["continuous_sync_losses"], where
+        assert _same(r["align_overlap_params"], r["continuous_sync_params"]), where
+        for run in ("drained", "a1", "continuous", "nohooks", "align"):
             assert r[f"{run}_overlap_violations"] == [], (where, run)
             forward_checks, backward_checks = r[f"{run}_overlap_checks"]
             assert forward_checks > 0 and backward_checks > 0, (where, run)

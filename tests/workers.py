@@ -1061,7 +1061,8 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
     - drained PACI at a = 1 (cool-down backwards right after local updates);
     - continuous PACI with the look-ahead (a = m), drained at the end;
     - the same with megatron-core's forward pre-hooks removed (Megatron-LM's first
-      iteration), where PACI's own synchronous gather is all that keeps forwards right;
+      iteration), where PACI's own synchronous gather is all that keeps forwards right,
+      and with ``align_param_gather`` (hooks that dispatch nothing);
     - a = 1 drained again with the schedule's wait removed: what the checker then sees.
 
     ``moe``: a tiny MoE (a dense and an expert distributed optimizer over the same chunks,
@@ -1083,8 +1084,9 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
             moe_utils.te_general_gemm = None
         kw["moe"] = dict(MOE, moe_token_dispatcher_type="alltoall")
 
-    def build(overlap, hooks=True):
+    def build(overlap, hooks=True, align=False):
         _, model, opt = build_tiny_gpt(pp, bf16, overlap_param_gather=overlap, overlap=True, **kw)
+        model[0].ddp_config.align_param_gather = align  # read by the hooks at each call
         checker = None
         if overlap:
             if not hooks:
@@ -1094,8 +1096,9 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
         out.setdefault("bucket_groups", len(model[0].bucket_groups))
         return model, opt, checker
 
-    def paci_run(name, overlap, a, drain_each, lookahead=0.0, hooks=True, no_wait=False):
-        model, opt, checker = build(overlap, hooks)
+    def paci_run(name, overlap, a, drain_each, lookahead=0.0, hooks=True, no_wait=False,
+                 align=False):
+        model, opt, checker = build(overlap, hooks, align)
         popt = pm.PACIOptimizer(opt, model, lookahead=lookahead)
         sched = pm.PACISchedule(popt, pm.PACIConfig(accumulation=a))
         if no_wait:
@@ -1127,6 +1130,8 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
     paci_run("nohooks_sync", False, a=1, drain_each=False, lookahead=1.0)
     paci_run("nohooks_overlap", True, a=1, drain_each=False, lookahead=1.0, hooks=False)
     paci_run("nowait_overlap", True, a=1, drain_each=True, no_wait=True)
+    # align_param_gather: megatron-core's hooks dispatch nothing; PACI starts every gather
+    paci_run("align_overlap", True, a=m, drain_each=False, lookahead=1.0, align=True)
     return out
 
 
