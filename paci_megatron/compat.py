@@ -226,6 +226,17 @@ def finalize_stage_local(model: Sequence[torch.nn.Module], config) -> None:
         fmg.reset_model_temporary_tensors(config, model)
 
 
+def ramp_supported() -> bool:
+    """Whether the installed megatron-core still ramps the batch size
+    (``_build_num_microbatches_calculator`` takes ``rampup_batch_size``: up to 0.17)."""
+    import inspect
+
+    from megatron.core import num_microbatches_calculator as nmc
+
+    return "rampup_batch_size" in inspect.signature(
+        nmc._build_num_microbatches_calculator).parameters
+
+
 def ramp_iterations(rampup_batch_size: Sequence[int], global_batch_size: int,
                     micro_batch_size: int, data_parallel_size: int,
                     decrease_batch_size_if_needed: bool = False) -> List[Tuple[int, int, int]]:
@@ -234,11 +245,17 @@ def ramp_iterations(rampup_batch_size: Sequence[int], global_batch_size: int,
     before the iteration, global batch size, micro-batches per iteration)`` for every
     iteration until the batch reaches ``global_batch_size`` (that iteration included).
 
+    Returns ``[]`` where megatron-core ignores the ramp (0.18 on: ``rampup_batch_size`` is
+    deprecated there and its calculator is built without it, so Megatron-LM trains with a
+    constant batch).
+
     Raises:
         ValueError: megatron-core's calculator refuses the ramp (its message).
     """
     from megatron.core import num_microbatches_calculator as nmc
 
+    if not ramp_supported():
+        return []
     calculator = nmc._build_num_microbatches_calculator(  # megatron-core's, not re-derived
         1, list(rampup_batch_size), global_batch_size, micro_batch_size, data_parallel_size,
         decrease_batch_size_if_needed)  # rank 1: it logs on rank 0 only

@@ -155,6 +155,30 @@ def test_a_script_that_defines_the_flag_itself_keeps_it(monkeypatch, capsys):
     assert megatron_lm.glue.disabled and not megatron_lm.glue.active
 
 
+def test_a_ramp_megatron_core_ignores_is_no_ramp(monkeypatch):
+    """megatron-core 0.18+ builds its calculator without rampup_batch_size (the flag is
+    deprecated and ignored there): the glue then plans a constant batch, as Megatron does."""
+    from megatron.core import num_microbatches_calculator as nmc
+
+    from paci_megatron.compat import ramp_iterations, ramp_supported
+
+    assert ramp_supported()  # the megatron-core these tests install (0.16)
+    assert ramp_iterations([8, 8, 96], 32, 2, 2) != []
+
+    def builder_018(rank, global_batch_size, micro_batch_size, data_parallel_size,
+                    decrease_batch_size_if_needed, step_batch_size_schedule=None,
+                    seq_length=None):
+        raise AssertionError("not called for an ignored ramp")
+
+    monkeypatch.setattr(nmc, "_build_num_microbatches_calculator", builder_018)
+    assert not ramp_supported()
+    assert ramp_iterations([8, 8, 96], 32, 2, 2) == []
+    ramp = megatron_args(rampup_batch_size=["8", "8", "96"], train_iters=None,
+                         train_samples=10_000, lr_warmup_samples=160)
+    assert check_args(ramp, argv=["pretrain_gpt.py"]) == []
+    assert megatron_lm._lr_warmup_iters(ramp) == 160 // 32
+
+
 def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations():
     """--rampup-batch-size: every m of the ramp passes PACI's rules (a = m follows it);
     the synchronous warm-up (the LR warm-up, in samples) counts the ramp's iterations as

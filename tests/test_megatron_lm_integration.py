@@ -248,6 +248,12 @@ def test_batch_size_ramp_drained_paci_prints_1f1b_losses_and_resumes_across_the_
     """--rampup-batch-size: drained PACI == Megatron's 1F1B through the change of m;
     continuous PACI re-plans there (a = m: 2 -> 4, drained first), its drift stays the
     bound; a checkpoint inside the ramp resumes onto the run that saved there."""
+    from paci_megatron.compat import ramp_supported
+
+    if not ramp_supported():
+        pytest.skip("this megatron-core ignores --rampup-batch-size (deprecated from 0.18, "
+                    "replaced by --step-batch-size-schedule): Megatron-LM trains with a "
+                    "constant batch, and so does PACI")
     common = ["--pipeline-model-parallel-size", 2, "--eval-interval", 100, "--clip-grad", 0]
     base = losses(ok(2, *common, "--pipeline-schedule", "1f1b", base=RAMP))
     assert sorted(base) == list(range(1, 15))  # 4 iterations of 4 samples, 10 of 8
