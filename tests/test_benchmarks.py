@@ -338,7 +338,7 @@ def test_per_pair_targets_are_each_reference_runs_own_losses():
     assert first["min"] <= first["median"] <= first["max"]
 
 
-@pytest.mark.parametrize("regime", ["tiny", "wide", "p8"])
+@pytest.mark.parametrize("regime", ["tiny", "wide", "p4", "p8"])
 def test_published_tables_are_the_results_and_lie_inside_their_brackets(regime):
     root = os.path.join(os.path.dirname(__file__), "..")
     data = json.load(open(os.path.join(root, "benchmarks", "results", f"tta_{regime}.json")))
@@ -359,6 +359,8 @@ def test_published_tables_are_the_results_and_lie_inside_their_brackets(regime):
     assert tta.summary_table(results) in readme
     p8 = json.load(open(os.path.join(root, "benchmarks", "results", "tta_p8.json")))
     assert tta.summary_table({"P = 8, balanced": p8}) in readme
+    p4 = json.load(open(os.path.join(root, "benchmarks", "results", "tta_p4.json")))
+    assert tta.summary_table({"P = 4, balanced": p4}) in readme
     cells = re.findall(r"(\d+\.\d+)x \[(\d+\.\d+)-(\d+\.\d+)", readme + doc)
     assert len(cells) > 20
     for median, low, high in cells:  # no headline outside its own bracket
