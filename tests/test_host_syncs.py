@@ -33,8 +33,8 @@ def _device_syncs(result):
 
 
 @pytest.mark.parametrize("overlap_param_gather,per_token_loss",
-                         [(False, False), (True, False), (False, True)],
-                         ids=["", "overlap-param-gather", "per-token-loss"])
+                         [(False, False), (True, True)],
+                         ids=["", "overlap-param-gather-and-per-token-loss"])
 def test_no_host_sync_per_microbatch_and_a_few_per_update(overlap_param_gather, per_token_loss):
     small = _counts(4, overlap_param_gather, per_token_loss)
     large = _counts(8, overlap_param_gather, per_token_loss)
