@@ -245,9 +245,14 @@ def _overlapping(chunk) -> bool:
                 and not getattr(ddp, "use_megatron_fsdp", False))
 
 
+def _gather_chains(chunk) -> List[List[Any]]:
+    """The chunk's bucket groups, dense and expert-parallel: each list one gather chain."""
+    return [list(getattr(chunk, "bucket_groups", [])),
+            list(getattr(chunk, "expert_parallel_bucket_groups", []))]
+
+
 def _bucket_groups(chunk) -> List[Any]:
-    return (list(getattr(chunk, "bucket_groups", []))
-            + list(getattr(chunk, "expert_parallel_bucket_groups", [])))
+    return [g for chain in _gather_chains(chunk) for g in chain]
 
 
 def overlaps_param_gather(chunks: Sequence[Any]) -> bool:
@@ -282,15 +287,15 @@ def start_param_gather(chunks: Sequence[Any]) -> None:
             if not group.param_gather_dispatched:
                 _GATHER_DUE.add(group)
         if not _hooks_enabled(chunk):
-            chunk.start_param_sync(force_sync=True)
+            if any(not g.param_gather_dispatched for g in groups_of_chunk):
+                chunk.start_param_sync(force_sync=True)  # not again where just gathered
             for group in groups_of_chunk:
                 _GATHER_DUE.discard(group)
             continue
         # align_param_gather: the hooks dispatch nothing (Megatron's schedule would start
         # every gather through config.param_sync_func): start them all
         everything = bool(getattr(chunk.ddp_config, "align_param_gather", False))
-        for groups in (list(getattr(chunk, "bucket_groups", [])),
-                       list(getattr(chunk, "expert_parallel_bucket_groups", []))):
+        for groups in _gather_chains(chunk):
             followers = {id(g.next_param_gather_bucket_group) for g in groups
                          if getattr(g, "next_param_gather_bucket_group", None) is not None}
             for group in groups:
