@@ -15,7 +15,7 @@ import torch.distributed as dist
 __all__ = ["MEGATRON_CORE_VERSION", "init_device_kwargs", "backward_step", "forward_step",
            "get_tensor_shapes", "get_model_config", "get_model_type", "set_version_counters",
            "process_groups", "get_megatron_muon_optimizer", "muon_module", "finalize_stage_local",
-           "ramp_iterations"]
+           "ramp_iterations", "step_schedule_supported", "batch_size_steps"]
 
 try:
     from megatron.core import package_info as _pkg
@@ -267,3 +267,78 @@ def ramp_iterations(rampup_batch_size: Sequence[int], global_batch_size: int,
         if batch >= global_batch_size or len(out) > 10_000_000:
             return out
         consumed += batch
+
+
+def step_schedule_supported() -> bool:
+    """Whether the installed megatron-core has the step batch-size schedule
+    (``_build_num_microbatches_calculator`` takes ``step_batch_size_schedule``: 0.18 on)."""
+    import inspect
+
+    from megatron.core import num_microbatches_calculator as nmc
+
+    return "step_batch_size_schedule" in inspect.signature(
+        nmc._build_num_microbatches_calculator).parameters
+
+
+def batch_size_steps(micro_batch_size: int, data_parallel_size: int, *,
+                     global_batch_size: Optional[int] = None,
+                     rampup_batch_size: Optional[Sequence[int]] = None,
+                     step_batch_size_schedule: Optional[str] = None,
+                     seq_length: Optional[int] = None,
+                     decrease_batch_size_if_needed: bool = False
+                     ) -> List[Tuple[int, int, int, int]]:
+    """Where megatron-core's calculator changes the global batch, as Megatron-LM's training
+    loop steps through it (``update_num_microbatches(consumed_samples)`` before each
+    iteration): ``(iteration, samples consumed before it, global batch, micro-batches per
+    iteration m)`` for iteration 0 and for every iteration whose batch differs from the one
+    before; the last entry's batch holds to the end of training.
+
+    Args:
+        step_batch_size_schedule: Megatron-LM's ``--step-batch-size-schedule``
+            (``"THRESHOLD:BATCH ..."``, megatron-core 0.18 on); with ``seq_length`` its
+            thresholds are tokens, as Megatron-LM passes them.
+        rampup_batch_size: ``--rampup-batch-size START INCREMENT SAMPLES``
+            (:func:`ramp_iterations`; ignored from megatron-core 0.18 on) up to
+            ``global_batch_size``.
+
+    Returns:
+        ``[]`` for a constant batch. An entry's ``m`` is 0 where its batch is smaller than
+        one micro-batch per DP rank (megatron-core allows that for a schedule's already
+        consumed entries after a scale-up).
+
+    Raises:
+        ValueError: megatron-core's calculator refuses the schedule (its message), or
+            ``step_batch_size_schedule`` on a megatron-core without it.
+    """
+    from megatron.core import num_microbatches_calculator as nmc
+
+    steps: List[Tuple[int, int, int, int]] = []
+    if step_batch_size_schedule is not None:
+        if not step_schedule_supported():
+            raise ValueError(f"megatron-core {'.'.join(map(str, MEGATRON_CORE_VERSION))} has "
+                             "no step batch-size schedule (megatron-core 0.18 on)")
+        try:  # megatron-core's parser and calculator, not re-derived
+            calculator = nmc._build_num_microbatches_calculator(
+                1, None, micro_batch_size, data_parallel_size, decrease_batch_size_if_needed,
+                step_batch_size_schedule=step_batch_size_schedule, seq_length=seq_length)
+        except (AssertionError, ValueError) as err:
+            raise ValueError(str(err)) from None
+        thresholds = sorted(threshold for threshold, _ in calculator.schedule)
+        iteration = consumed = 0
+        while True:
+            calculator.update(consumed, False)
+            batch = calculator.get_current_global_batch_size()
+            if not steps or steps[-1][2] != batch:
+                steps.append((iteration, consumed, batch, calculator.get()))
+            later = [t for t in thresholds if t > consumed]
+            if not later:
+                return steps
+            jump = -(-(later[0] - consumed) // batch)  # iterations until the next threshold
+            iteration, consumed = iteration + jump, consumed + jump * batch
+    if rampup_batch_size:
+        for iteration, (consumed, batch, m) in enumerate(ramp_iterations(
+                rampup_batch_size, int(global_batch_size or 0), micro_batch_size,
+                data_parallel_size, decrease_batch_size_if_needed)):
+            if not steps or steps[-1][2] != batch:
+                steps.append((iteration, consumed, batch, m))
+    return steps

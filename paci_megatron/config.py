@@ -314,10 +314,8 @@ TIED_PRECISION_AWARE = (
     "elsewhere: remove it or add --untie-embeddings-and-output-weights")
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
-_WINDOW = "changes the micro-batches per iteration, and with them the accumulation window"
 #: Megatron-LM flags whose work PACI would skip or get wrong: (argument, flag, what it does)
 _LM_REFUSED = (
-    ("step_batch_size_schedule", "--step-batch-size-schedule", _WINDOW),
     ("optimizer_cuda_graph", "--optimizer-cuda-graph",
      "replaces optimizer.step(), which PACI runs inside the schedule"),
     ("moe_expert_rank_capacity_factor", "--moe-expert-rank-capacity-factor",
@@ -340,17 +338,25 @@ _ANY_SCHEDULE: Sequence[Refusal] = (
                "the YAML file"),
 )
 
+def _batch_flag(s: Setup) -> str:
+    """The flag that sets the micro-batches per iteration (Megatron-LM's step batch-size
+    schedule takes the place of --global-batch-size)."""
+    if getattr(s.training_args, "step_batch_size_schedule", None):
+        return "--step-batch-size-schedule"
+    return "--global-batch-size"
+
+
 #: Refusals of a PACI run: ``(condition, message)``, evaluated in order on a :class:`Setup`.
 _PACI: Sequence[Refusal] = (
     (lambda s: s.m is not None and s.m < 1,
-     lambda s: f"num_microbatches is {s.m}: need at least 1 (check --global-batch-size)"),
+     lambda s: f"num_microbatches is {s.m}: need at least 1 (check {_batch_flag(s)})"),
     (lambda s: (s.m or 0) >= 1 and s.a < 1,
      lambda s: f"--paci-accumulation is {s.a}: must be >= 1"),
     (lambda s: (s.m or 0) >= 1 and s.a >= 1 and s.m % s.a != 0,
      lambda s: f"--paci-accumulation {s.a} does not divide the {s.m} micro-batches of an "
                f"iteration (fewer micro-batches than one accumulation window needs, or windows "
                f"that end mid-iteration): choose one of {divisors(s.m)}, or change "
-               f"--global-batch-size"),
+               f"{_batch_flag(s)}"),
     (lambda s: s.P is not None and s.P < 1, lambda s: f"pipeline size is {s.P}: must be >= 1"),
     (lambda s: s.paci.max_drift is not None and s.paci.max_drift < 0,
      lambda s: f"--paci-max-drift {s.paci.max_drift}: must be >= 0"),
@@ -515,16 +521,18 @@ class Settings:
         """Drain after every N training calls (0: never on its own)."""
         return self.config.drain_interval or 0
 
-    def for_microbatches(self, num_microbatches: int, model_config=None) -> "Settings":
+    def for_microbatches(self, num_microbatches: int, model_config=None,
+                         training_args=None) -> "Settings":
         """These settings for another ``m`` (the accumulation factor re-resolved, every
-        refusal checked again).
+        refusal checked again; ``training_args`` as :class:`Setup`'s).
 
         Raises:
             PACIConfigError: as :meth:`PACIConfig.resolve`.
         """
         return self.config.resolve(num_microbatches=num_microbatches,
                                    pipeline_model_parallel_size=self.num_stages,
-                                   model_config=model_config, tied=self.tied)
+                                   model_config=model_config, tied=self.tied,
+                                   training_args=training_args)
 
 
 def validate_setup(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PATCHED", "add_arguments", "resolve", "check_args", "register", "Glue", "glue"]
 
@@ -55,6 +55,11 @@ def _given(argv: Sequence[str], flag: str) -> bool:
 
 
 def _num_microbatches(args) -> int:
+    """Micro-batches per iteration at the start of training (a step batch-size schedule's
+    first; Megatron-LM sets ``--global-batch-size`` to one micro-batch per DP rank there)."""
+    steps = _batch_steps(args) if getattr(args, "step_batch_size_schedule", None) else []
+    if steps:
+        return steps[0][3]
     dp = getattr(args, "data_parallel_size", None) or 1
     return int(args.global_batch_size // (args.micro_batch_size * dp))
 
@@ -82,31 +87,60 @@ def resolve(args, argv: Optional[Sequence[str]] = None):
         args, num_microbatches=_num_microbatches(args) if paci else 0,
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
         lr_warmup_iters=_lr_warmup_iters(args), argv=argv)
-    ramp = _ramp(args) if settings is not None else []
     problems: List[str] = []
-    for m in sorted({m for _, _, m in ramp}):  # every m of the ramp passes PACI's rules
+    # every m the batch-size schedule reaches within training passes PACI's rules
+    for m in sorted({m for _, _, _, m in _batch_steps(args, within_training=True) if m}
+                    if settings is not None else ()):
         try:
-            settings.for_microbatches(m)
+            settings.for_microbatches(m, training_args=args)
         except PACIConfigError as err:
-            problems += [f"--rampup-batch-size: at {m} micro-batches per iteration: {p}"
-                         for p in err.problems if p not in problems]
+            problems += [f"{_batch_schedule_flag(args)}: at {m} micro-batches per iteration: "
+                         f"{p}" for p in err.problems if p not in problems]
     if problems:
         raise PACIConfigError(problems)
     return settings
 
 
-def _ramp(args) -> List[Any]:
-    """Megatron-LM's batch-size ramp as iterations: ``(samples consumed before, global
-    batch, m)`` (:func:`paci_megatron.compat.ramp_iterations`); [] without one."""
-    rampup = getattr(args, "rampup_batch_size", None)
-    if not rampup:
-        return []
-    from .compat import ramp_iterations
+def _batch_schedule_flag(args) -> Optional[str]:
+    """The flag that changes the batch size during training, or None."""
+    if getattr(args, "step_batch_size_schedule", None):
+        return "--step-batch-size-schedule"
+    return "--rampup-batch-size" if getattr(args, "rampup_batch_size", None) else None
 
-    return ramp_iterations([int(x) for x in rampup], int(args.global_batch_size),
-                           int(args.micro_batch_size),
-                           int(getattr(args, "data_parallel_size", None) or 1),
-                           bool(getattr(args, "decrease_batch_size_if_needed", False)))
+
+def _batch_steps(args, within_training: bool = False) -> List[Tuple[int, int, int, int]]:
+    """Megatron-LM's batch-size changes (``--step-batch-size-schedule``, or the
+    ``--rampup-batch-size`` ramp that megatron-core up to 0.17 follows):
+    ``(iteration, samples consumed before it, global batch, m)`` at each change
+    (:func:`paci_megatron.compat.batch_size_steps`); [] for a constant batch.
+    ``within_training``: only the changes before ``--train-iters`` / ``--train-samples``.
+
+    Raises:
+        PACIConfigError: megatron-core's calculator refuses the schedule.
+    """
+    from .compat import batch_size_steps
+    from .config import PACIConfigError
+
+    flag = _batch_schedule_flag(args)
+    if flag is None:
+        return []
+    schedule = getattr(args, "step_batch_size_schedule", None)
+    try:
+        steps = batch_size_steps(
+            int(args.micro_batch_size), int(getattr(args, "data_parallel_size", None) or 1),
+            global_batch_size=int(args.global_batch_size or 0),
+            rampup_batch_size=None if schedule else [int(x) for x in args.rampup_batch_size],
+            step_batch_size_schedule=schedule, seq_length=getattr(args, "seq_length", None),
+            decrease_batch_size_if_needed=bool(getattr(args, "decrease_batch_size_if_needed",
+                                                       False)))
+    except ValueError as err:
+        raise PACIConfigError([f"{flag}: {err}"]) from None
+    if within_training:
+        iters = getattr(args, "train_iters", None)
+        samples = getattr(args, "train_samples", None)
+        steps = [step for step in steps if (not iters or step[0] < iters)
+                 and (iters or not samples or step[1] < samples)]
+    return steps
 
 
 def check_args(args, argv: Optional[Sequence[str]] = None) -> List[str]:
@@ -146,15 +180,12 @@ def _lr_warmup_iters(args) -> int:
     if getattr(args, "lr_warmup_fraction", None):  # sample-based: Megatron-LM's samples
         decay = getattr(args, "lr_decay_samples", None) or getattr(args, "train_samples", 0) or 0
         samples = int(args.lr_warmup_fraction * decay)
-    ramp = _ramp(args)
-    iterations = 0
-    for consumed, _, _ in ramp:  # the ramp's iterations that start within the warm-up
-        if consumed >= samples:
-            return iterations
-        iterations += 1
-    after_ramp = ramp[-1][0] + ramp[-1][1] if ramp else 0
-    gbs = max(getattr(args, "global_batch_size", 1) or 1, 1)
-    return iterations + max((samples - after_ramp) // gbs, 0)
+    steps = _batch_steps(args) or [(0, 0, max(getattr(args, "global_batch_size", 1) or 1, 1), 0)]
+    for k, (iteration, consumed, batch, _) in enumerate(steps):
+        # the iterations that start before the warm-up's samples are consumed
+        if k + 1 == len(steps) or samples <= steps[k + 1][1]:
+            return iteration + max(-(-(samples - consumed) // batch), 0)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _rank() -> int:
@@ -240,7 +271,7 @@ class Glue:
                               f"micro-batches of {per_microbatch} samples: resume with the "
                               "checkpoint's --micro-batch-size"])
         microbatches = consumed // per_microbatch
-        ramp = bool(getattr(args, "rampup_batch_size", None))
+        ramp = _batch_schedule_flag(args) is not None
         try:  # (a ramp's windows had other sizes: its drained checkpoints need not be whole
             # windows of today's a)
             refuse(Setup(settings.config, m, settings.num_stages,
@@ -454,8 +485,12 @@ def _train_step(module, original):
     return train_step
 
 
+_CHANGES = {"--rampup-batch-size": "batch-size ramp-up",
+            "--step-batch-size-schedule": "step batch-size schedule", None: "batch size"}
+
+
 def _report_replans() -> None:
-    """A batch-size ramp's changes of ``m``, once each, on the last rank."""
+    """A batch-size schedule's changes of ``m``, once each, on the last rank."""
     from .plan import drift_bound
 
     schedule = glue.schedule
@@ -466,7 +501,8 @@ def _report_replans() -> None:
         a = change["accumulation"]
         _print_last(f"paci-megatron: iteration {change['iteration'] + 1}: "
                     f"{change['from_m']} -> {change['to_m']} micro-batches per iteration "
-                    f"(batch-size ramp-up): accumulation a = {a}, drift bound per stage "
+                    f"({_CHANGES[_batch_schedule_flag(glue.args)]}): accumulation a = {a}, "
+                    f"drift bound per stage "
                     f"{[drift_bound(P, s, a) for s in range(P)]}"
                     + (", drained first" if change["drained"] else ""))
     glue.replans_reported = len(schedule.replans)

@@ -437,8 +437,8 @@ class PACISchedule:
     def _resolve(self, num_microbatches: int, num_stages: int, config) -> None:
         """The settings for this call's ``m``: those given (the front ends resolved them
         once), or resolved here at the first call, with the model's config, every refusal
-        checked. When ``m`` changes (a batch-size ramp: Megatron's ``--rampup-batch-size``)
-        they are resolved again; where the accumulation factor changes with it, the
+        checked. When ``m`` changes (Megatron-LM's ``--rampup-batch-size`` or
+        ``--step-batch-size-schedule``) they are resolved again; where the accumulation factor changes with it, the
         pipeline drains first, so that every window keeps one size (every stage sees the
         new ``m`` at the same call and drains there). Each change is kept in
         :attr:`replans`."""

@@ -194,10 +194,103 @@ def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations
     assert iterations[0] == (0, 8, 2) and iterations[-1][1:] == (32, 8)
     ramp_samples = sum(b for _, b, _ in iterations)
     within = sum(1 for consumed, _, _ in iterations if consumed < 160)
-    assert megatron_lm._lr_warmup_iters(ramp) == within + max((160 - ramp_samples) // 32, 0)
+    assert (within, ramp_samples) == (9, 144)
+    # every iteration that starts before the warm-up's 160 samples are consumed (Megatron's
+    # LR is still warming up there): the ramp's 9 and the one from sample 144 to 176
+    assert megatron_lm._lr_warmup_iters(ramp) == 10
     assert megatron_lm._lr_warmup_iters(megatron_args(lr_warmup_iters=7)) == 7
     fixed = megatron_args(rampup_batch_size=["8", "8", "96"], paci_accumulation=2)
     assert check_args(fixed, argv=["pretrain_gpt.py"]) == []  # 2 divides 2, 4, 6 and 8
+
+
+class _StepCalculator:
+    """megatron-core 0.18's ``StepBatchsizeNumMicroBatchesCalculator`` as the glue uses it
+    (its parsed ``schedule`` of (threshold in samples, global batch), ``update``, ``get``,
+    ``get_current_global_batch_size``), for the megatron-core these tests install (0.16),
+    which has no step schedule; the real one is used where installed."""
+
+    def __init__(self, micro_batch_size, data_parallel_size, schedule, seq_length):
+        self.per = micro_batch_size * data_parallel_size
+        self.schedule = sorted((int(t) // seq_length, int(b)) for t, b in
+                               (e.split(":") for e in schedule.replace(",", " ").split()))
+        assert self.schedule[0][0] == 0, "first schedule entry must have threshold 0"
+
+    def update(self, consumed_samples, consistency_check, verbose=False):
+        self.batch = [b for t, b in self.schedule if consumed_samples >= t][-1]
+
+    def get(self):
+        return self.batch // self.per
+
+    def get_current_global_batch_size(self):
+        return self.batch
+
+
+@pytest.fixture(params=["megatron-core", "interface double"])
+def step_calculator(request, monkeypatch):
+    """megatron-core's step-schedule calculator (0.18 on) or, on older releases, the double."""
+    from megatron.core import num_microbatches_calculator as nmc
+
+    from paci_megatron.compat import step_schedule_supported
+
+    if request.param == "megatron-core":
+        if not step_schedule_supported():
+            pytest.skip("this megatron-core has no step batch-size schedule (0.18 on)")
+        return nmc._build_num_microbatches_calculator
+
+    def builder_018(rank, global_batch_size, micro_batch_size, data_parallel_size,
+                    decrease_batch_size_if_needed, step_batch_size_schedule=None,
+                    seq_length=None):
+        return _StepCalculator(micro_batch_size, data_parallel_size, step_batch_size_schedule,
+                               seq_length)
+
+    monkeypatch.setattr(nmc, "_build_num_microbatches_calculator", builder_018)
+    return builder_018
+
+
+def test_a_step_batch_size_schedule_is_planned_as_megatron_lm_steps_through_it(step_calculator):
+    """--step-batch-size-schedule (thresholds in tokens): the changes of m are where
+    Megatron-LM's loop (update the calculator with the samples consumed, train one batch)
+    meets them; every m within training passes PACI's rules; PACI starts at the schedule's
+    first m, not at --global-batch-size (one micro-batch per DP rank there); the warm-up
+    counts the schedule's iterations."""
+    from paci_megatron.compat import batch_size_steps
+
+    schedule, seq = "0:8 1300:16 4100:32", 32  # thresholds 40 and 128 samples
+    steps = batch_size_steps(2, 2, step_batch_size_schedule=schedule, seq_length=seq)
+    calculator = step_calculator(1, None, 2, 2, False, step_batch_size_schedule=schedule,
+                                 seq_length=seq)
+    walked, consumed = [], 0
+    for iteration in range(40):  # Megatron-LM's own loop, one iteration at a time
+        calculator.update(consumed, False)
+        batch = calculator.get_current_global_batch_size()
+        if not walked or walked[-1][2] != batch:
+            walked.append((iteration, consumed, batch, calculator.get()))
+        consumed += batch
+    assert steps == walked == [(0, 0, 8, 2), (5, 40, 16, 4), (11, 136, 32, 8)]
+
+    args = megatron_args(step_batch_size_schedule=schedule, seq_length=seq, global_batch_size=4,
+                         train_iters=None, train_samples=10_000, lr_warmup_samples=60)
+    assert check_args(args, argv=["pretrain_gpt.py"]) == []  # a = m: 2, 4, 8
+    assert megatron_lm._num_microbatches(args) == 2
+    assert megatron_lm.resolve(args, argv=["x"]).num_microbatches == 2
+    # iterations 0-4 (samples 0-40) and 5-6 (40-72) start before 60 samples are consumed
+    assert megatron_lm._lr_warmup_iters(args) == 7
+    fixed = megatron_args(step_batch_size_schedule=schedule, seq_length=seq, global_batch_size=4,
+                          paci_accumulation=4, train_iters=None, train_samples=10_000)
+    assert check_args(fixed, argv=["x"]) == [
+        "--paci-accumulation 4 does not divide the 2 micro-batches of an iteration (fewer "
+        "micro-batches than one accumulation window needs, or windows that end mid-iteration): "
+        "choose one of [1, 2], or change --step-batch-size-schedule"]
+    # a batch the schedule reaches only after training ends is not checked: m = 2 (whose
+    # a = 2 does not divide 3) at iteration 3 of global batch 12 after 4 iterations of 8
+    late = dict(step_batch_size_schedule="0:8 1024:12", seq_length=seq, global_batch_size=4,
+                paci_accumulation=2, micro_batch_size=2, data_parallel_size=2)
+    assert check_args(megatron_args(train_iters=4, **late), argv=["x"]) == []
+    assert check_args(megatron_args(train_iters=5, **late), argv=["x"]) == [
+        "--step-batch-size-schedule: at 3 micro-batches per iteration: --paci-accumulation 2 "
+        "does not divide the 3 micro-batches of an iteration (fewer micro-batches than one "
+        "accumulation window needs, or windows that end mid-iteration): choose one of [1, 3], "
+        "or change --step-batch-size-schedule"]
 
 
 @pytest.mark.parametrize("overrides,argv,expected", [
@@ -225,7 +318,6 @@ def test_a_batch_size_ramp_is_accepted_and_its_warm_up_counted_in_its_iterations
     ({"paci_drain_interval": -1}, [], "--paci-drain-interval -1: must be >= 0"),
     ({"paci_sync_warmup_iters": -1}, [], "--paci-sync-warmup-iters -1: must be >= 0"),
     ({"paci_lookahead": 5.0}, [], "--paci-lookahead 5.0: must be between 0 (off) and 4"),
-    ({"step_batch_size_schedule": "0:8,100:16"}, [], "--step-batch-size-schedule changes"),
     ({"optimizer_cuda_graph": True}, [], "--optimizer-cuda-graph replaces optimizer.step()"),
     ({"moe_expert_rank_capacity_factor": 1.5}, [], "--moe-expert-rank-capacity-factor re-runs"),
     ({"save_wgrads_interval": 10}, [], "--save-wgrads-interval needs a whole iteration's"),

@@ -236,54 +236,76 @@ def test_uneven_split_drained_paci_prints_1f1b_losses_and_drift_is_the_bound(spl
 #: sample-based training with a batch-size ramp: global batch 4 (m = 2) for the first 16
 #: samples, then 8 (m = 4): 96 samples in 14 iterations
 _WARMUP = TINY.index("--lr-warmup-iters")
-RAMP = TINY[:_WARMUP] + TINY[_WARMUP + 2:] + [
-    "--train-samples", "96", "--lr-warmup-samples", "8", "--lr-decay-samples", "96",
-    "--rampup-batch-size", "4", "4", "16"]
-RAMP_MSG = re.compile(r"paci-megatron: iteration (\d+): (\d+) -> (\d+) micro-batches per "
-                      r"iteration \(batch-size ramp-up\): accumulation a = (\d+), drift bound per "
-                      r"stage (\[[0-9, ]*\])(, drained first)?")
+_SAMPLES = TINY[:_WARMUP] + TINY[_WARMUP + 2:] + [
+    "--train-samples", "96", "--lr-warmup-samples", "8", "--lr-decay-samples", "96"]
+RAMP = _SAMPLES + ["--rampup-batch-size", "4", "4", "16"]
+#: the same batches from megatron-core 0.18's step schedule (thresholds in tokens: 16
+#: samples of 64 tokens), which takes the place of --global-batch-size
+_GBS = _SAMPLES.index("--global-batch-size")
+STEP = _SAMPLES[:_GBS] + _SAMPLES[_GBS + 2:] + ["--step-batch-size-schedule", "0:4 1024:8"]
+CHANGE_MSG = (r"paci-megatron: iteration (\d+): (\d+) -> (\d+) micro-batches per "
+              r"iteration \({}\): accumulation a = (\d+), drift bound per "
+              r"stage (\[[0-9, ]*\])(, drained first)?")
 
 
-def test_batch_size_ramp_drained_paci_prints_1f1b_losses_and_resumes_across_the_change(tmp_path):
-    """--rampup-batch-size: drained PACI == Megatron's 1F1B through the change of m;
-    continuous PACI re-plans there (a = m: 2 -> 4, drained first), its drift stays the
-    bound; a checkpoint inside the ramp resumes onto the run that saved there."""
-    from paci_megatron.compat import ramp_supported
-
-    if not ramp_supported():
-        pytest.skip("this megatron-core ignores --rampup-batch-size (deprecated from 0.18, "
-                    "replaced by --step-batch-size-schedule): Megatron-LM trains with a "
-                    "constant batch, and so does PACI")
+def _batch_size_change_is_exact(base, label, tmp_path):
+    """Drained PACI == Megatron's 1F1B through the change of m (global batch 4 -> 8 after
+    16 samples); continuous PACI re-plans there (a = m: 2 -> 4, drained first), its drift
+    stays the bound; a checkpoint inside the first batch size resumes onto the run that
+    saved there."""
+    message = re.compile(CHANGE_MSG.format(re.escape(label)))
     common = ["--pipeline-model-parallel-size", 2, "--eval-interval", 100, "--clip-grad", 0]
-    base = losses(ok(2, *common, "--pipeline-schedule", "1f1b", base=RAMP))
-    assert sorted(base) == list(range(1, 15))  # 4 iterations of 4 samples, 10 of 8
+    reference = losses(ok(2, *common, "--pipeline-schedule", "1f1b", base=base))
+    assert sorted(reference) == list(range(1, 15))  # 4 iterations of 4 samples, 10 of 8
     drained = losses(ok(2, *common, "--pipeline-schedule", "paci", "--paci-drain-interval", 1,
-                        base=RAMP))
-    assert drained == base  # every printed digit
+                        base=base))
+    assert drained == reference  # every printed digit
     out = ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
-             base=RAMP)
-    assert RAMP_MSG.findall(out) == [("5", "2", "4", "4", "[1, 0]", ", drained first")]
+             base=base)
+    assert message.findall(out) == [("5", "2", "4", "4", "[1, 0]", ", drained first")]
     assert {int(i): v for i, v in DRIFT.findall(out)}[14] == "[1, 0]"
-    assert losses(out) != base  # asynchronous between the drains
+    assert losses(out) != reference  # asynchronous between the drains
     # with --save, Megatron-LM saves when m changes: that checkpoint's drain is the one
     out = ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
-             "--save", tmp_path / "a", "--save-interval", 3, base=RAMP)
-    assert RAMP_MSG.findall(out) == [("5", "2", "4", "4", "[1, 0]", "")]
+             "--save", tmp_path / "a", "--save-interval", 3, base=base)
+    assert message.findall(out) == [("5", "2", "4", "4", "[1, 0]", "")]
     straight = losses(out)
-    # stopped at iteration 3 (inside the ramp), resumed: what the run that saved there printed
+    # stopped at iteration 3 (inside the first batch size), resumed: what the run that
+    # saved there printed
     ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
-       "--save", tmp_path / "b", "--save-interval", 3, "--exit-interval", 3, base=RAMP)
+       "--save", tmp_path / "b", "--save-interval", 3, "--exit-interval", 3, base=base)
     resumed = ok(2, *common, "--pipeline-schedule", "paci", "--paci-sync-warmup-iters", 0,
                  "--save", tmp_path / "b", "--save-interval", 3, "--load", tmp_path / "b",
-                 base=RAMP)
+                 base=base)
     assert "starting at iteration 3" in resumed
-    assert RAMP_MSG.findall(resumed) == [("5", "2", "4", "4", "[1, 0]", "")]
+    assert message.findall(resumed) == [("5", "2", "4", "4", "[1, 0]", "")]
     again = losses(resumed)
     assert all(again[i] == straight[i] for i in (4, *range(6, 15)))
     # Megatron-LM 0.16 prints the mean of iterations 4 and 5 at 5 after a resume (its loss
     # average is not reset after a process's first logged iteration)
     assert again[5] == straight[5] or again[5] == pytest.approx((straight[4] + straight[5]) / 2,
                                                                rel=1e-6)
+
+
+def test_batch_size_ramp_drained_paci_prints_1f1b_losses_and_resumes_across_the_change(tmp_path):
+    """--rampup-batch-size (megatron-core up to 0.17): :func:`_batch_size_change_is_exact`."""
+    from paci_megatron.compat import ramp_supported
+
+    if not ramp_supported():
+        pytest.skip("this megatron-core ignores --rampup-batch-size (deprecated from 0.18, "
+                    "replaced by --step-batch-size-schedule): Megatron-LM trains with a "
+                    "constant batch, and so does PACI")
+    _batch_size_change_is_exact(RAMP, "batch-size ramp-up", tmp_path)
+
+
+def test_step_batch_size_schedule_drained_paci_prints_1f1b_losses_and_resumes_across_the_change(
+        tmp_path):
+    """--step-batch-size-schedule (megatron-core 0.18 on): :func:`_batch_size_change_is_exact`."""
+    from paci_megatron.compat import step_schedule_supported
+
+    if not step_schedule_supported():
+        pytest.skip("--step-batch-size-schedule needs megatron-core 0.18 or newer")
+    _batch_size_change_is_exact(STEP, "step batch-size schedule", tmp_path)
 
 
 def test_without_the_flag_and_with_1f1b_megatron_is_unchanged():

@@ -47,6 +47,7 @@ COLUMNS = {
     "TensorBoard": ("test_tensorboard_event_file_holds_the_drift_per_stage",),
     "uneven split": ("test_uneven_split_drained_paci_prints_1f1b_losses",),
     "batch-size ramp": ("test_batch_size_ramp_drained_paci_prints_1f1b_losses",),
+    "step batch-size schedule": ("test_step_batch_size_schedule_drained_paci_prints_1f1b",),
     "overlap param gather": ("test_overlap_param_gather_drained_paci_prints_1f1b_losses",),
     "per-token loss": ("test_per_token_loss_drained_paci_prints_1f1b_losses",),
 }
