@@ -1,4 +1,5 @@
-"""``--overlap-param-gather`` under PACI (distributed optimizer, DP 2, several bucket groups).
+"""``--overlap-param-gather`` under PACI (distributed optimizer, DP 2, several bucket groups;
+PP 2 x DP 2, and PP 2 x TP 2 x DP 2 for bf16 with tied embeddings).
 
 megatron-core's forward pre-hooks gather the updated parameter shards bucket by bucket;
 under PACI a local update happens inside the schedule, where the next read of a weight may
@@ -23,14 +24,15 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("bf16,tied,moe", [(False, False, False), (True, True, False),
-                                           (False, False, True)],
-                         ids=["fp32", "bf16-tied", "moe"])
-def test_overlap_param_gather(bf16, tied, moe):
-    results = run_distributed(overlap_param_gather_case, 4, 2, bf16, tied, ITERS, M, moe,
-                              timeout_s=600)
+@pytest.mark.parametrize("bf16,tied,moe,tp", [(False, False, False, 1), (True, True, False, 2),
+                                              (False, False, True, 1)],
+                         ids=["pp2-dp2-fp32", "pp2-tp2-dp2-bf16-tied", "pp2-dp2-moe"])
+def test_overlap_param_gather(bf16, tied, moe, tp):
+    results = run_distributed(overlap_param_gather_case, 4 * tp, 2, bf16, tied, ITERS, M, moe,
+                              tp, timeout_s=900)
+    assert len(results) == 4 * tp
     for r in results:
-        where = f"stage {r['stage']}, DP rank {r['dp_rank']}"
+        where = f"stage {r['stage']}, TP rank {r['tp_rank']}, DP rank {r['dp_rank']}"
         # a gather chain on the first stage (megatron-core buckets only there)
         assert r["bucket_groups"] >= 2 or r["stage"] > 0, where
         assert r["megatron_overlap_violations"] == [], where

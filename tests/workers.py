@@ -1053,8 +1053,8 @@ class GatherChecker:
 
 
 def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: bool,
-                              iters: int, m: int, moe: bool = False) -> dict:
-    """PP x DP 2, distributed optimizer, small buckets (several gather chains): the same runs
+                              iters: int, m: int, moe: bool = False, tp: int = 1) -> dict:
+    """PP x TP x DP 2, distributed optimizer, small buckets (several gather chains): the same runs
     with and without ``overlap_param_gather``, each checked by :class:`GatherChecker`:
 
     - Megatron's 1F1B vs drained PACI (a = m);
@@ -1072,11 +1072,12 @@ def overlap_param_gather_case(rank: int, world: int, pp: int, bf16: bool, tied: 
 
     from gpt_recipe import model as gpt
 
-    setup_parallel(pp)
+    setup_parallel(pp, tp)
     dp_rank = ps.get_data_parallel_rank()
     batches = synthetic_batches(m, seed=5 + dp_rank) * iters
-    out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank}
-    kw = dict(dist_opt=True, bucket_size=2000, tied=tied)
+    out: dict = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank,
+                 "tp_rank": ps.get_tensor_model_parallel_rank()}
+    kw = dict(dist_opt=True, bucket_size=2000, tied=tied, tp=tp)
     if moe:
         from megatron.core.transformer.moe import moe_utils
 
