@@ -1,7 +1,10 @@
-"""A batch-size ramp (Megatron-LM's --rampup-batch-size): the micro-batches per iteration
-grow during training. PACI re-plans at each change and drains first where the accumulation
-factor changes with it; drained PACI stays Megatron's 1F1B bit for bit."""
+"""A batch-size change (Megatron-LM's --rampup-batch-size, or --step-batch-size-schedule):
+the micro-batches per iteration grow during training. PACI re-plans at each change and
+drains first where the accumulation factor changes with it; drained PACI stays Megatron's
+1F1B bit for bit (PP 2, and PP 2 x DP 2 with bf16, tied embeddings and the distributed
+optimizer)."""
 
+import pytest
 import torch
 
 from harness import run_distributed
@@ -16,8 +19,12 @@ def same_params(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_ramp_replans_drains_where_the_window_grows_and_stays_exact():
-    results = sorted(run_distributed(ramp_case, 2, MS, timeout_s=300), key=lambda r: r["stage"])
+@pytest.mark.parametrize("world,composed", [(2, False), (4, True)],
+                         ids=["pp2-fp32", "pp2-dp2-bf16-tied-distopt"])
+def test_a_ramp_replans_drains_where_the_window_grows_and_stays_exact(world, composed):
+    results = sorted(run_distributed(ramp_case, world, MS, 2, composed, timeout_s=300),
+                     key=lambda r: (r["stage"], r["dp_rank"]))
+    assert len(results) == world
     for r in results:
         meg_losses, meg_params = r["megatron"]
         losses, params = r["drained"]  # drained after every call: exactly 1F1B

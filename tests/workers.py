@@ -67,6 +67,8 @@ def train_steps(model, opt, fb, it, iters: int, m: int, sched=None, drain_each=F
                 between_calls=None):
     """Megatron-LM's train_step loop: zero grads, forward_backward_func, optimizer.step,
     scheduler.step. Returns ``[(loss dicts of the call, optimizer.step() result)]``."""
+    from megatron.core import parallel_state as ps
+
     from gpt_recipe import model as gpt
 
     history = []
@@ -79,8 +81,8 @@ def train_steps(model, opt, fb, it, iters: int, m: int, sched=None, drain_each=F
         if drain_each:
             fb.drain()
         history.append((out, opt.step()))
-        if sched is not None:
-            sched.step(increment=m * micro_batch_size)
+        if sched is not None:  # the samples of the iteration, over DP (Megatron-LM's)
+            sched.step(increment=m * micro_batch_size * ps.get_data_parallel_world_size())
         if between_calls is not None:
             between_calls()
     return history
@@ -661,24 +663,27 @@ def midflight_change_case(rank: int, world: int, what: str):
     return {"stage": ps.get_pipeline_model_parallel_rank(), "message": message}
 
 
-def ramp_case(rank: int, world: int, ms: List[int]) -> dict:
-    """A batch-size ramp (Megatron-LM's --rampup-batch-size): iteration i runs ``ms[i]``
-    micro-batches, with an LR schedule in samples. Megatron's 1F1B; PACI drained after each
-    call; continuous PACI (a = m, so the windows grow); continuous PACI drained by hand
-    before each change of m."""
+def ramp_case(rank: int, world: int, ms: List[int], pp: int = 2, composed: bool = False) -> dict:
+    """A batch-size ramp (Megatron-LM's --rampup-batch-size or --step-batch-size-schedule):
+    iteration i runs ``ms[i]`` micro-batches, with an LR schedule in samples. Megatron's
+    1F1B; PACI drained after each call; continuous PACI (a = m, so the windows grow);
+    continuous PACI drained by hand before each change of m. ``composed``: bf16, tied
+    embeddings and the distributed optimizer (over DP = world / pp)."""
     import paci_megatron as pm
     from megatron.core import parallel_state as ps
 
     from gpt_recipe import model as gpt
 
-    setup_parallel(world)
-    out = {"stage": ps.get_pipeline_model_parallel_rank()}
-    batches = synthetic_batches(sum(ms))
+    setup_parallel(pp)
+    dp_rank = ps.get_data_parallel_rank()
+    out = {"stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank}
+    batches = synthetic_batches(sum(ms), seed=dp_rank)
 
     def run(paci: bool, drain_each=False, drain_at_change=False):
-        _, model, opt = build_tiny_gpt(world, False)
-        sched = gpt.build_scheduler(opt, lr=1e-2, min_lr=1e-3, train_samples=sum(ms) * MBS,
-                                    warmup_samples=ms[0] * MBS)
+        _, model, opt = build_tiny_gpt(pp, composed, tied=composed, dist_opt=composed)
+        dp = ps.get_data_parallel_world_size()
+        sched = gpt.build_scheduler(opt, lr=1e-2, min_lr=1e-3, train_samples=sum(ms) * MBS * dp,
+                                    warmup_samples=ms[0] * MBS * dp)
         if paci:
             opt = pm.PACIOptimizer(opt, model, opt_param_scheduler=sched)
             fb = pm.PACISchedule(opt, pm.PACIConfig())
