@@ -81,7 +81,7 @@ SIZES = {
                          "--global-batch-size", "32", "--bf16", "--eval-iters", "2"],
                  recipe_iters=30, recipe_timeout_s=240,
                  # (f): GPT-2 Small's shape; AdamW at GPT-3's rate for it, Muon at 4x (the
-                 # CPU studies' best Muon rate was 4x their best AdamW rate, tiny and wide)
+                 # CPU studies' best Muon rates were 4x to 8x their best AdamW rates; the low end)
                  tta=dict(layers=12, hidden=768, heads=12, seq=1024, mbs=4, gbs=32,
                           iters=120, eval_interval=20, eval_iters=2, warmup=12,
                           lr={"adam": 6e-4, "muon": 2.4e-3}, timeout_s=150)),

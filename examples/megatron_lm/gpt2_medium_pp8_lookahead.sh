@@ -2,7 +2,7 @@
 # gpt2_medium_pp8.sh (AdamW) with the staleness mitigation that won the time-to-accuracy
 # study's AdamW comparison at the paper's per-update scale (README, "When PACI pays off",
 # wide regime: PACI-AdamW with the synchronous warm-up + look-ahead ended 2.1% below
-# 1F1B-AdamW, TTA 1.16x to 1.37x; projected from CPU runs, not yet measured at this size):
+# 1F1B-AdamW, TTA 1.11x to 1.30x; projected from CPU runs, not yet measured at this size):
 #   bash examples/megatron_lm/gpt2_medium_pp8_lookahead.sh                # PACI + look-ahead
 #   SCHEDULE=1f1b bash examples/megatron_lm/gpt2_medium_pp8.sh            # its 1F1B baseline
 # The synchronous warm-up is PACI's default (the 1% LR warm-up runs as 1F1B); the
