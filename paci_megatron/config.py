@@ -314,8 +314,17 @@ TIED_PRECISION_AWARE = (
     "elsewhere: remove it or add --untie-embeddings-and-output-weights")
 Refusal = Tuple[Callable[[Setup], bool], Callable[[Setup], str]]
 
+#: megatron-core's ``OptimizerConfig.overlap_param_gather_with_optimizer_step``: what it does
+#: under PACI (refused by the optimizer wrapper, and for Megatron-LM's flag by check_args)
+OVERLAP_WITH_STEP = (
+    "starts the first model chunk's parameter all-gather inside optimizer.step(), where "
+    "PACI's look-ahead and drains then write the weights that gather is still reading; "
+    "--overlap-param-gather alone overlaps the gather with the next forward under PACI")
+
 #: Megatron-LM flags whose work PACI would skip or get wrong: (argument, flag, what it does)
 _LM_REFUSED = (
+    ("overlap_param_gather_with_optimizer_step", "--overlap-param-gather-with-optimizer-step",
+     OVERLAP_WITH_STEP),
     ("optimizer_cuda_graph", "--optimizer-cuda-graph",
      "replaces optimizer.step(), which PACI runs inside the schedule"),
     ("moe_expert_rank_capacity_factor", "--moe-expert-rank-capacity-factor",

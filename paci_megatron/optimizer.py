@@ -186,7 +186,9 @@ class PACIOptimizer:
     Raises:
         PACIConfigError: the model ties its embeddings across stages and the optimizer keeps
             main parameters outside its param groups (``use_precision_aware_optimizer``), or
-            the two ends' tied weights differ.
+            the two ends' tied weights differ; or the optimizer's config sets
+            ``overlap_param_gather_with_optimizer_step`` (the gather would race PACI's
+            writes to the weights).
         PACICommunicationError: (tied embeddings) the other end did not answer the handshake.
     """
 
@@ -221,6 +223,12 @@ class PACIOptimizer:
             distributed_optimizer = any(type(o).__name__ == "DistributedOptimizer"
                                         for o in internals.inner_optimizers(optimizer))
         self.distributed_optimizer = distributed_optimizer
+        if any(getattr(getattr(o, "config", None), "overlap_param_gather_with_optimizer_step",
+                       False) for o in internals.inner_optimizers(optimizer)):
+            from .config import OVERLAP_WITH_STEP, PACIConfigError
+
+            raise PACIConfigError([f"overlap_param_gather_with_optimizer_step {OVERLAP_WITH_STEP}: "
+                                   "set it to False in the OptimizerConfig"])
         group = internals.stage_grad_stats_group(distributed_optimizer)
         for inner in internals.inner_optimizers(optimizer):
             inner.grad_stats_parallel_group = group

@@ -324,6 +324,9 @@ def test_a_step_batch_size_schedule_is_planned_as_megatron_lm_steps_through_it(s
      "--rampup-batch-size: at 4 micro-batches per iteration: --paci-accumulation 8 does not "
      "divide the 4 micro-batches"),
     ({"use_torch_fsdp2": True}, [], "--use-torch-fsdp2 is not supported"),
+    ({"use_distributed_optimizer": True, "overlap_param_gather": True,
+      "overlap_param_gather_with_optimizer_step": True}, [],
+     "--overlap-param-gather-with-optimizer-step starts the first model chunk's parameter"),
     ({"cuda_graph_impl": "local"}, [], "remove --cuda-graph-impl"),
     ({"paci_accumulation": 3}, [], "--paci-accumulation 3 does not divide the 8 micro-batches"),
     ({"paci_max_drift": 1, "paci_accumulation": 1}, [], "exceeds --paci-max-drift 1: use --paci-accumulation 4"),

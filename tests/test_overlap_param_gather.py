@@ -57,3 +57,29 @@ def test_overlap_param_gather(bf16, tied, moe, tp):
     assert any(r["nowait_overlap_violations"] for r in results), \
         [r["nowait_overlap_violations"] for r in results]
     assert all("backward" in v for r in results for v in r["nowait_overlap_violations"])
+
+
+def test_overlapping_the_gather_with_the_optimizer_step_is_refused_before_training():
+    """megatron-core's ``overlap_param_gather_with_optimizer_step`` starts a gather inside
+    ``optimizer.step()``; PACI's look-ahead and drains write the weights it reads. The
+    wrapper refuses it (megatron-core's own OptimizerConfig field), Megatron-LM's flag is
+    refused by the glue's check (tests/test_megatron_lm_glue.py)."""
+    import types
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from paci_megatron import PACIOptimizer
+    from paci_megatron.config import PACIConfigError
+
+    def optimizer(**overrides):
+        config = OptimizerConfig(use_distributed_optimizer=True, **overrides)
+        return types.SimpleNamespace(config=config, chained_optimizers=[
+            types.SimpleNamespace(config=config)])
+
+    with pytest.raises(PACIConfigError) as refused:
+        PACIOptimizer(optimizer(overlap_param_gather_with_optimizer_step=True), [])
+    assert "overlap_param_gather_with_optimizer_step starts the first model chunk's" in str(refused.value)
+    assert "set it to False in the OptimizerConfig" in str(refused.value)
+    with pytest.raises(Exception) as other:  # without the flag it gets past the check
+        PACIOptimizer(optimizer(), [])
+    assert not isinstance(other.value, PACIConfigError)
