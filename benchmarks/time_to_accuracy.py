@@ -224,12 +224,13 @@ REGIMES: Dict[str, Regime] = {
     # split, emulated runs; 300 iterations (half the wide regime's) and, per optimizer,
     # the three rates around the wide regime's best (AdamW 6e-4, Muon 4.8e-3 for both
     # schedules), as far as 2 CPU cores allow, and AdamW's 1.5e-4, where PACI-AdamW's best
-    # sat at the lowest rate; the best AdamW mitigation and Muon
+    # sat at the lowest rate, and Muon's 1.92e-2, where 1F1B-Muon's best sat at the highest;
+    # the best AdamW mitigation and Muon
     "p8wide": Regime("P = 8, lr ~3e-4: 8 layers, hidden 256, sequence 64, m = 8, balanced stages",
                      stages=8, num_layers=8, hidden=256, heads=4, seq=64, mbs=4, gbs=32,
                      train_iters=300, lr_warmup_iters=3, eval_interval=25, eval_iters=4,
                      lrs=(1.5e-4, 3e-4, 6e-4, 1.2e-3), seeds=(1234, 4321, 2025), clip_grad=0.0,
-                     optimizer_grid=(("muon", (2.4e-3, 4.8e-3, 9.6e-3)),),
+                     optimizer_grid=(("muon", (2.4e-3, 4.8e-3, 9.6e-3, 1.92e-2)),),
                      arms=("1f1b-adam", "paci-adam-sync-lookahead", "1f1b-muon", "paci-muon"),
                      balanced=True, emulate=True),
     # small enough for the test suite: it checks the machinery (balanced splits, emulated
