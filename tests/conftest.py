@@ -1,6 +1,6 @@
 """Test-wide setup: the example recipes' support package (examples/gpt_recipe), the process
 harness the benchmarks share (benchmarks/harness.py) and the per-rank test bodies
-(tests/workers.py) are importable, also in spawned ranks."""
+(tests/workers.py) are importable, also in the ranks of run_distributed."""
 
 import os
 import sys

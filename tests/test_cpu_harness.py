@@ -62,3 +62,21 @@ def test_cpu_mode_is_listed_and_reversible():
     if not real:
         with pytest.raises((RuntimeError, AssertionError)):
             torch.zeros(1, device="cuda")
+
+
+def test_ranks_start_from_the_fork_server_unless_they_need_their_own_environment():
+    """Without ``env`` the ranks are children of the fork server (torch and megatron-core
+    imported once there), not of this process; with ``env`` they are spawned by this
+    process and see the variable (torch reads some at import, before ``_worker`` runs)."""
+    import os
+
+    from workers import start_probe_case
+
+    forked = run_distributed(start_probe_case, 2, timeout_s=120)
+    assert {r["probe"] for r in forked} == {None}
+    parents = {r["parent"] for r in forked}
+    assert len(parents) == 1 and os.getpid() not in parents  # one fork server
+    spawned = run_distributed(start_probe_case, 2, timeout_s=120,
+                              env={"PACI_HARNESS_PROBE": "set"})
+    assert [r["probe"] for r in spawned] == ["set", "set"]
+    assert {r["parent"] for r in spawned} == {os.getpid()}

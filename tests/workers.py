@@ -1221,3 +1221,10 @@ def per_token_loss_case(rank: int, world: int, pp: int, bf16: bool, tied: bool, 
     out["continuous_drift"] = fb.telemetry.summary()["max"]
     out["continuous_losses"] = losses
     return out
+
+
+def start_probe_case(rank, world):
+    """How this rank was started: its parent process and the probe's environment variable."""
+    import os
+
+    return {"parent": os.getppid(), "probe": os.environ.get("PACI_HARNESS_PROBE")}
